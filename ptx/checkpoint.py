@@ -1,0 +1,104 @@
+"""Orbax checkpoints that describe themselves.
+
+Each checkpoint holds the train state (params, optimiser state, step) and a
+JSON `meta` item with the stage, the model config and the tokenizer, so
+sampling or the next stage rebuilds the model from the checkpoint alone.
+Layout: `<workdir>/checkpoints/<step>/{state,meta}`; the tokenizer model is
+copied to `<workdir>/tokenizer.model`.
+"""
+import dataclasses
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from ptx.model import ModelConfig, init_params
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+class Checkpointer:
+    """Save every `every` steps (and when forced), keep the newest `keep`."""
+
+    def __init__(self, workdir: str, *, every: int, keep: int):
+        self.every = every
+        self.manager = ocp.CheckpointManager(
+            checkpoint_dir(workdir),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            item_names=("state", "meta"))
+
+    def latest_step(self):
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
+        if not force and (self.every <= 0 or step % self.every):
+            return False
+        if step in self.manager.all_steps():
+            return False
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        return True
+
+    def restore(self, step: int, abstract_state):
+        """abstract_state: pytree of jax.ShapeDtypeStruct with shardings (the target layout)."""
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        return out["state"], out["meta"]
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def model_meta(cfg: ModelConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def resolve(path: str) -> tuple[str, int]:
+    """A workdir, its checkpoints dir, or one step dir -> (checkpoints dir, step)."""
+    path = os.path.abspath(path)
+    for candidate in (os.path.join(path, "checkpoints"), path):
+        if os.path.isdir(candidate):
+            steps = [int(d) for d in os.listdir(candidate) if d.isdigit()]
+            if steps:
+                return candidate, max(steps)
+    parent, leaf = os.path.split(path)
+    if leaf.isdigit() and os.path.isdir(path):
+        return parent, int(leaf)
+    raise FileNotFoundError(f"no ptx checkpoint under {path}")
+
+
+def read_meta(path: str) -> dict:
+    directory, step = resolve(path)
+    with open(os.path.join(directory, str(step), "meta", "metadata")) as f:
+        return json.load(f)
+
+
+def load_params(path: str, shardings=None):
+    """Parameters (and meta) of the newest checkpoint under `path`, read straight onto
+    `shardings` (a pytree of shardings matching the params; None = first device).
+    The optimiser state is not read."""
+    directory, step = resolve(path)
+    meta = read_meta(path)
+    cfg = ModelConfig(**meta["model"])
+    abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree_util.tree_map(lambda _: device, abstract)
+    restore_args = jax.tree_util.tree_map(
+        lambda a, s: ocp.ArrayRestoreArgs(sharding=s, dtype=a.dtype), abstract, shardings)
+    target = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    with ocp.PyTreeCheckpointer() as reader:
+        restored = reader.restore(os.path.join(directory, str(step), "state"), args=ocp.args.PyTreeRestore(
+            item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
+    return restored["params"], meta
+
+
+def tokenizer_path(path: str) -> str:
+    """The tokenizer that belongs to a checkpoint's workdir."""
+    directory, _ = resolve(path)
+    return os.path.join(os.path.dirname(directory), "tokenizer.model")

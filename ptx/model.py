@@ -1,0 +1,249 @@
+"""The one ptx transformer: policy, reference, reward model and critic.
+
+A Llama-family decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention,
+optional qkv bias, tied or untied embeddings) whose layers are scanned, so
+compile time does not grow with depth. The same attention code serves the
+full forward and the KV-cache forward: a cache only changes where keys and
+values come from.
+"""
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Large but finite, so a fully masked row (padding queries) gives a uniform
+# softmax instead of NaN.
+_MASK_VALUE = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the ptx transformer; `.replace()` makes variants."""
+
+    vocab_size: int = 1024
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    head_dim: int = 0  # 0 = d_model // n_heads
+    d_ff: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    tie_embeddings: bool = True
+    scalar_head: bool = False  # reward / value head on the same trunk
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype: bfloat16 on TPU / GPU
+    remat: str = "none"  # none | full | dots
+    scan_unroll: int = 1  # layers unrolled per scan step; n_layers = no loop
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        for field in ("param_dtype", "dtype"):
+            if getattr(self, field) not in _DTYPES:
+                raise ValueError(f"model.{field}={getattr(self, field)!r}; expected one of {sorted(_DTYPES)}")
+        if self.remat not in ("none", "full", "dots"):
+            raise ValueError(f"model.remat={self.remat!r}; expected none, full or dots")
+
+
+@flax.struct.dataclass
+class Output:
+    """What one forward returns.
+
+    logits: [batch, seq, vocab] (compute dtype) or None when not asked for.
+    values: [batch, seq] float32 from the scalar head, or None.
+    hidden: [batch, seq, d_model] final-norm hidden states.
+    cache: the updated KV cache, or None.
+    """
+
+    logits: Any
+    values: Any
+    hidden: Any
+    cache: Any
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
+    """An empty KV cache for `length` positions.
+
+    k, v: [layers, batch, length, kv_heads, head] compute dtype;
+    positions, segment_ids: [layers, batch, length] int32 (segment 0 = empty,
+    so no query ever attends an unwritten slot).
+    """
+    kv_shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_size)
+    dt = _DTYPES[cfg.dtype]
+    return {
+        "k": jnp.zeros(kv_shape, dt),
+        "v": jnp.zeros(kv_shape, dt),
+        "positions": jnp.zeros(kv_shape[:3], jnp.int32),
+        "segment_ids": jnp.zeros(kv_shape[:3], jnp.int32),
+    }
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, Llama's half-split layout. x: [b, t, heads, d]; positions: [b, t]."""
+    d = x.shape[-1]
+    freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    angle = positions[..., None].astype(jnp.float32) * freq  # [b, t, d/2]
+    sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def _dense(features, axis, cfg, name, use_bias=False):
+    return nn.DenseGeneral(
+        features, axis=axis, use_bias=use_bias, dtype=_DTYPES[cfg.dtype],
+        param_dtype=_DTYPES[cfg.param_dtype], name=name,
+        kernel_init=nn.initializers.normal(0.02))
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, cache, cache_index):
+        cfg = self.cfg
+        h, kvh = cfg.n_heads, cfg.n_kv_heads
+        q = _dense((h, cfg.head_size), -1, cfg, "q", cfg.qkv_bias)(x)
+        k = _dense((kvh, cfg.head_size), -1, cfg, "k", cfg.qkv_bias)(x)
+        v = _dense((kvh, cfg.head_size), -1, cfg, "v", cfg.qkv_bias)(x)
+        q = rope(q, positions, cfg.rope_theta)
+        k = rope(k, positions, cfg.rope_theta)
+        if cache is None:
+            keys, values, k_pos, k_seg = k, v, positions, segment_ids
+        else:
+            # Write this chunk at cache_index, then attend over the whole cache.
+            put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), cache_index, 1)
+            cache = {
+                "k": put(cache["k"], k), "v": put(cache["v"], v),
+                "positions": put(cache["positions"], positions),
+                "segment_ids": put(cache["segment_ids"], segment_ids),
+            }
+            keys, values, k_pos, k_seg = cache["k"], cache["v"], cache["positions"], cache["segment_ids"]
+        b, t = x.shape[:2]
+        q = q.reshape(b, t, kvh, h // kvh, cfg.head_size)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype)).astype(jnp.float32)
+        scores = scores / jnp.sqrt(cfg.head_size).astype(jnp.float32)
+        # Causal by position inside one segment: positions restart per packed
+        # document, and segment 0 (padding / empty cache) is never attended.
+        mask = ((segment_ids[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] > 0)
+                & (k_pos[:, None, :] <= positions[:, :, None]))
+        scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(q.dtype)).reshape(b, t, h, cfg.head_size)
+        return _dense(cfg.d_model, (-2, -1), cfg, "o")(out), cache
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, layer_cache, positions, segment_ids, cache_index):
+        cfg = self.cfg
+        dt, pdt = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
+        a, layer_cache = Attention(cfg, name="attn")(
+            RMSNorm(cfg.norm_eps, dt, pdt, name="attn_norm")(x), positions, segment_ids,
+            layer_cache, cache_index)
+        x = x + a
+        y = RMSNorm(cfg.norm_eps, dt, pdt, name="mlp_norm")(x)
+        gate = _dense(cfg.d_ff, -1, cfg, "gate")(y)
+        up = _dense(cfg.d_ff, -1, cfg, "up")(y)
+        x = x + _dense(cfg.d_model, -1, cfg, "down")(nn.silu(gate) * up)
+        return x, layer_cache
+
+
+def _block_cls(cfg: ModelConfig):
+    if cfg.remat == "none":
+        return Block
+    policy = None if cfg.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return nn.remat(Block, policy=policy, prevent_cse=False)
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer with an LM head and an optional scalar head."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, segment_ids=None, *, cache=None,
+                 cache_index=0, logits=True):
+        """Forward pass.
+
+        tokens: [batch, seq] int32. positions: [batch, seq] int32 (default
+        0..seq-1). segment_ids: [batch, seq] int32, 0 = padding, equal ids
+        attend each other causally (default all 1). cache: from `init_cache`,
+        written at slot `cache_index` (int32 scalar). logits: compute the LM
+        head (the reward model skips it).
+        """
+        cfg = self.cfg
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=_DTYPES[cfg.dtype],
+                         param_dtype=_DTYPES[cfg.param_dtype],
+                         embedding_init=nn.initializers.normal(0.02), name="embed")
+        x = embed(tokens)
+        layers = nn.scan(
+            _block_cls(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
+            unroll=cfg.scan_unroll)
+        x, cache = layers(cfg, name="layers")(x, cache, positions, segment_ids, cache_index)
+        hidden = RMSNorm(cfg.norm_eps, _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype], name="final_norm")(x)
+        out_logits = None
+        if logits:
+            if cfg.tie_embeddings:
+                out_logits = embed.attend(hidden)
+            else:
+                out_logits = _dense(cfg.vocab_size, -1, cfg, "lm_head")(hidden)
+        values = None
+        if cfg.scalar_head:
+            values = nn.Dense(1, dtype=jnp.float32, param_dtype=_DTYPES[cfg.param_dtype],
+                              kernel_init=nn.initializers.normal(0.02), name="scalar_head")(
+                hidden.astype(jnp.float32))[..., 0]
+        return Output(logits=out_logits, values=values, hidden=hidden, cache=cache)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
+    """Fresh parameters (unsharded; see ptx.sharding for sharded init)."""
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    return Transformer(cfg).init(rng, tokens)["params"]
+
+
+def count_params(params) -> int:
+    return sum(x.size for x in jax.tree_util.tree_leaves(params))
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token: 2 x matmul params (embedding lookup excluded) + attention."""
+    hd = cfg.head_size
+    attn = cfg.d_model * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    mlp = 3 * cfg.d_model * cfg.d_ff
+    per_layer = 2 * (attn + mlp) + 2 * 2 * seq_len * cfg.n_heads * hd
+    return cfg.n_layers * per_layer + 2 * cfg.d_model * cfg.vocab_size

@@ -1,0 +1,119 @@
+"""Mesh and partitioning: (regex -> PartitionSpec) rules are data.
+
+Axes: `data` (pure data parallel), `fsdp` (data parallel with parameters
+sharded over the embedding dimension) and `tensor` (heads and MLP hidden
+units). Batches are split over ('data', 'fsdp').
+"""
+import re
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all devices of all processes; -1 takes the rest."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [int(mesh_cfg[a]) for a in AXES]
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh {dict(zip(AXES, sizes))}: at most one axis may be -1")
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh {dict(zip(AXES, sizes))} does not divide {len(devices)} devices")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                         f"{len(devices)} available")
+    return Mesh(np.asarray(devices).reshape(sizes), AXES)
+
+
+def param_rules(cfg) -> list:
+    """Ordered (regex over 'a/b/c' parameter paths, PartitionSpec) for the transformer.
+
+    Layer parameters carry a leading scanned layer axis, never sharded.
+    """
+    rules = [
+        (r"embed/embedding", P("tensor", "fsdp")),  # [vocab, d_model]
+        (r"layers/attn/(q|k|v)/kernel", P(None, "fsdp", "tensor", None)),  # [L, d, heads, hd]
+        (r"layers/attn/o/kernel", P(None, "tensor", None, "fsdp")),  # [L, heads, hd, d]
+        (r"layers/(gate|up)/kernel", P(None, "fsdp", "tensor")),  # [L, d, ff]
+        (r"layers/down/kernel", P(None, "tensor", "fsdp")),  # [L, ff, d]
+        (r"layers/(attn_norm|mlp_norm)/scale", P(None, None)),
+        (r"final_norm/scale", P(None)),
+    ]
+    if cfg.qkv_bias:
+        rules.append((r"layers/attn/(q|k|v)/bias", P(None, "tensor", None)))
+    if not cfg.tie_embeddings:
+        rules.append((r"lm_head/kernel", P("fsdp", "tensor")))
+    if cfg.scalar_head:
+        rules.append((r"scalar_head/(kernel|bias)", P()))
+    return rules
+
+
+def path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _fit(spec: P, shape, mesh: Mesh) -> P:
+    """Drop mesh axes from dimensions they do not divide (e.g. 2 kv heads over tensor=4)."""
+    out = []
+    for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        size = int(np.prod([mesh.shape[a] for a in (axis if isinstance(axis, tuple) else (axis,))
+                            if a is not None]))
+        out.append(axis if axis is not None and dim % size == 0 else None)
+    return P(*out)
+
+
+def tree_specs(tree, rules, mesh: Mesh, *, strict: bool):
+    """PartitionSpecs for a pytree of arrays (or ShapeDtypeStructs).
+
+    A rule matches a leaf whose path ends with it. strict (parameters): every
+    leaf matches exactly one rule and every rule some leaf, else ValueError.
+    Not strict (optimiser state): unmatched leaves are replicated.
+    """
+    compiled = [(re.compile(r"(^|/)" + pattern + r"$"), spec) for pattern, spec in rules]
+    used = set()
+
+    def one(path, leaf):
+        name = path_str(path)
+        hits = [i for i, (rx, _) in enumerate(compiled) if rx.search(name)]
+        if strict and len(hits) != 1:
+            raise ValueError(f"parameter {name} matches {len(hits)} sharding rules "
+                             f"{[rules[i][0] for i in hits]}; it must match exactly one")
+        if not hits:
+            return P()
+        used.add(hits[0])
+        return _fit(compiled[hits[0]][1], leaf.shape, mesh)
+
+    specs = jax.tree_util.tree_map_with_path(one, tree)
+    if strict:
+        unused = [rules[i][0] for i in range(len(rules)) if i not in used]
+        if unused:
+            raise ValueError(f"sharding rules match no parameter: {unused}")
+    return specs
+
+
+def named(mesh: Mesh, specs):
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
+                                  is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over the data-parallel axes."""
+    return NamedSharding(mesh, P(BATCH))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def put_batch(batch: dict, mesh: Mesh) -> dict:
+    """Host numpy batch (this process's rows) -> global arrays sharded over the batch axes."""
+    sharding = batch_sharding(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

@@ -1,0 +1,10 @@
+"""Dispatch a resolved config to the code of its stage."""
+
+
+def run(config, workdir: str):
+    stage = config.stage
+    if stage in ("sft", "reward", "dpo"):
+        from ptx import train
+
+        return train.run(config, workdir)
+    raise ValueError(f"unknown stage {stage!r}")

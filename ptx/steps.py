@@ -1,0 +1,159 @@
+"""One pure step per stage, jitted in exactly one place (`compile_step`).
+
+A stage supplies `loss_fn(params, batch, frozen) -> (loss, metrics)`;
+`train_step` turns it into `(state, batch, frozen) -> (state, metrics)` with
+gradient accumulation, the optax update and a NaN guard. `frozen` holds what
+the step reads but never trains (the DPO reference parameters), so it is
+never part of the optimiser state.
+"""
+import functools
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from ptx import losses
+from ptx.model import Transformer
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: updates applied so far
+    params: Any
+    opt_state: Any
+
+
+def init_state(params, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def _forward(model: Transformer, params, batch, prefix="", *, logits=True):
+    return model.apply({"params": params}, batch[prefix + "inputs"], batch[prefix + "positions"],
+                       batch[prefix + "segment_ids"], logits=logits)
+
+
+def sft_loss_fn(model: Transformer, params, batch, frozen=None):
+    """Token cross-entropy; batch: inputs / targets / positions / segment_ids [b, t] int32, loss_mask [b, t] f32."""
+    out = _forward(model, params, batch)
+    return losses.sft_loss(out.logits, batch["targets"], batch["loss_mask"])
+
+
+def _pair_batch(batch):
+    """Chosen and rejected stacked on the batch axis so both go through one forward."""
+    keys = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+    return {k: jnp.concatenate([batch["chosen_" + k], batch["rejected_" + k]]) for k in keys}
+
+
+def last_token_index(segment_ids: jax.Array) -> jax.Array:
+    """Index of the last real (segment > 0) token of each right-padded row. [b, t] -> [b] int32."""
+    return jnp.maximum(jnp.sum(segment_ids > 0, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+def sequence_scores(model: Transformer, params, inputs, positions, segment_ids) -> jax.Array:
+    """Scalar-head value at the last real token of each row: [b] float32."""
+    out = model.apply({"params": params}, inputs, positions, segment_ids, logits=False)
+    idx = last_token_index(segment_ids)
+    return jnp.take_along_axis(out.values, idx[:, None], axis=1)[:, 0]
+
+
+def reward_loss_fn(model: Transformer, params, batch, frozen=None, *, center_coef=0.0):
+    """Pairwise Bradley-Terry loss on the scalar head read at the last prompt+response token."""
+    pair = _pair_batch(batch)
+    scores = sequence_scores(model, params, pair["inputs"], pair["positions"], pair["segment_ids"])
+    r_chosen, r_rejected = jnp.split(scores, 2)
+    return losses.pairwise_reward_loss(r_chosen, r_rejected, prob_chosen=batch["prob_chosen"],
+                                       center_coef=center_coef)
+
+
+def pair_logps(model: Transformer, params, batch):
+    """Summed response log-probs of chosen and rejected ([b] f32 each) and response lengths."""
+    pair = _pair_batch(batch)
+    out = _forward(model, params, pair)
+    token_logps = losses.token_logprobs(out.logits, pair["targets"])
+    seq = losses.sequence_logps(token_logps, pair["loss_mask"])
+    lengths = jnp.maximum(pair["loss_mask"].sum(-1), 1.0)
+    return jnp.split(seq, 2), jnp.split(lengths, 2)
+
+
+def dpo_loss_fn(model: Transformer, params, batch, frozen, *, dpo_cfg):
+    """DPO family on one pair batch; the reference comes from `frozen` params or
+    from precomputed `ref_chosen_logps` / `ref_rejected_logps` batch fields."""
+    (pc, pr), (lc, lr) = pair_logps(model, params, batch)
+    if "ref_chosen_logps" in batch:
+        rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    elif frozen is not None:
+        (rc, rr), _ = pair_logps(model, jax.lax.stop_gradient(frozen), batch)
+    else:
+        rc = rr = jnp.zeros_like(pc)
+    soft = batch["prob_chosen"] if dpo_cfg.soft_labels else None
+    per_example, chosen_r, rejected_r = losses.dpo_loss(
+        pc, pr, rc, rr, beta=dpo_cfg.beta, loss_type=dpo_cfg.loss_type,
+        label_smoothing=dpo_cfg.label_smoothing, reference_free=dpo_cfg.reference_free,
+        prob_chosen=soft, chosen_lengths=lc, rejected_lengths=lr, gamma=dpo_cfg.gamma)
+    metrics = losses.dpo_metrics(per_example, chosen_r, rejected_r, pc, pr)
+    return per_example.mean(), metrics
+
+
+def _global_norm(tree) -> jax.Array:
+    return optax.global_norm(tree).astype(jnp.float32)
+
+
+def train_step(state: TrainState, batch, frozen, *, loss_fn: Callable, tx, lr_fn, accum_steps: int):
+    """One optimiser update from `accum_steps` micro-batches of `batch`.
+
+    A non-finite loss or gradient leaves the state untouched (the last good
+    parameters) and raises `metrics['nonfinite']`, which the loop turns into
+    a clear error before any checkpoint is written.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum_steps == 1:
+        (loss, metrics), grads = grad_fn(state.params, batch, frozen)
+    else:
+        # Micro-batch i takes rows i, i + accum, ...: every device keeps a share of each.
+        micro = jax.tree_util.tree_map(
+            lambda x: x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:]).swapaxes(0, 1),
+            batch)
+
+        def body(carry, mb):
+            (loss, metrics), grads = grad_fn(state.params, mb, frozen)
+            return jax.tree_util.tree_map(jnp.add, carry, (loss, metrics, grads)), None
+
+        first = jax.tree_util.tree_map(lambda x: x[0], micro)
+        (loss0, metrics0), grads0 = jax.eval_shape(grad_fn, state.params, first, frozen)
+        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), (loss0, metrics0, grads0))
+        (loss, metrics, grads), _ = jax.lax.scan(body, zeros, micro)
+        loss, metrics, grads = jax.tree_util.tree_map(lambda x: x / accum_steps, (loss, metrics, grads))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = _global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state)
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, update_norm=_global_norm(updates),
+                   lr=jnp.asarray(lr_fn(state.step), jnp.float32),
+                   nonfinite=(~finite).astype(jnp.float32))
+    return new, metrics
+
+
+def eval_step(params, batch, frozen, *, loss_fn: Callable):
+    loss, metrics = loss_fn(params, batch, frozen)
+    return dict(metrics, loss=loss)
+
+
+def compile_step(fn, *, in_shardings, out_shardings, donate_state: bool):
+    """The one place ptx jits a step: explicit shardings, the train state donated."""
+    return jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
+                   donate_argnums=(0,) if donate_state else ())
+
+
+def make_loss_fn(stage: str, model: Transformer, config) -> Callable:
+    """The loss of a supervised stage, with its config bound."""
+    if stage == "sft":
+        return functools.partial(sft_loss_fn, model)
+    if stage == "reward":
+        return functools.partial(reward_loss_fn, model, center_coef=config.reward.center_coef)
+    if stage == "dpo":
+        return functools.partial(dpo_loss_fn, model, dpo_cfg=config.dpo)
+    raise ValueError(f"no supervised loss for stage {stage!r}")

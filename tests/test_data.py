@@ -1,0 +1,425 @@
+"""Tests for ptx.data: schemas and errors, tokenised layouts, packing, batches."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ptx.data import (BatchIterator, DataError, encode_preference, encode_prompts,
+                      encode_sft, encode_text, load_rows)
+from ptx.tokenizer import PromptTemplate, train_tokenizer
+
+T = PromptTemplate()
+SEQ_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    texts = [T.format_prompt(f"Question {i}: what is {i} times two?")
+             + T.format_completion(f"The answer is {2 * i}, of course.") for i in range(200)]
+    texts += ["Some plain corpus text, with words and more words.\n"] * 20
+    return train_tokenizer(texts, vocab_size=400,
+                           path=str(tmp_path_factory.mktemp("tok") / "t.model"))
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def write(path, rows) -> str:
+    """Writes rows in the format named by the path's extension."""
+    ext = path.suffix
+    if ext == ".jsonl":
+        return write_jsonl(path, rows)
+    if ext == ".json":
+        path.write_text(json.dumps(rows))
+    elif ext == ".parquet":
+        pd.DataFrame(rows).to_parquet(path)
+    elif ext == ".csv":
+        pd.DataFrame(rows).to_csv(path, index=False)
+    return str(path)
+
+
+SFT_ROWS = [{"prompt": f"Q{i}?", "completion": f"A{i}."} for i in range(4)]
+
+
+# --------------------------------------------------------------------------- #
+# Schemas.
+# --------------------------------------------------------------------------- #
+
+@pytest.mark.parametrize("ext", [".jsonl", ".json", ".parquet", ".csv"])
+def test_sft_prompt_completion_rows_are_formatted_in_every_format(tmp_path, ext):
+    rows, stats = load_rows(write(tmp_path / f"sft{ext}", SFT_ROWS), "sft")
+    assert rows == [{"prompt": T.format_prompt(f"Q{i}?"), "completion": f" A{i}."}
+                    for i in range(4)]
+    assert stats == {"rows": 4, "skipped": 0, "skipped_reasons": []}
+
+
+@pytest.mark.parametrize("ext", [".jsonl", ".parquet"])
+def test_sft_messages_become_prompt_and_last_reply(tmp_path, ext):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Ciao"}]
+    rows, _ = load_rows(write(tmp_path / f"m{ext}", [{"messages": messages}]), "sft")
+    assert rows == [{"prompt": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Bye\n\nAssistant:",
+                     "completion": " Ciao"}]
+
+
+def test_preference_rows_with_optional_prob_chosen(tmp_path):
+    src = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "Q", "chosen": "good", "rejected": "bad", "prob_chosen": 0.75},
+        {"prompt": "R", "chosen": "yes", "rejected": "no"},
+    ])
+    rows, _ = load_rows(src, "preference")
+    assert rows == [
+        {"prompt": T.format_prompt("Q"), "chosen": " good", "rejected": " bad",
+         "prob_chosen": 0.75},
+        {"prompt": T.format_prompt("R"), "chosen": " yes", "rejected": " no",
+         "prob_chosen": 1.0},
+    ]
+
+
+def test_preference_parquet_loads(tmp_path):
+    src = write(tmp_path / "p.parquet",
+                [{"prompt": "Q", "chosen": "good", "rejected": "bad", "prob_chosen": 0.0}])
+    rows, _ = load_rows(src, "preference")
+    assert rows[0]["prob_chosen"] == 0.0 and rows[0]["rejected"] == " bad"
+
+
+def test_hh_transcripts_split_at_last_assistant_turn(tmp_path):
+    history = "\n\nHuman: Hi\n\nAssistant: Hello there.\n\nHuman: Tell me a joke."
+    src = write_jsonl(tmp_path / "hh.jsonl", [{
+        "chosen": history + "\n\nAssistant: Why did the chicken cross the road?",
+        "rejected": history + "\n\nAssistant: No.",
+    }])
+    rows, _ = load_rows(src, "preference")
+    assert rows == [{"prompt": history + "\n\nAssistant:",
+                     "chosen": " Why did the chicken cross the road?",
+                     "rejected": " No.", "prob_chosen": 1.0}]
+
+
+def test_hh_transcripts_with_different_prefixes_error_on_that_row(tmp_path):
+    src = write_jsonl(tmp_path / "hh.jsonl", [
+        {"chosen": "\n\nHuman: A\n\nAssistant: x", "rejected": "\n\nHuman: A\n\nAssistant: y"},
+        {"chosen": "\n\nHuman: A\n\nAssistant: x", "rejected": "\n\nHuman: B\n\nAssistant: y"},
+    ])
+    with pytest.raises(DataError, match=rf"^{src}: row 1: field 'rejected': dialogue before"):
+        load_rows(src, "preference")
+
+
+def test_prompt_rows_keep_extra_string_and_number_fields(tmp_path):
+    src = write(tmp_path / "p.csv", [{"prompt": "2+2?", "answer": 4, "kind": "add"},
+                                     {"prompt": "3+3?", "answer": 6, "kind": "add"}])
+    rows, _ = load_rows(src, "prompt")
+    assert rows == [{"prompt": T.format_prompt("2+2?"), "answer": 4, "kind": "add"},
+                    {"prompt": T.format_prompt("3+3?"), "answer": 6, "kind": "add"}]
+
+
+def test_text_rows_are_not_templated(tmp_path):
+    rows, _ = load_rows(write_jsonl(tmp_path / "t.jsonl", [{"text": "  raw\ntext "}]), "text")
+    assert rows == [{"text": "  raw\ntext "}]
+
+
+# --------------------------------------------------------------------------- #
+# Errors name file, row and field.
+# --------------------------------------------------------------------------- #
+
+BAD_SFT = [
+    {"prompt": "ok", "completion": "ok"},
+    {"prompt": "ok", "completion": ""},       # row 1: empty
+    {"prompt": "ok", "completion": "ok"},
+    {"prompt": "ok"},                          # row 3: missing
+    {"prompt": 7, "completion": "ok"},         # row 4: mistyped
+    {"prompt": "ok", "completion": None},      # row 5: missing (null)
+    {"prompt": "ok", "completion": "   "},     # row 6: whitespace only
+]
+
+
+@pytest.mark.parametrize("row, field, problem", [
+    (1, "completion", "empty"),
+    (3, "completion", "missing"),
+    (4, "prompt", "expected str, got int"),
+    (5, "completion", "missing"),
+    (6, "completion", "empty"),
+])
+def test_bad_field_error_names_file_row_and_field(tmp_path, row, field, problem):
+    # Every other bad row is replaced by a good one, so the first error is this row.
+    rows = [r if i in (0, 2, row) else {"prompt": "ok", "completion": "ok"}
+            for i, r in enumerate(BAD_SFT)]
+    src = write_jsonl(tmp_path / "sft.jsonl", rows)
+    with pytest.raises(DataError) as err:
+        load_rows(src, "sft")
+    assert str(err.value) == f"{src}: row {row}: field '{field}': {problem}"
+
+
+@pytest.mark.parametrize("value, problem", [
+    (1.5, "1.5 outside [0, 1]"),
+    (-0.1, "-0.1 outside [0, 1]"),
+    ("high", "expected a number, got str"),
+])
+def test_prob_chosen_out_of_range_or_not_a_number_errors(tmp_path, value, problem):
+    src = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "Q", "chosen": "a", "rejected": "b", "prob_chosen": 0.5},
+        {"prompt": "Q", "chosen": "a", "rejected": "b", "prob_chosen": value},
+    ])
+    with pytest.raises(DataError) as err:
+        load_rows(src, "preference")
+    assert str(err.value) == f"{src}: row 1: field 'prob_chosen': {problem}"
+
+
+@pytest.mark.parametrize("messages, field, problem", [
+    ([{"role": "user", "content": "hi"}], "messages", "last message must have role"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}],
+     "messages[1].content", "empty"),
+    ([{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}],
+     "messages[0].role", "expected one of"),
+    ([], "messages", "empty"),
+])
+def test_bad_messages_error_names_the_message_field(tmp_path, messages, field, problem):
+    good = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    src = write_jsonl(tmp_path / "m.jsonl", [{"messages": good}, {"messages": messages}])
+    with pytest.raises(DataError) as err:
+        load_rows(src, "sft")
+    assert str(err.value).startswith(f"{src}: row 1: field '{field}': {problem}")
+
+
+def test_skip_mode_drops_and_counts_bad_rows(tmp_path):
+    src = write_jsonl(tmp_path / "sft.jsonl", BAD_SFT)
+    rows, stats = load_rows(src, "sft", on_bad_row="skip")
+    assert len(rows) == stats["rows"] == 2
+    assert stats["skipped"] == 5
+    assert [m.split(": field")[0] for m in stats["skipped_reasons"]] == [
+        f"{src}: row {i}" for i in (1, 3, 4, 5, 6)]
+
+
+def test_skip_reasons_keep_only_the_first_ten(tmp_path):
+    src = write_jsonl(tmp_path / "t.jsonl", [{"text": ""}] * 12 + [{"text": "ok"}])
+    rows, stats = load_rows(src, "text", on_bad_row="skip")
+    assert (stats["rows"], stats["skipped"], len(stats["skipped_reasons"])) == (1, 12, 10)
+
+
+def test_missing_local_file_and_unknown_kind_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load_rows(str(tmp_path / "nope.jsonl"), "sft")
+    src = write_jsonl(tmp_path / "t.jsonl", [{"text": "x"}])
+    with pytest.raises(ValueError, match="'chat'"):
+        load_rows(src, "chat")
+
+
+# --------------------------------------------------------------------------- #
+# Tokenised layouts.
+# --------------------------------------------------------------------------- #
+
+def sft_rows(n):
+    return [{"prompt": T.format_prompt(f"Question {i}: what is {i} times two?" + " more" * i),
+             "completion": T.format_completion(f"The answer is {2 * i}.")} for i in range(n)]
+
+
+def real_doc(arrays, r, segment=1):
+    """The (inputs, targets, loss_mask) of one document of row r."""
+    sel = arrays["segment_ids"][r] == segment
+    return arrays["inputs"][r][sel], arrays["targets"][r][sel], arrays["loss_mask"][r][sel]
+
+
+def test_sft_arrays_hold_shifted_sequence_and_padding(tok):
+    rows = sft_rows(3)
+    arrays, stats = encode_sft(rows, tok, max_len=64, max_prompt_len=40)
+    assert {k: (v.shape, v.dtype) for k, v in arrays.items()} == {
+        k: ((3, 64), np.float32 if k == "loss_mask" else np.int32) for k in SEQ_KEYS}
+    for r, row in enumerate(rows):
+        seq = [tok.bos_id] + tok.encode(row["prompt"]) + tok.encode(row["completion"]) \
+            + [tok.eos_id]
+        n = len(seq) - 1
+        np.testing.assert_array_equal(arrays["inputs"][r, :n], seq[:-1])
+        np.testing.assert_array_equal(arrays["targets"][r, :n], seq[1:])
+        np.testing.assert_array_equal(arrays["positions"][r, :n], np.arange(n))
+        np.testing.assert_array_equal(arrays["segment_ids"][r], [1] * n + [0] * (64 - n))
+        assert (arrays["inputs"][r, n:] == tok.pad_id).all()
+        assert (arrays["targets"][r, n:] == tok.pad_id).all()
+        assert (arrays["loss_mask"][r, n:] == 0).all()
+    assert stats["truncated_prompts"] == stats["truncated_sequences"] == 0
+
+
+def test_loss_mask_covers_exactly_completion_tokens_and_eos(tok):
+    rows = sft_rows(4)
+    arrays, stats = encode_sft(rows, tok, max_len=64, max_prompt_len=40)
+    for r, row in enumerate(rows):
+        completion = tok.encode(row["completion"])
+        _, targets, mask = real_doc(arrays, r)
+        np.testing.assert_array_equal(targets[mask == 1], completion + [tok.eos_id])
+        # Masked targets form one block at the end of the document.
+        assert mask.tolist() == [0] * (len(mask) - len(completion) - 1) \
+            + [1] * (len(completion) + 1)
+    assert stats["loss_tokens"] == arrays["loss_mask"].sum()
+
+
+def test_loss_on_prompt_trains_on_every_real_target(tok):
+    arrays, _ = encode_sft(sft_rows(4), tok, max_len=64, max_prompt_len=40,
+                           loss_on_prompt=True)
+    np.testing.assert_array_equal(arrays["loss_mask"], arrays["segment_ids"] > 0)
+
+
+def test_long_prompt_is_left_truncated_and_counted(tok):
+    row = sft_rows(20)[-1]  # its prompt has many " more" tokens
+    prompt = tok.encode(row["prompt"])
+    completion = tok.encode(row["completion"])
+    arrays, stats = encode_sft([row], tok, max_len=64, max_prompt_len=8)
+    assert len(prompt) > 7 and stats["truncated_prompts"] == 1
+    assert stats["truncated_sequences"] == 0
+    inputs, targets, mask = real_doc(arrays, 0)
+    np.testing.assert_array_equal(inputs[:8], [tok.bos_id] + prompt[-7:])
+    np.testing.assert_array_equal(targets[mask == 1], completion + [tok.eos_id])
+
+
+def test_long_sequence_is_cut_to_max_len_and_counted(tok):
+    row = {"prompt": T.format_prompt("Q"),
+           "completion": T.format_completion("words and more words " * 20)}
+    arrays, stats = encode_sft([row], tok, max_len=32, max_prompt_len=16)
+    assert stats["truncated_sequences"] == 1 and stats["truncated_prompts"] == 0
+    assert (arrays["segment_ids"] == 1).all()  # the row is full
+    assert tok.eos_id not in arrays["targets"][0]
+    seq = [tok.bos_id] + tok.encode(row["prompt"]) + tok.encode(row["completion"])
+    np.testing.assert_array_equal(arrays["targets"][0], seq[1:33])
+
+
+def test_max_prompt_len_beyond_max_len_is_rejected(tok):
+    with pytest.raises(ValueError, match="max_prompt_len"):
+        encode_sft(sft_rows(1), tok, max_len=16, max_prompt_len=17)
+
+
+def test_packing_keeps_documents_intact_with_segments_and_positions(tok):
+    rows = sft_rows(12)
+    plain, _ = encode_sft(rows, tok, max_len=96, max_prompt_len=64)
+    packed, stats = encode_sft(rows, tok, max_len=96, max_prompt_len=64, pack=True)
+    assert len(packed["inputs"]) < len(plain["inputs"]) == 12
+    assert stats["examples"] == 12 and stats["rows"] == len(packed["inputs"])
+    docs = []
+    for r in range(len(packed["inputs"])):
+        segments = packed["segment_ids"][r]
+        n_docs = segments.max()
+        # Segments are 1..k in contiguous blocks, then padding.
+        real = segments[segments > 0]
+        assert (np.diff(real) >= 0).all() and set(real) == set(range(1, n_docs + 1))
+        assert (segments[len(real):] == 0).all()
+        for s in range(1, n_docs + 1):
+            np.testing.assert_array_equal(packed["positions"][r][segments == s],
+                                          np.arange((segments == s).sum()))
+            docs.append(real_doc(packed, r, s))
+    assert len(docs) == 12
+    for i, doc in enumerate(docs):
+        for got, want in zip(doc, real_doc(plain, i)):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_text_is_packed_with_loss_everywhere_and_long_documents_split(tok):
+    rows = [{"text": "Some plain corpus text."}, {"text": "words and more words " * 30},
+            {"text": "Short."}]
+    arrays, stats = encode_text(rows, tok, max_len=32)
+    np.testing.assert_array_equal(arrays["loss_mask"], arrays["segment_ids"] > 0)
+    assert stats["split_documents"] == 1
+    # Every token after each bos is a target exactly once, in order.
+    targets = arrays["targets"][arrays["segment_ids"] > 0]
+    want = []
+    for row in rows:
+        want += tok.encode(row["text"]) + [tok.eos_id]
+    np.testing.assert_array_equal(targets, want)
+
+
+def test_preference_arrays_share_prompt_and_mask_each_reply(tok):
+    rows = [{"prompt": T.format_prompt(f"Question {i}?"), "chosen": " The answer is 2.",
+             "rejected": f" No idea {i}, sorry.", "prob_chosen": 0.25 * i} for i in range(3)]
+    arrays, stats = encode_preference(rows, tok, max_len=48, max_prompt_len=24)
+    assert set(arrays) == {f"{s}_{k}" for s in ("chosen", "rejected") for k in SEQ_KEYS} \
+        | {"prob_chosen"}
+    np.testing.assert_array_equal(arrays["prob_chosen"], np.float32([0.0, 0.25, 0.5]))
+    assert arrays["prob_chosen"].dtype == np.float32
+    for r, row in enumerate(rows):
+        n_prompt = 1 + len(tok.encode(row["prompt"]))
+        np.testing.assert_array_equal(arrays["chosen_inputs"][r, :n_prompt],
+                                      arrays["rejected_inputs"][r, :n_prompt])
+        for side in ("chosen", "rejected"):
+            mask = arrays[f"{side}_loss_mask"][r] == 1
+            np.testing.assert_array_equal(arrays[f"{side}_targets"][r][mask],
+                                          tok.encode(row[side]) + [tok.eos_id])
+    assert stats == {"examples": 3, "truncated_prompts": 0, "truncated_sequences": 0}
+
+
+def test_prompt_tokens_are_bos_plus_prompt_left_truncated(tok):
+    rows = [{"prompt": T.format_prompt("Hi"), "answer": 1},
+            {"prompt": T.format_prompt("Question 5: what is 5 times two?" + " more" * 10)}]
+    arrays, stats = encode_prompts(rows, tok, max_prompt_len=12)
+    short, long = (tok.encode(r["prompt"]) for r in rows)
+    assert arrays["prompt_tokens"].shape == (2, 12) and arrays["prompt_tokens"].dtype == np.int32
+    assert arrays["prompt_lens"].dtype == np.int32
+    assert arrays["prompt_lens"].tolist() == [1 + len(short), 12]
+    np.testing.assert_array_equal(arrays["prompt_tokens"][0],
+                                  [tok.bos_id] + short + [tok.pad_id] * (11 - len(short)))
+    np.testing.assert_array_equal(arrays["prompt_tokens"][1], [tok.bos_id] + long[-11:])
+    assert stats["truncated_prompts"] == 1
+
+
+# --------------------------------------------------------------------------- #
+# BatchIterator.
+# --------------------------------------------------------------------------- #
+
+def make_arrays(n=50):
+    return {"x": np.arange(n), "y": np.arange(n * 2).reshape(n, 2)}
+
+
+def test_batch_is_a_pure_function_of_step():
+    a = BatchIterator(make_arrays(), 8, seed=3)
+    b = BatchIterator(make_arrays(), 8, seed=3)
+    steps = [0, 17, 5, 17, 40, 1, 0]
+    first = [a.batch(s) for s in steps]
+    saved = np.random.get_state()
+    try:
+        np.random.seed(123)  # numpy's global state must neither matter nor change
+        before = np.random.get_state()[1].copy()
+        for s, want in zip(reversed(steps), reversed(first)):  # another query order
+            got = b.batch(s)
+            assert got.keys() == want.keys()
+            for k in got:
+                np.testing.assert_array_equal(got[k], want[k])
+        np.testing.assert_array_equal(np.random.get_state()[1], before)
+    finally:
+        np.random.set_state(saved)
+
+
+def test_batch_rows_stay_aligned_across_arrays():
+    batch = BatchIterator(make_arrays(), 8, seed=3).batch(4)
+    np.testing.assert_array_equal(batch["y"], batch["x"][:, None] * 2 + [0, 1])
+
+
+def test_each_example_appears_once_per_epoch_and_epochs_differ():
+    it = BatchIterator(make_arrays(48), 8, seed=0)
+    assert len(it) == 6 and it.epoch(5) == 0 and it.epoch(6) == 1
+    epochs = [np.concatenate([it.batch(e * 6 + s)["x"] for s in range(6)]) for e in range(3)]
+    for order in epochs:
+        assert sorted(order.tolist()) == list(range(48))
+    assert not np.array_equal(epochs[0], epochs[1])
+    assert not np.array_equal(epochs[1], epochs[2])
+    assert not np.array_equal(epochs[0], np.arange(48))
+
+
+def test_remainder_is_dropped_and_unshuffled_order_is_sequential():
+    it = BatchIterator(make_arrays(50), 8, seed=0, shuffle=False)
+    assert len(it) == 6
+    np.testing.assert_array_equal(it.batch(1)["x"], np.arange(8, 16))
+    np.testing.assert_array_equal(it.batch(6)["x"], np.arange(8))
+
+
+def test_process_slices_partition_the_global_batch():
+    full = BatchIterator(make_arrays(), 12, seed=7)
+    parts = [BatchIterator(make_arrays(), 12, seed=7, process_index=p, process_count=3)
+             for p in range(3)]
+    for step in (0, 3, 9):
+        local = [p.batch(step)["x"] for p in parts]
+        assert all(len(x) == 4 for x in local)
+        np.testing.assert_array_equal(np.concatenate(local), full.batch(step)["x"])
+
+
+def test_bad_batch_configurations_are_named():
+    with pytest.raises(ValueError, match="50 examples .* batch_size=64"):
+        BatchIterator(make_arrays(), 64, seed=0)
+    with pytest.raises(ValueError, match="batch_size=10 not divisible by process_count=4"):
+        BatchIterator(make_arrays(), 10, seed=0, process_count=4)
