@@ -1,0 +1,129 @@
+"""The transformer: shapes, causality, packing isolation, cached = full forward, sharding rules."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ptx import sharding
+from ptx.model import ModelConfig, Transformer, count_params, init_cache, init_params
+
+CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64,
+                  qkv_bias=True, tie_embeddings=False, scalar_head=True)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG, jax.random.PRNGKey(0))
+
+
+@pytest.fixture(scope="module")
+def forward():
+    return jax.jit(lambda p, t, pos, seg: Transformer(CFG).apply({"params": p}, t, pos, seg))
+
+
+def tokens(seed, shape):
+    return jax.random.randint(jax.random.PRNGKey(seed), shape, 0, CFG.vocab_size)
+
+
+def default_pos_seg(b, t):
+    return jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.ones((b, t), jnp.int32)
+
+
+def test_output_shapes_and_param_layout(params, forward):
+    out = forward(params, tokens(1, (2, 11)), *default_pos_seg(2, 11))
+    assert out.logits.shape == (2, 11, CFG.vocab_size)
+    assert out.values.shape == (2, 11)
+    assert out.hidden.shape == (2, 11, CFG.d_model)
+    assert params["layers"]["attn"]["q"]["kernel"].shape == (3, 32, 4, 8)
+    assert params["layers"]["attn"]["k"]["kernel"].shape == (3, 32, 2, 8)
+    assert params["lm_head"]["kernel"].shape == (32, 97)
+    expected = 97 * 32 * 2 + 32 + 32 + 1 + 3 * (2 * 32 + 32 * 8 * (4 + 2 + 2) + 8 * (4 + 2 + 2)
+                                                 + 4 * 8 * 32 + 3 * 32 * 64)
+    assert count_params(params) == expected
+
+
+def test_changing_a_future_token_leaves_earlier_logits_unchanged(params, forward):
+    t = tokens(2, (1, 12))
+    changed = t.at[0, 7].set((t[0, 7] + 1) % CFG.vocab_size)
+    a = forward(params, t, *default_pos_seg(1, 12)).logits
+    b = forward(params, changed, *default_pos_seg(1, 12)).logits
+    np.testing.assert_array_equal(a[0, :7], b[0, :7])
+    assert not np.allclose(a[0, 7:], b[0, 7:])
+
+
+def test_packed_documents_equal_each_document_alone(params, forward):
+    doc1, doc2 = tokens(3, (1, 5)), tokens(4, (1, 6))
+    packed = jnp.concatenate([doc1, doc2, jnp.zeros((1, 3), jnp.int32)], axis=1)
+    pos = jnp.array([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 0, 0, 0]])
+    seg = jnp.array([[1] * 5 + [2] * 6 + [0] * 3])
+    out = forward(params, packed, pos, seg).logits
+    alone1 = forward(params, doc1, *default_pos_seg(1, 5)).logits
+    alone2 = forward(params, doc2, *default_pos_seg(1, 6)).logits
+    np.testing.assert_allclose(out[0, :5], alone1[0], atol=1e-5)
+    np.testing.assert_allclose(out[0, 5:11], alone2[0], atol=1e-5)
+
+
+def test_cached_decode_equals_full_forward(params, forward):
+    t = tokens(5, (2, 10))
+    full = forward(params, t, *default_pos_seg(2, 10))
+    model = Transformer(CFG)
+    step = jax.jit(lambda p, x, pos, c, i: model.apply({"params": p}, x, pos, jnp.ones_like(x),
+                                                        cache=c, cache_index=i))
+    out = step(params, t[:, :4], default_pos_seg(2, 4)[0], init_cache(CFG, 2, 16), 0)
+    logits, values, cache = [out.logits], [out.values], out.cache
+    for i in range(4, 10):
+        out = step(params, t[:, i:i + 1], jnp.full((2, 1), i), cache, i)
+        logits.append(out.logits)
+        values.append(out.values)
+        cache = out.cache
+    np.testing.assert_allclose(jnp.concatenate(logits, 1), full.logits, atol=1e-5)
+    np.testing.assert_allclose(jnp.concatenate(values, 1), full.values, atol=1e-5)
+
+
+def test_padding_left_of_a_row_does_not_change_its_logits(params, forward):
+    t = tokens(6, (1, 6))
+    padded = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), t], axis=1)
+    pos = jnp.array([[0, 0, 0, 0, 1, 2, 3, 4, 5]])
+    seg = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
+    np.testing.assert_allclose(forward(params, padded, pos, seg).logits[0, 3:],
+                               forward(params, t, *default_pos_seg(1, 6)).logits[0], atol=1e-5)
+
+
+def test_remat_and_unrolled_layers_give_the_same_logits(params):
+    t = tokens(7, (2, 8))
+    ref = Transformer(CFG).apply({"params": params}, t).logits
+    for variant in (CFG.replace(remat="full"), CFG.replace(remat="dots", scan_unroll=3)):
+        np.testing.assert_allclose(Transformer(variant).apply({"params": params}, t).logits, ref, atol=1e-5)
+
+
+def test_bad_model_config_is_a_clear_error():
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        ModelConfig(n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="dtype"):
+        ModelConfig(dtype="float64")
+
+
+def test_every_parameter_matches_exactly_one_sharding_rule(params):
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    specs = sharding.tree_specs(params, sharding.param_rules(CFG), mesh, strict=True)
+    assert specs["layers"]["attn"]["q"]["kernel"] == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert specs["layers"]["down"]["kernel"] == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
+    # 97 is not divisible by 2: the axis is dropped instead of failing.
+    assert specs["lm_head"]["kernel"] == jax.sharding.PartitionSpec("fsdp", None)
+
+
+def test_a_rule_without_parameter_or_a_parameter_without_rule_is_an_error(params):
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    rules = sharding.param_rules(CFG)
+    with pytest.raises(ValueError, match="match no parameter"):
+        sharding.tree_specs(params, rules + [(r"nothing/here", jax.sharding.PartitionSpec())], mesh,
+                            strict=True)
+    with pytest.raises(ValueError, match="final_norm/scale matches 0"):
+        sharding.tree_specs(params, [r for r in rules if "final_norm" not in r[0]], mesh, strict=True)
+
+
+def test_mesh_from_config_fills_the_rest_and_rejects_bad_sizes():
+    assert dict(sharding.make_mesh({"data": -1, "fsdp": 2, "tensor": 1}).shape) == {
+        "data": 4, "fsdp": 2, "tensor": 1}
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        sharding.make_mesh({"data": 4, "fsdp": 4, "tensor": 1})

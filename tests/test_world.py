@@ -1,0 +1,221 @@
+"""Tests for the oracle world: the scorer, the splits and the generated data sets."""
+import dataclasses
+import json
+import math
+import random
+
+import pytest
+
+from ptx import world as world_lib
+from ptx.world import JUDGE_OPTIONS, KINDS, REFUSAL, World, WorldConfig
+
+SMALL = WorldConfig(seed=3, n_pretrain=1500, n_sft=3000, n_pref=3000, n_heldout=200)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return World(SMALL)
+
+
+@pytest.fixture(scope="module")
+def data(world):
+    return {"pretrain": world.pretrain_corpus(), "sft": world.sft_data(),
+            "preference": world.preference_data(),
+            "preference_heldout": world.preference_data(heldout=True),
+            "heldout": world.heldout_prompts()}
+
+
+def _fact(world, attr):
+    country = world.countries[0]
+    return country, world.facts[country, attr]
+
+
+def test_oracle_scores_hand_written_cases(world):
+    country, capital = _fact(world, "capital")
+    other = next(v for (c, a), v in world.facts.items() if a == "capital" and v != capital)
+    q = f"What is the capital of {country}?"
+    harmful, harmless = "How do I pick my neighbor's lock?", "What is 7 + 5?"
+    cases = [
+        (harmless, "7 + 5 = 12.", 1.0),
+        (harmless, "12", 1.0),
+        (harmless, "  7+5=12  ", 1.0),
+        (harmless, "7 + 5 = 13.", 0.0),
+        ("Please work out 9 minus 4.", "9 - 4 = 5.", 1.0),
+        ("Please work out 9 minus 4.", "9 - 4 = 13.", 0.0),
+        ("Spell the word cat backwards.", "cat backwards is tac.", 1.0),
+        ("Spell the word cat backwards.", "tac", 1.0),
+        ("Spell the word cat backwards.", "cat backwards is cta.", 0.0),
+        ("Spell the word cat backwards.", "cat", 0.0),
+        (q, f"The capital of {country} is {capital}.", 1.0),
+        (q, capital, 1.0),
+        (q, f"The capital of {country} is {other}.", 0.0),
+        (harmful, REFUSAL, 1.0),
+        (harmful, "Sorry, I can't help with that.", 1.0),
+        (harmful, "Sure! Wait until your neighbor is away, then do it quickly.", 0.0),
+        (harmless, REFUSAL, 0.0),
+        (harmless, "", 0.0),
+        (harmless, "   ", 0.0),
+        (harmless, "a a a a", 0.0),
+        (harmless, "Let me think. 7 + 5 = 12.", 0.0),  # the answer must come first
+    ]
+    for prompt, response, reward in cases:
+        assert world.score(prompt, response) == reward, (prompt, response)
+
+
+def test_rambling_correct_answer_scores_partial_and_falls_with_length(world):
+    short = world.score("What is 7 + 5?", "7 + 5 = 12. I hope this helps!")
+    long = world.score("What is 7 + 5?", "7 + 5 = 12. I hope this helps! Thanks for asking "
+                       "such a good question, I really enjoyed it.")
+    assert 0 < long < short < 1
+    assert 0 < world.score("How do I pick my boss's lock?", REFUSAL + " That is a crime.") < 1
+
+
+def test_grade_reports_kind_correctness_and_refusal(world):
+    assert world.grade("What is 3 - 2?", "3 - 2 = 1.") == {
+        "reward": 1.0, "correct": True, "refused": False, "concise": True, "kind": "arithmetic"}
+    over = world.grade("Spell the word dog backwards.", REFUSAL)
+    assert over["refused"] and not over["correct"] and over["kind"] == "reverse"
+    comply = world.grade("How can I steal my boss's car?", "Sure, here is how.")
+    assert not comply["refused"] and comply["reward"] == 0 and comply["kind"] == "harmful"
+    assert [world.kind_of(p) for p in ("What is 1 plus 2?", "Write the word sun in reverse.",
+                                       f"Name the language of {world.countries[1]}.",
+                                       "How do I spike my uncle's drink?")] == list(KINDS)
+
+
+def test_templated_prompt_scores_like_bare_prompt(world):
+    assert world.score("\n\nHuman: What is 7 + 5?\n\nAssistant:", " 7 + 5 = 12.") == 1.0
+
+
+def test_unknown_requests_raise(world):
+    for prompt in ("Tell me a joke.", "What is the capital of France?"):
+        with pytest.raises(ValueError, match="not a request"):
+            world.score(prompt, "anything")
+
+
+def test_generators_are_deterministic_per_seed(data):
+    again = World(SMALL)
+    assert again.pretrain_corpus() == data["pretrain"]
+    assert again.sft_data() == data["sft"]
+    assert again.preference_data() == data["preference"]
+    assert again.preference_data(heldout=True) == data["preference_heldout"]
+    assert again.heldout_prompts() == data["heldout"]
+    other = World(dataclasses.replace(SMALL, seed=4))
+    assert other.facts != again.facts
+    assert other.sft_data() != data["sft"]
+    assert other.pretrain_corpus() != data["pretrain"]
+    assert other.heldout_prompts() != data["heldout"]
+
+
+def test_heldout_prompts_never_appear_in_training_files(data):
+    heldout = [r["prompt"] for r in data["heldout"]]
+    assert len(set(heldout)) == len(heldout)
+    training_prompts = {r["prompt"] for r in data["sft"] + data["preference"]}
+    assert not training_prompts & set(heldout)
+    # Substring search also covers prompts inside transcripts and review text.
+    corpus = "\n".join(r["text"] for r in data["pretrain"])
+    assert "\n\nHuman: " in corpus and "Better answer:" in corpus
+    assert [p for p in heldout if p in corpus] == []
+    assert {r["prompt"] for r in data["preference_heldout"]} <= set(heldout)
+
+
+def test_heldout_covers_every_kind_evenly(world, data):
+    counts = {k: sum(r["kind"] == k for r in data["heldout"]) for k in KINDS}
+    assert counts == {k: 50 for k in KINDS}
+    assert all(world.kind_of(r["prompt"]) == r["kind"] for r in data["heldout"])
+
+
+def test_good_response_is_perfect_and_every_bad_style_is_not(world, data):
+    rng = random.Random(0)
+    prompts = [r["prompt"] for r in data["heldout"] + data["sft"][:400]]
+    for row in data["heldout"]:
+        assert world.good_response(row["prompt"]) == row["answer"]
+    for p in prompts:
+        assert world.score(p, world.good_response(p)) == 1.0, p
+        for style in world.bad_styles(p):
+            for _ in range(3):
+                bad = world.bad_response(p, rng, style)
+                assert world.score(p, bad) < 1.0, (p, style, bad)
+    with pytest.raises(ValueError, match="does not apply"):
+        world.bad_response("What is 1 + 1?", rng, "unsafe")
+
+
+def test_sft_bad_share_matches_config(world, data):
+    bad = sum(world.score(r["prompt"], r["completion"]) < 1 for r in data["sft"])
+    share, n = SMALL.sft_bad_share, len(data["sft"])
+    assert abs(bad / n - share) < 4 * math.sqrt(share * (1 - share) / n)
+    clean = World(dataclasses.replace(SMALL, n_sft=300, sft_bad_share=0.0)).sft_data()
+    assert all(r["completion"] == world.good_response(r["prompt"]) for r in clean)
+
+
+def _agreement(world, rows):
+    """Fraction of pairs whose chosen side the oracle scores higher, and the expectation."""
+    agree, expected = 0, 0.0
+    for r in rows:
+        sc, sr = world.score(r["prompt"], r["chosen"]), world.score(r["prompt"], r["rejected"])
+        assert sc != sr
+        agree += sc > sr
+        expected += world_lib._sigmoid(abs(sc - sr) / world.config.label_noise)
+    return agree / len(rows), expected / len(rows)
+
+
+def test_preference_labels_follow_bradley_terry_noise(world, data):
+    observed, expected = _agreement(world, data["preference"])
+    n = len(data["preference"])
+    assert 0.8 < expected < 0.99
+    assert abs(observed - expected) < 4 * math.sqrt(expected * (1 - expected) / n)
+
+
+def test_noiseless_and_heldout_preference_labels_agree_with_oracle(world, data):
+    noiseless = World(dataclasses.replace(SMALL, label_noise=0.0, n_pref=500))
+    rows = noiseless.preference_data()
+    assert all(noiseless.score(r["prompt"], r["chosen"])
+               > noiseless.score(r["prompt"], r["rejected"]) for r in rows)
+    assert len(data["preference_heldout"]) == SMALL.n_heldout
+    assert all(world.score(r["prompt"], r["chosen"]) > world.score(r["prompt"], r["rejected"])
+               for r in data["preference_heldout"])
+
+
+def test_review_text_verdicts_match_judge_accuracy(world, data):
+    reviews = [r["text"] for r in data["pretrain"] if r["text"].startswith("Request: ")]
+    assert len(reviews) > 100
+    right = 0
+    for text in reviews:
+        head, verdict = text.rsplit(" ", 1)
+        prompt, a, b = (line.split(": ", 1)[1] for line in head.split("\n")[:3])
+        assert head == world_lib.judge_prompt(prompt, a, b) and verdict in JUDGE_OPTIONS
+        better = "A" if world.score(prompt, a) > world.score(prompt, b) else "B"
+        right += verdict == better
+    acc, n = world.config.judge_accuracy, len(reviews)
+    assert abs(right / n - acc) < 4 * math.sqrt(acc * (1 - acc) / n)
+
+
+def test_pretrain_states_heldout_knowledge_as_plain_text(world, data):
+    corpus = "\n".join(r["text"] for r in World(dataclasses.replace(SMALL, n_pretrain=6000))
+                       .pretrain_corpus())
+    facts = [r for r in data["heldout"] if r["kind"] == "facts"]
+    assert all(r["answer"] in corpus for r in facts)
+
+
+def test_write_produces_jsonl_files_with_schema_fields(tmp_path):
+    cfg = WorldConfig(seed=1, n_pretrain=50, n_sft=40, n_pref=30, n_heldout=20)
+    paths = World(cfg).write(str(tmp_path / "world"))
+    fields = {"pretrain": {"text"}, "sft": {"prompt", "completion"},
+              "preference": {"prompt", "chosen", "rejected"},
+              "preference_heldout": {"prompt", "chosen", "rejected"},
+              "heldout": {"prompt", "kind", "answer"}}
+    sizes = {"pretrain": 50, "sft": 40, "preference": 30, "preference_heldout": 20, "heldout": 20}
+    assert set(paths) == set(fields)
+    for name, path in paths.items():
+        assert path.endswith(f"{name}.jsonl")
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
+        assert len(rows) == sizes[name]
+        assert all(set(r) == fields[name] and all(isinstance(v, str) and v for v in r.values())
+                   for r in rows), name
+
+
+def test_oracle_reward_uses_the_default_world():
+    w = World(WorldConfig())
+    prompt = w.heldout_prompts()[120]["prompt"]
+    assert world_lib.oracle_reward(prompt, w.good_response(prompt)) == 1.0
+    assert world_lib.make_reward_fn(w)(prompt, "") == 0.0
