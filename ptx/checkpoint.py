@@ -92,10 +92,15 @@ def load_params(path: str, shardings=None):
         lambda a, s: ocp.ArrayRestoreArgs(sharding=s, dtype=a.dtype), abstract, shardings)
     target = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    # RL checkpoints hold {'policy': ..., 'critic': ...}; meta names the policy's key.
+    key = meta.get("params_key")
+    if key:
+        target, restore_args = {key: target}, {key: restore_args}
     with ocp.PyTreeCheckpointer() as reader:
         restored = reader.restore(os.path.join(directory, str(step), "state"), args=ocp.args.PyTreeRestore(
             item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
-    return restored["params"], meta
+    params = restored["params"]
+    return (params[key] if key else params), meta
 
 
 def tokenizer_path(path: str) -> str:

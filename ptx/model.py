@@ -197,8 +197,9 @@ class Transformer(nn.Module):
         tokens: [batch, seq] int32. positions: [batch, seq] int32 (default
         0..seq-1). segment_ids: [batch, seq] int32, 0 = padding, equal ids
         attend each other causally (default all 1). cache: from `init_cache`,
-        written at slot `cache_index` (int32 scalar). logits: compute the LM
-        head (the reward model skips it).
+        written at slot `cache_index` (int32 scalar). logits: True for the LM
+        head at every position, "last" for the last column only ([batch, 1,
+        vocab]: a prefill needs no more), False to skip it (reward model).
         """
         cfg = self.cfg
         b, t = tokens.shape
@@ -218,13 +219,16 @@ class Transformer(nn.Module):
         hidden = RMSNorm(cfg.norm_eps, _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype], name="final_norm")(x)
         out_logits = None
         if logits:
+            head_in = hidden[:, -1:] if logits == "last" else hidden
             if cfg.tie_embeddings:
-                out_logits = embed.attend(hidden)
+                out_logits = embed.attend(head_in)
             else:
-                out_logits = _dense(cfg.vocab_size, -1, cfg, "lm_head")(hidden)
+                out_logits = _dense(cfg.vocab_size, -1, cfg, "lm_head")(head_in)
         values = None
         if cfg.scalar_head:
-            values = nn.Dense(1, dtype=jnp.float32, param_dtype=_DTYPES[cfg.param_dtype],
+            # No bias, as in Hugging Face's sequence-classification `score` layer: the
+            # pairwise loss cannot see a constant, so a bias would only drift.
+            values = nn.Dense(1, use_bias=False, dtype=jnp.float32, param_dtype=_DTYPES[cfg.param_dtype],
                               kernel_init=nn.initializers.normal(0.02), name="scalar_head")(
                 hidden.astype(jnp.float32))[..., 0]
         return Output(logits=out_logits, values=values, hidden=hidden, cache=cache)

@@ -50,7 +50,7 @@ def param_rules(cfg) -> list:
     if not cfg.tie_embeddings:
         rules.append((r"lm_head/kernel", P("fsdp", "tensor")))
     if cfg.scalar_head:
-        rules.append((r"scalar_head/(kernel|bias)", P()))
+        rules.append((r"scalar_head/kernel", P()))
     return rules
 
 

@@ -7,4 +7,8 @@ def run(config, workdir: str):
         from ptx import train
 
         return train.run(config, workdir)
+    if stage in ("ppo", "grpo"):
+        from ptx import rl
+
+        return rl.run(config, workdir)
     raise ValueError(f"unknown stage {stage!r}")

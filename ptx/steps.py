@@ -97,7 +97,7 @@ def dpo_loss_fn(model: Transformer, params, batch, frozen, *, dpo_cfg):
 
 
 def _global_norm(tree) -> jax.Array:
-    return optax.global_norm(tree).astype(jnp.float32)
+    return optax.tree.norm(tree).astype(jnp.float32)
 
 
 def train_step(state: TrainState, batch, frozen, *, loss_fn: Callable, tx, lr_fn, accum_steps: int):
@@ -118,13 +118,20 @@ def train_step(state: TrainState, batch, frozen, *, loss_fn: Callable, tx, lr_fn
 
         def body(carry, mb):
             (loss, metrics), grads = grad_fn(state.params, mb, frozen)
-            return jax.tree_util.tree_map(jnp.add, carry, (loss, metrics, grads)), None
+            # Token-mean losses weigh each micro-batch by its tokens, so the sum equals
+            # the mean over the whole batch; other losses weigh micro-batches equally.
+            w = metrics.get("num_tokens", jnp.ones((), jnp.float32))
+            scaled = jax.tree_util.tree_map(lambda x: x * w, (loss, metrics, grads))
+            return jax.tree_util.tree_map(jnp.add, carry, scaled + (w,)), None
 
         first = jax.tree_util.tree_map(lambda x: x[0], micro)
         (loss0, metrics0), grads0 = jax.eval_shape(grad_fn, state.params, first, frozen)
-        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), (loss0, metrics0, grads0))
-        (loss, metrics, grads), _ = jax.lax.scan(body, zeros, micro)
-        loss, metrics, grads = jax.tree_util.tree_map(lambda x: x / accum_steps, (loss, metrics, grads))
+        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                       (loss0, metrics0, grads0, jax.ShapeDtypeStruct((), jnp.float32)))
+        (loss, metrics, grads, total), _ = jax.lax.scan(body, zeros, micro)
+        loss, metrics, grads = jax.tree_util.tree_map(lambda x: x / total, (loss, metrics, grads))
+        if "num_tokens" in metrics:
+            metrics["num_tokens"] = total
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = _global_norm(grads)

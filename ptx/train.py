@@ -18,7 +18,7 @@ from ptx.tokenizer import PromptTemplate, Tokenizer, load_tokenizer, train_token
 
 # Which embedded-world file a stage reads when `data.train` is empty.
 WORLD_FILES = {"text": ("pretrain", ""), "sft": ("sft", ""),
-               "preference": ("preference", "preference_heldout"), "prompt": ("heldout", "")}
+               "preference": ("preference", "preference_heldout"), "prompt": ("sft", "heldout")}
 
 
 def write_config(config, workdir: str):
@@ -128,11 +128,11 @@ def tokens_in(batch: dict) -> int:
     return int(sum(v.size for k, v in batch.items() if k.endswith("inputs")))
 
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str, devices=None) -> dict:
     """Train one supervised stage; returns the final logged metrics."""
     workdir = os.path.abspath(workdir)
     write_config(config, workdir)
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh, devices)
     train_path, eval_path = data_paths(config, workdir)
     rows, stats = data.load_rows(train_path, config.data.kind, on_bad_row=config.data.on_bad_row,
                                  template=template(config))

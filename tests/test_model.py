@@ -37,7 +37,7 @@ def test_output_shapes_and_param_layout(params, forward):
     assert params["layers"]["attn"]["q"]["kernel"].shape == (3, 32, 4, 8)
     assert params["layers"]["attn"]["k"]["kernel"].shape == (3, 32, 2, 8)
     assert params["lm_head"]["kernel"].shape == (32, 97)
-    expected = 97 * 32 * 2 + 32 + 32 + 1 + 3 * (2 * 32 + 32 * 8 * (4 + 2 + 2) + 8 * (4 + 2 + 2)
+    expected = 97 * 32 * 2 + 32 + 32 + 3 * (2 * 32 + 32 * 8 * (4 + 2 + 2) + 8 * (4 + 2 + 2)
                                                  + 4 * 8 * 32 + 3 * 32 * 64)
     assert count_params(params) == expected
 

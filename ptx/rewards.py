@@ -1,0 +1,69 @@
+"""Reward sources: one interface that rollouts and best-of-N share.
+
+A source is called as `source(seq, prompts, completions) -> np.ndarray [b]
+float32` where `seq` is the rollout's sequence batch (see
+`rollout.build_sequences`) and `prompts` / `completions` are the decoded
+texts. A reward model reads `seq`; a Python function reads the texts.
+"""
+import importlib
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ptx import checkpoint
+from ptx.model import ModelConfig, Transformer
+
+
+class ModelReward:
+    """A trained reward model: its scalar head at the last prompt + response token."""
+
+    def __init__(self, path: str, shardings_fn: Callable = None):
+        meta = checkpoint.read_meta(path)
+        self.cfg = ModelConfig(**meta["model"])
+        if not self.cfg.scalar_head:
+            raise ValueError(f"{path} is a {meta['stage']!r} checkpoint without a scalar head; "
+                             f"reward.checkpoint must come from the reward stage")
+        shardings = shardings_fn(self.cfg) if shardings_fn else None
+        self.params, _ = checkpoint.load_params(path, shardings)
+        model = Transformer(self.cfg)
+
+        def score(params, tokens, positions, segment_ids, index):
+            values = model.apply({"params": params}, tokens, positions, segment_ids, logits=False).values
+            return jnp.take_along_axis(values, index[:, None], axis=1)[:, 0]
+
+        self._score = jax.jit(score)
+
+    def __call__(self, seq, prompts, completions) -> np.ndarray:
+        return np.asarray(self._score(self.params, seq["tokens"], seq["positions"],
+                                      seq["segment_ids"], seq["score_index"]), np.float32)
+
+
+class FunctionReward:
+    """A Python function `(prompt, completion) -> float`, e.g. a verifier or the world's oracle."""
+
+    def __init__(self, fn: Callable[[str, str], float]):
+        self.fn = fn
+
+    def __call__(self, seq, prompts, completions) -> np.ndarray:
+        return np.asarray([self.fn(p, c) for p, c in zip(prompts, completions)], np.float32)
+
+
+def import_function(name: str) -> Callable:
+    """'package.module:function' -> the function."""
+    module, _, attr = name.partition(":")
+    if not attr:
+        raise ValueError(f"reward.function={name!r}; expected 'module:function'")
+    return getattr(importlib.import_module(module), attr)
+
+
+def make_source(reward_cfg, shardings_fn: Callable = None):
+    """From the config: reward.source = model (reward.checkpoint) | function (reward.function)."""
+    if reward_cfg.source == "model":
+        if not reward_cfg.checkpoint:
+            raise ValueError("reward.source='model' needs reward.checkpoint (a reward-stage workdir)")
+        return ModelReward(reward_cfg.checkpoint, shardings_fn)
+    if reward_cfg.source == "function":
+        return FunctionReward(import_function(reward_cfg.function))
+    raise ValueError(f"reward.source={reward_cfg.source!r}; expected model or function")

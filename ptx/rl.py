@@ -1,0 +1,162 @@
+"""The RL loop (PPO with a critic; GRPO / RLOO without): one iteration is
+rollout -> prepare -> `num_epochs` passes over shuffled minibatches.
+
+Models: policy (from the SFT checkpoint, `init.checkpoint`), reference (the
+same weights, frozen), reward source (a reward model, a Python function),
+critic (the reward model's weights with their value head, or a value head on
+the policy trunk, or none). Each jitted piece (generate, prepare, update) is
+compiled once; checkpoints hold policy, critic, optimiser state and the KL
+controller's coefficient.
+"""
+import json
+import os
+
+import jax
+import numpy as np
+
+from ptx import checkpoint, data, losses, metrics, optim, rewards, rollout, sampler, sharding, steps, train
+from ptx.model import ModelConfig, Transformer, init_params
+
+
+def _shardings_for(mesh):
+    def fn(cfg):
+        abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+        return sharding.named(mesh, sharding.tree_specs(abstract, sharding.param_rules(cfg), mesh, strict=True))
+    return fn
+
+
+def _load(path, cfg, mesh):
+    params, _ = checkpoint.load_params(path, _shardings_for(mesh)(cfg))
+    return params
+
+
+def build_models(config, mesh):
+    """Policy / critic configs and the initial trainable params {'policy', 'critic'?} and reference."""
+    if not config.init.checkpoint:
+        raise ValueError(f"stage {config.stage!r} needs init.checkpoint (an SFT workdir)")
+    sft_cfg = ModelConfig(**checkpoint.read_meta(config.init.checkpoint)["model"]).replace(scalar_head=False)
+    critic = config.rl.critic if config.rl.advantage == "gae" else "none"
+    policy_cfg = sft_cfg.replace(scalar_head=critic == "policy")
+    ref = _load(config.init.checkpoint, sft_cfg, mesh)
+    policy = dict(ref)
+    if critic == "policy":
+        fresh = jax.jit(lambda r: init_params(policy_cfg, r),
+                        out_shardings=_shardings_for(mesh)(policy_cfg))(jax.random.PRNGKey(config.seed))
+        policy["scalar_head"] = fresh["scalar_head"]
+    # The trainable copy must not alias the reference: the update donates it.
+    params = {"policy": jax.tree_util.tree_map(lambda x: x.copy(), policy)}
+    critic_cfg = None
+    if critic == "reward":
+        path = config.rl.critic_checkpoint or config.reward.checkpoint
+        if not path:
+            raise ValueError("rl.critic='reward' needs reward.checkpoint or rl.critic_checkpoint")
+        critic_cfg = ModelConfig(**checkpoint.read_meta(path)["model"])
+        params["critic"] = _load(path, critic_cfg, mesh)
+    elif critic not in ("policy", "none"):
+        raise ValueError(f"rl.critic={critic!r}; expected reward, policy or none")
+    return policy_cfg, critic_cfg, params, ref
+
+
+def _rules(*cfgs):
+    out = []
+    for cfg in cfgs:
+        for rule in sharding.param_rules(cfg) if cfg else ():
+            if rule[0] not in [r[0] for r in out]:
+                out.append(rule)
+    return out
+
+
+def run(config, workdir: str) -> dict:
+    workdir = os.path.abspath(workdir)
+    train.write_config(config, workdir)
+    rl = config.rl
+    if (rl.rollout_batch * rl.group_size) % rl.minibatch_size:
+        raise ValueError(f"rl.rollout_batch x rl.group_size = {rl.rollout_batch * rl.group_size} is not a multiple of "
+                         f"rl.minibatch_size={rl.minibatch_size}")
+    mesh = sharding.make_mesh(config.mesh)
+    prompt_path, _ = train.data_paths(config, workdir)
+    rows, stats = data.load_rows(prompt_path, "prompt", on_bad_row=config.data.on_bad_row,
+                                 template=train.template(config))
+    tok = train.setup_tokenizer(config, workdir, rows)
+    arrays, _ = data.encode_prompts(rows, tok, max_prompt_len=config.data.max_prompt_len)
+    width = arrays["prompt_tokens"].shape[1]
+
+    policy_cfg, critic_cfg, init, ref = build_models(config, mesh)
+    policy_model, critic_model = Transformer(policy_cfg), Transformer(critic_cfg) if critic_cfg else None
+    source = rewards.make_source(config.reward, _shardings_for(mesh))
+    rules = _rules(policy_cfg, critic_cfg)
+    updates_per_iter = rl.num_epochs * (rl.rollout_batch * rl.group_size // rl.minibatch_size)
+    tx, lr_fn = optim.make_optimizer(config.optim, config.train.steps * updates_per_iter)
+    abstract_state = jax.eval_shape(lambda p: steps.init_state(p, tx), init)
+    state_sh = sharding.named(mesh, sharding.tree_specs(abstract_state, rules, mesh, strict=False))
+    sharding.tree_specs(init, rules, mesh, strict=True)
+    ref_sh = _shardings_for(mesh)(policy_cfg.replace(scalar_head=False))
+    batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+
+    ckpt = checkpoint.Checkpointer(workdir, every=config.train.ckpt_every, keep=config.train.keep_ckpts)
+    kl_coef = float(rl.kl_coef)
+    start = ckpt.latest_step() or 0
+    if start:
+        abstract = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
+        state, meta = ckpt.restore(start, abstract)
+        kl_coef = meta["kl_coef"]
+    else:
+        state = jax.jit(lambda p: steps.init_state(p, tx), out_shardings=state_sh)(init)
+    del init
+
+    generate = sampler.make_generate_fn(policy_cfg, max_new_tokens=rl.max_new_tokens, eos_id=tok.eos_id,
+                                        pad_id=tok.pad_id)
+    build = jax.jit(lambda p, n, out: rollout.build_sequences(p, n, out, pad_id=tok.pad_id))
+    prepare = jax.jit(lambda p, r, seq, s, k: rollout.prepare(
+        p, r, seq, s, k, policy_model=policy_model, critic_model=critic_model, width=width, rl_cfg=rl))
+    loss_fn = lambda p, b, f: rollout.rl_loss_fn(p, b, f, policy_model=policy_model,
+                                                 critic_model=critic_model, width=width, rl_cfg=rl)
+    update = steps.compile_step(
+        lambda s, b, f: steps.train_step(s, b, f, loss_fn=loss_fn, tx=tx, lr_fn=lr_fn, accum_steps=1),
+        in_shardings=(state_sh, batch_sh, None), out_shardings=(state_sh, repl), donate_state=True)
+
+    prompts_it = data.BatchIterator(arrays, rl.rollout_batch, seed=config.seed)
+    writer = metrics.MetricWriter(workdir, total_steps=config.train.steps, start_step=start, desc=config.stage)
+    meta = {"stage": config.stage, "model": checkpoint.model_meta(policy_cfg), "params_key": "policy",
+            "tokenizer": "tokenizer.model", "config": json.loads(config.to_json_best_effort())}
+    key = jax.random.PRNGKey(config.seed)
+    last = {}
+    try:
+        for it in range(start, config.train.steps):
+            batch = prompts_it.batch(it)
+            prompt_tokens = np.repeat(batch["prompt_tokens"], rl.group_size, axis=0)
+            prompt_lens = np.repeat(batch["prompt_lens"], rl.group_size, axis=0)
+            b = len(prompt_lens)
+            keys = jax.random.split(jax.random.fold_in(key, it), b)
+            on_mesh = sharding.put_batch({"t": prompt_tokens, "l": prompt_lens}, mesh)
+            pt, pl = on_mesh["t"], on_mesh["l"]
+            out = generate(state.params["policy"], pt, pl, keys, rl.temperature, rl.top_k, rl.top_p)
+            seq = build(pt, pl, out)
+            host = jax.device_get({"c": seq["completion"], "n": out.lengths, "f": out.finish_reason})
+            prompts = [tok.decode(p[:n]) for p, n in zip(prompt_tokens, prompt_lens)]
+            completions = [tok.decode(c[:n]) for c, n in zip(host["c"], host["n"])]
+            scores = source(seq, prompts, completions)
+            scores = scores + rl.no_eos_penalty * (host["f"] != sampler.FINISH_EOS)
+            roll, roll_metrics = prepare(state.params, ref, seq, scores.astype(np.float32), kl_coef)
+            roll = jax.device_get(roll)
+            history = []
+            for epoch in range(rl.num_epochs):
+                perm = np.random.default_rng([config.seed, it, epoch]).permutation(b)
+                for i in range(0, b, rl.minibatch_size):
+                    idx = perm[i:i + rl.minibatch_size]
+                    state, m = update(state, sharding.put_batch({k: v[idx] for k, v in roll.items()}, mesh), None)
+                    history.append(m)
+            scalars = metrics.mean_metrics(history)
+            metrics.check_finite(scalars, it + 1)
+            scalars.update({k: float(v) for k, v in jax.device_get(roll_metrics).items()})
+            if rl.adaptive_kl:
+                kl_coef = float(losses.adaptive_kl_update(kl_coef, scalars["objective/kl"], target=rl.kl_target,
+                                                          horizon=rl.kl_horizon, n_steps=b))
+            last = writer.write(it + 1, scalars, tokens=float(host["n"].sum()))
+            writer.text(it + 1, "samples", [p + c for p, c in zip(prompts[:3], completions[:3])])
+            ckpt.save(it + 1, state, dict(meta, kl_coef=kl_coef), force=it + 1 == config.train.steps)
+    finally:
+        ckpt.close()
+        writer.close()
+    return last

@@ -1,0 +1,140 @@
+"""RL rollouts (PPO, GRPO, RLOO): prompts -> sampler -> reward -> reference -> advantages.
+
+Layout: every rollout row is `[left-aligned prompt (P) | completion (N)]`, so
+completion token j sits at column P + j and is predicted by the logits at
+column P - 1 + j. All per-token RL arrays are `[batch, N]`, aligned with the
+completion, with `mask` 1 on generated tokens.
+"""
+import jax
+import jax.numpy as jnp
+
+from ptx import losses, sampler
+
+
+def build_sequences(prompt_tokens, prompt_lens, out: sampler.SampleOutput, *, pad_id: int) -> dict:
+    """Prompt + sampled completion as one batch for teacher-forced forwards.
+
+    prompt_tokens: [b, P] int32 right-padded; prompt_lens: [b] int32.
+    Returns tokens / positions / segment_ids [b, P + N] int32, completion
+    [b, N] int32, mask [b, N] float32, and score_index [b] int32: the column
+    of the last response token before any EOS (the reward model's read-out;
+    the last prompt token when the response is empty).
+    """
+    tokens_p, pos_p, seg_p = sampler.left_align(prompt_tokens, prompt_lens)
+    width, n = prompt_tokens.shape[1], out.tokens.shape[1]
+    j = jnp.arange(n, dtype=jnp.int32)[None, :]
+    live = j < out.lengths[:, None]
+    completion = jnp.where(live, out.tokens, pad_id)
+    content = out.lengths - (out.finish_reason == sampler.FINISH_EOS).astype(jnp.int32)
+    return {
+        "tokens": jnp.concatenate([tokens_p, completion], axis=1),
+        "positions": jnp.concatenate([pos_p, prompt_lens[:, None].astype(jnp.int32) + j], axis=1),
+        "segment_ids": jnp.concatenate([seg_p, live.astype(jnp.int32)], axis=1),
+        "completion": completion,
+        "mask": live.astype(jnp.float32),
+        "score_index": (width - 1 + content).astype(jnp.int32),
+        "finish_reason": out.finish_reason,
+    }
+
+
+def response_forward(model, params, seq: dict, width: int):
+    """Log-probs and entropy of the completion tokens, and values if the model has a scalar head.
+
+    Returns (logps [b, N] f32, entropy [b, N] f32, values [b, N] f32 or None);
+    values[j] is the estimate before token j is emitted.
+    """
+    out = model.apply({"params": params}, seq["tokens"], seq["positions"], seq["segment_ids"])
+    logits = out.logits[:, width - 1:-1]
+    logps = losses.token_logprobs(logits, seq["completion"])
+    entropy = losses.token_entropy(logits)
+    values = None if out.values is None else out.values[:, width - 1:-1]
+    return logps, entropy, values
+
+
+def response_values(model, params, seq: dict, width: int):
+    """Critic values [b, N] float32 before each completion token (no LM head computed)."""
+    out = model.apply({"params": params}, seq["tokens"], seq["positions"], seq["segment_ids"], logits=False)
+    return out.values[:, width - 1:-1]
+
+
+def last_token_rewards(scores, mask):
+    """Sequence scores placed on the last response token: [b] -> [b, N] float32."""
+    n = mask.shape[1]
+    last = jnp.maximum(jnp.sum(mask, axis=1).astype(jnp.int32) - 1, 0)
+    return jax.nn.one_hot(last, n, dtype=jnp.float32) * scores[:, None] * (jnp.sum(mask, 1) > 0)[:, None]
+
+
+def prepare(params, ref_params, seq: dict, scores, kl_coef, *, policy_model, critic_model,
+            width: int, rl_cfg) -> tuple[dict, dict]:
+    """Everything the update needs from one rollout, in one jitted pass.
+
+    params: {'policy': ..., 'critic': ...} ('critic' absent when the value head
+    sits on the policy or there is no critic). scores: [b] float32 from the
+    reward source (any no-EOS penalty included). Returns (batch for the
+    update, metrics).
+    """
+    mask = seq["mask"]
+    logps, entropy, values = response_forward(policy_model, params["policy"], seq, width)
+    ref_logps, _, _ = response_forward(policy_model, ref_params, seq, width)
+    if "critic" in params:
+        values = response_values(critic_model, params["critic"], seq, width)
+    kl = losses.kl_penalty(logps, ref_logps, rl_cfg.kl_estimator) * mask
+    kl_seq = jnp.sum(kl, axis=1)
+    if rl_cfg.advantage == "gae":
+        rewards = -kl_coef * kl + last_token_rewards(scores, mask)
+        if rl_cfg.whiten_rewards:
+            rewards = losses.masked_whiten(rewards, mask, shift_mean=False) * mask
+        advantages, returns = losses.gae(rewards, values * mask, mask, gamma=rl_cfg.gamma, lam=rl_cfg.lam)
+    else:
+        # Critic-free: one advantage per sequence, broadcast over its tokens. RLOO
+        # folds the KL into the reward; GRPO keeps it as a loss term.
+        seq_reward = scores if rl_cfg.kl_in_loss else scores - kl_coef * kl_seq
+        adv = losses.group_advantages(seq_reward, rl_cfg.group_size, kind=rl_cfg.advantage)
+        advantages = adv[:, None] * mask
+        returns = values = jnp.zeros_like(mask)
+    if rl_cfg.whiten_advantages:
+        advantages = losses.masked_whiten(advantages, mask) * mask
+    batch = {k: seq[k] for k in ("tokens", "positions", "segment_ids", "completion", "mask")}
+    batch.update(old_logps=logps, ref_logps=ref_logps, old_values=values * mask,
+                 advantages=advantages, returns=returns,
+                 kl_coef=jnp.full(mask.shape[:1], kl_coef, jnp.float32))
+    lengths = jnp.sum(mask, axis=1)
+    metrics = {
+        "objective/kl": jnp.mean(kl_seq),
+        "objective/entropy": jnp.mean(jnp.sum(entropy * mask, axis=1)),
+        "objective/scores": jnp.mean(scores),
+        "objective/rlhf_reward": jnp.mean(scores - kl_coef * kl_seq),
+        "objective/kl_coef": jnp.asarray(kl_coef, jnp.float32),
+        "response_length": jnp.mean(lengths),
+        "eos_rate": jnp.mean((seq["finish_reason"] == sampler.FINISH_EOS).astype(jnp.float32)),
+    }
+    if rl_cfg.group_size > 1:
+        groups = scores.reshape(-1, rl_cfg.group_size)
+        metrics["group/reward_std"] = jnp.mean(jnp.std(groups, axis=1))
+        metrics["group/zero_advantage_share"] = jnp.mean(
+            (jnp.max(groups, axis=1) == jnp.min(groups, axis=1)).astype(jnp.float32))
+    return batch, metrics
+
+
+def rl_loss_fn(params, batch, frozen=None, *, policy_model, critic_model, width: int, rl_cfg):
+    """Clipped surrogate (+ value loss, + KL term for GRPO, - entropy bonus) on a minibatch."""
+    mask = batch["mask"]
+    logps, entropy, values = response_forward(policy_model, params["policy"], batch, width)
+    loss, metrics = losses.ppo_policy_loss(
+        logps, batch["old_logps"], batch["advantages"], mask, clip_eps=rl_cfg.clip_eps,
+        clip_eps_high=rl_cfg.clip_eps_high or None, aggregation=rl_cfg.aggregation)
+    metrics["loss/policy"] = loss
+    if rl_cfg.kl_in_loss:
+        kl = losses.aggregate(losses.kl_penalty(logps, batch["ref_logps"], "k3"), mask, rl_cfg.aggregation)
+        loss = loss + jnp.mean(batch["kl_coef"]) * kl
+        metrics["loss/kl"] = kl
+    if rl_cfg.ent_coef:
+        loss = loss - rl_cfg.ent_coef * losses.masked_mean(entropy, mask)
+    if rl_cfg.advantage == "gae":
+        if "critic" in params:
+            values = response_values(critic_model, params["critic"], batch, width)
+        v_loss, v_metrics = losses.ppo_value_loss(values, batch["old_values"], batch["returns"], mask,
+                                                  clip_value=rl_cfg.clip_value)
+        loss = loss + rl_cfg.vf_coef * v_loss
+        metrics.update(v_metrics)
+    return loss, metrics

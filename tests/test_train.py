@@ -1,0 +1,181 @@
+"""The training loop: learning, resume equality, NaN guard, multi-device equality, config errors."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import dpo as dpo_config
+from configs import reward as reward_config
+from configs import sft as sft_config
+from ptx import checkpoint, data, metrics, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A small SFT file and a preference file with a learnable preference (correct sums win)."""
+    d = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    with open(d / "sft.jsonl", "w") as f, open(d / "pref.jsonl", "w") as g:
+        for _ in range(64):
+            a, b = rng.integers(0, 10, 2)
+            f.write(json.dumps({"prompt": f"What is {a} + {b}?", "completion": f"{a} + {b} = {a + b}."}) + "\n")
+            wrong = a + b + int(rng.integers(1, 4))
+            g.write(json.dumps({"prompt": f"What is {a} + {b}?", "chosen": f"{a} + {b} = {a + b}.",
+                                "rejected": f"{a} + {b} = {wrong}. Sorry."}) + "\n")
+    return {"sft": str(d / "sft.jsonl"), "pref": str(d / "pref.jsonl")}
+
+
+def sft(files, **overrides):
+    c = sft_config.get_config("tiny")
+    c.data.train = files["sft"]
+    c.train.log_every = 2
+    c.train.eval_every = 0
+    for k, v in overrides.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+def final_params(workdir):
+    params, _ = checkpoint.load_params(workdir)
+    return jax.device_get(params)
+
+
+def assert_trees_close(a, b, **tol):
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, **tol), a, b)
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_sft_loss_goes_down_on_a_memorisable_batch(files, tmp_path):
+    c = sft(files, **{"train.steps": 40, "train.batch_size": 8, "optim.lr": 3e-3,
+                      "optim.warmup_steps": 0, "optim.schedule": "constant", "train.ckpt_every": 0})
+    rows = [r for r in read_and_run(c, tmp_path) if "loss" in r]
+    assert rows[-1]["loss"] < 0.6 * rows[0]["loss"]
+    assert {"step", "loss", "grad_norm", "update_norm", "lr", "tokens_per_s"} <= set(rows[-1])
+    assert os.path.exists(tmp_path / "config.json") and os.path.isdir(tmp_path / "tb")
+
+
+def read_and_run(c, workdir):
+    train.run(c, str(workdir))
+    return read_metrics(workdir)
+
+
+def test_resume_after_a_kill_gives_the_same_final_parameters(files, tmp_path, monkeypatch):
+    c = sft(files, **{"train.steps": 12, "train.ckpt_every": 4})
+    train.run(c, str(tmp_path / "straight"))
+
+    real_write = metrics.MetricWriter.write
+
+    def killed(self, step, scalars, **kw):
+        if step >= 10:
+            raise KeyboardInterrupt("killed")
+        return real_write(self, step, scalars, **kw)
+
+    monkeypatch.setattr(metrics.MetricWriter, "write", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(c, str(tmp_path / "resumed"))
+    assert checkpoint.resolve(str(tmp_path / "resumed"))[1] == 8
+    monkeypatch.setattr(metrics.MetricWriter, "write", real_write)
+    train.run(c, str(tmp_path / "resumed"))
+    assert_trees_close(final_params(tmp_path / "straight"), final_params(tmp_path / "resumed"), rtol=0, atol=0)
+
+
+def test_gradient_accumulation_equals_one_big_batch(files, tmp_path):
+    train.run(sft(files, **{"train.steps": 3}), str(tmp_path / "big"))
+    train.run(sft(files, **{"train.steps": 3, "optim.accum_steps": 4}), str(tmp_path / "accum"))
+    assert_trees_close(final_params(tmp_path / "big"), final_params(tmp_path / "accum"), atol=2e-6)
+
+
+def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(files, tmp_path):
+    c = sft(files, **{"train.steps": 12, "train.ckpt_every": 4})
+    train.run(c, str(tmp_path))
+    good = final_params(tmp_path)
+    c.train.steps = 20
+    c.optim.lr = float("nan")
+    with pytest.raises(metrics.NonFiniteError, match="last good checkpoint"):
+        train.run(c, str(tmp_path))
+    assert checkpoint.resolve(str(tmp_path))[1] == 12
+    assert_trees_close(final_params(tmp_path), good, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo"])
+def test_eight_devices_give_the_same_loss_and_parameters_as_one(files, tmp_path, stage):
+    def config(mesh):
+        if stage == "sft":
+            c = sft(files)
+        else:
+            c = (reward_config if stage == "reward" else dpo_config).get_config("tiny")
+            c.data.train = files["pref"]
+            c.tokenizer.path = str(tmp_path / "one" / "tokenizer.model") if mesh != (1, 1, 1) else ""
+        c.train.steps, c.train.log_every, c.train.eval_every = 2, 1, 0
+        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+        return c
+
+    train.run(config((1, 1, 1)), str(tmp_path / "one"), devices=jax.devices()[:1])
+    ref_params, ref_loss = final_params(tmp_path / "one"), read_metrics(tmp_path / "one")[-1]["loss"]
+    for mesh in [(8, 1, 1), (2, 2, 2), (1, 2, 4)]:
+        name = "x".join(map(str, mesh))
+        train.run(config(mesh), str(tmp_path / name))
+        np.testing.assert_allclose(read_metrics(tmp_path / name)[-1]["loss"], ref_loss, rtol=1e-5)
+        assert_trees_close(final_params(tmp_path / name), ref_params, atol=2e-5)
+
+
+def test_reward_model_and_dpo_learn_a_learnable_preference(files, tmp_path):
+    c = sft(files, **{"train.steps": 30})
+    train.run(c, str(tmp_path / "sft"))
+    r = reward_config.get_config("tiny")
+    r.data.train = r.data.eval = files["pref"]
+    r.init.checkpoint = str(tmp_path / "sft")
+    r.train.steps, r.train.log_every, r.optim.lr = 30, 10, 3e-3
+    last = train.run(r, str(tmp_path / "rm"))
+    assert last["eval/accuracy"] > 0.9
+    d = dpo_config.get_config("tiny")
+    d.data.train = d.data.eval = files["pref"]
+    d.init.checkpoint = str(tmp_path / "sft")
+    d.train.steps, d.train.log_every, d.train.eval_every = 20, 10, 10
+    rows = read_and_run(d, tmp_path / "dpo")
+    evals = [row for row in rows if "eval/rewards/margins" in row]
+    assert evals[-1]["eval/rewards/margins"] > 0.5 and evals[-1]["eval/rewards/accuracies"] > 0.9
+
+
+def test_dpo_first_step_loss_is_log2_with_and_without_precomputed_reference(files, tmp_path):
+    c = sft(files, **{"train.steps": 4})
+    train.run(c, str(tmp_path / "sft"))
+    losses = []
+    for pre in (False, True):
+        d = dpo_config.get_config("tiny")
+        d.data.train = files["pref"]
+        d.init.checkpoint = str(tmp_path / "sft")
+        d.dpo.precompute_ref = pre
+        d.train.steps, d.train.log_every, d.train.eval_every = 1, 1, 0
+        losses.append(read_and_run(d, tmp_path / f"dpo{pre}")[-1]["loss"])
+    np.testing.assert_allclose(losses, [np.log(2)] * 2, rtol=1e-6)
+
+
+def test_bad_data_row_error_names_file_row_and_field(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi", "completion": "yo"}\n{"prompt": "hi", "completion": 3}\n')
+    c = sft({"sft": str(bad)})
+    with pytest.raises(data.DataError, match=r"bad.jsonl: row 1: field 'completion'"):
+        train.run(c, str(tmp_path / "run"))
+
+
+def test_unknown_config_override_is_an_error(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "ptx.main", "--config=configs/sft.py:tiny", f"--workdir={tmp_path}",
+         "--config.optim.lrr=1e-3"], cwd=ROOT, capture_output=True, text=True,
+        env=dict(os.environ, PYTHONPATH=ROOT))
+    assert out.returncode != 0 and "lrr" in out.stderr
