@@ -33,6 +33,11 @@ case "$cmd" in
     exec "$PY" -m ptx.main --config=configs/quickstart.py --workdir=runs/quickstart "$@" ;;
   test)
     setup
+    # Test-only peers (torch CPU, transformers) for the Hugging Face round trips.
+    if [ requirements-test.txt -nt "$VENV/.installed-test" ]; then
+      "$PY" -m pip install --quiet -r requirements-test.txt
+      touch "$VENV/.installed-test"
+    fi
     exec "$PY" -m pytest -q tests "$@" ;;
   bench)
     setup

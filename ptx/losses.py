@@ -296,7 +296,7 @@ def gae(rewards, values, mask, *, gamma, lam):
         r, v, ok = xs
         adv = r + gamma * next_value - v + gamma * lam * next_adv
         carry = (jnp.where(ok, v, next_value), jnp.where(ok, adv, next_adv))
-        return carry, jnp.where(ok, adv, 0.0)
+        return carry, adv
 
     zeros = jnp.zeros(rewards.shape[:1], rewards.dtype)
     _, advantages = jax.lax.scan(
@@ -321,7 +321,7 @@ def aggregate(per_token, mask, kind):
         return masked_mean(per_token, mask)
     row_sum = masked_sum(per_token, mask, axis=-1)
     if kind == "seq_mean_token_sum_norm":
-        return jnp.mean(row_sum / jnp.maximum(jnp.sum(mask, -1), 1))
+        return jnp.mean(row_sum / per_token.shape[-1])
     row_count = jnp.sum(mask, axis=-1)
     row_mean = row_sum / jnp.maximum(row_count, 1.0)
     return masked_mean(row_mean, (row_count > 0).astype(row_mean.dtype))

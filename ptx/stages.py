@@ -11,4 +11,16 @@ def run(config, workdir: str):
         from ptx import rl
 
         return rl.run(config, workdir)
+    if stage == "sample":
+        from ptx import inference
+
+        return inference.run(config, workdir)
+    if stage == "best_of_n":
+        from ptx import best_of_n
+
+        return best_of_n.run(config, workdir)
+    if stage == "quickstart":
+        from ptx import pipeline
+
+        return pipeline.run(config, workdir)
     raise ValueError(f"unknown stage {stage!r}")

@@ -1,0 +1,50 @@
+"""The embedded default, end to end on one CPU in minutes: world -> tokenizer +
+pre-training -> SFT -> reward model -> DPO / PPO / GRPO -> best-of-N -> evaluation.
+
+./launch.sh quickstart        (= python -m ptx.main --config=configs/quickstart.py --workdir=runs/quickstart)
+Each stage's config sits under its name and is overridable: --config.ppo.rl.kl_coef=0.1
+`quickstart.py:tiny` shrinks every stage to a few steps (the test suite runs it).
+"""
+from configs import common, dpo, grpo, ppo, pretrain, reward, sft
+
+
+def get_config(arg=None):
+    tiny = "tiny" in common.parse_arg(arg)
+    size = "tiny" if tiny else "size=small"
+    c = common.base_config("quickstart", size)
+    c.world.sizes = common.ml_collections.ConfigDict(
+        dict(n_pretrain=6000, n_sft=3000, n_pref=3000, n_heldout=200) if not tiny else
+        dict(n_pretrain=600, n_sft=300, n_pref=300, n_heldout=40))
+
+    def stage(module, steps, batch, lr, **extra):
+        s = module.get_config(size)
+        s.seed = c.seed
+        s.train.steps, s.train.batch_size, s.optim.lr = (2, 8, lr) if tiny else (steps, batch, lr)
+        s.train.log_every = 1 if tiny else max(steps // 20, 1)
+        s.train.eval_every = 0
+        s.train.ckpt_every = 0 if not tiny else 1
+        s.data.max_len, s.data.max_prompt_len = 96, 40
+        for k, v in extra.items():
+            node = s
+            *path, last = k.split(".")
+            for p in path:
+                node = node[p]
+            node[last] = v
+        return s
+
+    c.pretrain = stage(pretrain, 500, 32, 2e-3, **{"optim.warmup_steps": 20})
+    c.sft = stage(sft, 300, 32, 5e-4, **{"optim.warmup_steps": 10, "data.max_len": 64})
+    c.reward = stage(reward, 200, 32, 5e-4, **{"optim.warmup_steps": 10, "data.max_len": 64})
+    c.dpo = stage(dpo, 150, 32, 2e-4, **{"optim.warmup_steps": 10, "data.max_len": 64,
+                                        "dpo.beta": 0.1})
+    rl_batch = {"rl.rollout_batch": 8, "rl.minibatch_size": 8} if tiny else {}
+    c.ppo = stage(ppo, 30, 0, 5e-5, **{"rl.max_new_tokens": 24, **rl_batch})
+    c.grpo = stage(grpo, 30, 0, 5e-5, **{"rl.max_new_tokens": 24,
+                                        **({"rl.rollout_batch": 2, "rl.minibatch_size": 8} if tiny else {})})
+    c.eval = common.ml_collections.ConfigDict()
+    c.eval.batch_size = 64 if not tiny else 8  # sampler rows per call
+    c.eval.max_new_tokens = 24 if not tiny else 12
+    c.eval.temperature = 1.0  # policies are compared on their own sampling distribution
+    c.eval.best_of_n = [4, 16] if not tiny else [2, 4]
+    c.eval.seed = 1234
+    return c

@@ -1,0 +1,126 @@
+"""The embedded default, end to end: world -> tokenizer + pre-training -> SFT ->
+reward model -> DPO, PPO, GRPO (from SFT) -> best-of-N -> evaluation.
+
+Each stage runs its own config (`config.<stage>`, all overridable) in
+`<workdir>/<stage>`; a stage whose final checkpoint exists is not run again,
+so an interrupted quickstart resumes. Evaluation writes results.json,
+report.md and PNG plots into the workdir and prints the table.
+"""
+import json
+import os
+
+import numpy as np
+
+from ptx import checkpoint, data, evaluate, inference, rewards, sharding, train, world
+
+METHODS = ("base", "sft", "best_of_4", "best_of_16", "dpo", "ppo", "grpo")
+STAGES = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo")
+
+
+def _done(path: str, steps: int) -> bool:
+    try:
+        return checkpoint.resolve(path)[1] >= steps
+    except FileNotFoundError:
+        return False
+
+
+def run_stages(config, workdir: str, files: dict) -> dict:
+    """Train every stage in order; returns stage -> workdir."""
+    from ptx import stages
+
+    dirs = {name: os.path.join(workdir, name) for name in STAGES}
+    inputs = {"pretrain": (files["pretrain"], ""), "sft": (files["sft"], ""),
+              "reward": (files["preference"], files["preference_heldout"]),
+              "dpo": (files["preference"], files["preference_heldout"]),
+              "ppo": (files["sft"], ""), "grpo": (files["sft"], "")}
+    parents = {"sft": "pretrain", "reward": "sft", "dpo": "sft", "ppo": "sft", "grpo": "sft"}
+    for name in STAGES:
+        c = config[name]
+        c.data.train, c.data.eval = inputs[name]
+        if name in parents:
+            c.init.checkpoint = dirs[parents[name]]
+        if name in ("ppo", "grpo"):
+            c.reward.checkpoint = dirs["reward"]
+        if not _done(dirs[name], c.train.steps):
+            print(f"== {name}")
+            stages.run(c, dirs[name])
+    return dirs
+
+
+def evaluate_all(config, workdir: str, files: dict, dirs: dict) -> dict:
+    mesh = sharding.make_mesh(config.mesh)
+    w = world.World(world.WorldConfig(seed=config.world.seed))
+    sft = inference.load_policy(dirs["sft"], mesh)
+    rows, _ = data.load_rows(files["heldout"], "prompt", template=train.template(config.sft))
+    arrays, _ = data.encode_prompts(rows, sft.tok, max_prompt_len=config.sft.data.max_prompt_len)
+    prompts = [r["prompt"] for r in rows]
+    e = config.eval
+    smp = inference.Sampler(sft, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens)
+    settings = dict(temperature=e.temperature, top_k=0, top_p=1.0, min_p=0.0)
+    kl_fn = evaluate.make_kl_fn(sft.cfg, arrays["prompt_tokens"].shape[1])
+    methods = {}
+    for name, stage in (("base", "pretrain"), ("sft", "sft"), ("dpo", "dpo"), ("ppo", "ppo"), ("grpo", "grpo")):
+        params = sft.params if name == "sft" else inference.load_policy(dirs[stage], mesh).params
+        print(f"== evaluate {name}")
+        methods[name] = evaluate.evaluate_policy(smp, params, sft.params, arrays, prompts, w.grade,
+                                                 seed=e.seed, settings=settings, kl_fn=kl_fn)
+    print("== evaluate best-of-N")
+    rm = rewards.ModelReward(dirs["reward"])
+    methods.update(evaluate.evaluate_best_of_n(smp, rm, arrays, prompts, w.grade, list(e.best_of_n),
+                                               seed=e.seed, settings=settings))
+    rm_metrics = [json.loads(line) for line in open(os.path.join(dirs["reward"], "metrics.jsonl"))]
+    heldout_acc = [m["eval/accuracy"] for m in rm_metrics if "eval/accuracy" in m][-1]
+    return {"methods": {k: methods[k] for k in METHODS if k in methods} | {
+                k: v for k, v in methods.items() if k not in METHODS},
+            "reward_model": {"heldout_accuracy": heldout_acc}}
+
+
+def report(results: dict, workdir: str) -> str:
+    cols = ["oracle_reward", "accuracy/arithmetic", "accuracy/reverse", "accuracy/facts",
+            "correct_refusal_rate", "over_refusal_rate", "kl_to_sft", "mean_length"]
+    lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, m in results["methods"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{m.get(c, float('nan')):.3f}" for c in cols) + " |")
+    table = "\n".join(lines)
+    text = (f"# ptx quickstart\n\nHeld-out prompts, oracle-graded.\n\n{table}\n\n"
+            f"Reward model held-out accuracy: {results['reward_model']['heldout_accuracy']:.3f}\n\n"
+            "![oracle reward](oracle_reward.png)\n")
+    with open(os.path.join(workdir, "report.md"), "w") as f:
+        f.write(text)
+    return table
+
+
+def plot(results: dict, workdir: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["methods"])
+    values = [results["methods"][n]["oracle_reward"] for n in names]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(names, values, color="tab:blue")
+    ax.axhline(results["methods"]["sft"]["oracle_reward"], color="gray", ls="--", lw=1, label="SFT")
+    ax.set_ylabel("oracle reward (held-out)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "oracle_reward.png"), dpi=120)
+    plt.close(fig)
+
+
+def run(config, workdir: str) -> dict:
+    workdir = os.path.abspath(workdir)
+    train.write_config(config, workdir)
+    w = world.World(world.WorldConfig(seed=config.world.seed, **dict(config.world.sizes)))
+    files = w.write(os.path.join(workdir, "world"))
+    dirs = run_stages(config, workdir, files)
+    results = evaluate_all(config, workdir, files, dirs)
+    results["config"] = {"world_seed": config.world.seed}
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2, default=lambda x: float(np.asarray(x)))
+    table = report(results, workdir)
+    plot(results, workdir)
+    print(table)
+    print(f"reward model held-out accuracy: {results['reward_model']['heldout_accuracy']:.3f}")
+    print(f"wrote {workdir}/results.json, report.md, oracle_reward.png")
+    return results
