@@ -26,7 +26,6 @@ def _check(value, allowed, what):
         raise ValueError(f"Unknown {what} {value!r}; expected one of {allowed}.")
 
 
-# --------------------------------------------------------------------------
 # Token log-probabilities and masked reductions.
 
 
@@ -65,16 +64,6 @@ def masked_mean(x, mask, axis=None):
     return masked_sum(x, mask, axis) / jnp.maximum(count, 1.0)
 
 
-def masked_var(x, mask, unbiased=True):
-    """Variance of the masked entries of x (all axes); Bessel-corrected as in TRL."""
-    centered = x - masked_mean(x, mask)
-    var = masked_mean(centered**2, mask)
-    if unbiased:
-        count = jnp.sum(jnp.broadcast_to(mask, jnp.shape(x)))
-        var = var * count / jnp.maximum(count - 1.0, 1.0)
-    return var
-
-
 def masked_whiten(x, mask, shift_mean=True):
     """(x - mean) / sqrt(var + 1e-8) with mean and unbiased var over masked entries.
 
@@ -82,7 +71,9 @@ def masked_whiten(x, mask, shift_mean=True):
     Same shape and dtype as x; masked-out entries are 0.
     """
     mean = masked_mean(x, mask)
-    whitened = (x - mean) * jax.lax.rsqrt(masked_var(x, mask) + 1e-8)
+    count = jnp.sum(jnp.broadcast_to(mask, jnp.shape(x)))
+    var = masked_sum((x - mean) ** 2, mask) / jnp.maximum(count - 1.0, 1.0)
+    whitened = (x - mean) * jax.lax.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
     return jnp.where(mask > 0, whitened, 0.0)
@@ -104,7 +95,6 @@ def sequence_logps(token_logps, mask, *, normalize=False):
     return masked_sum(token_logps, mask, axis=-1)
 
 
-# --------------------------------------------------------------------------
 # Supervised fine-tuning and reward modelling.
 
 
@@ -171,7 +161,6 @@ def pairwise_reward_loss(r_chosen, r_rejected, margin=None, prob_chosen=None,
     return loss, metrics
 
 
-# --------------------------------------------------------------------------
 # Direct preference optimisation.
 
 
@@ -246,7 +235,6 @@ def dpo_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen_logps,
     }
 
 
-# --------------------------------------------------------------------------
 # RL: KL, advantages, PPO.
 
 
@@ -264,7 +252,7 @@ def kl_penalty(logps, ref_logps, kind="k1"):
         return d
     if kind == "k2":
         return 0.5 * d**2
-    # expm1 keeps k3 accurate when d is tiny, where exp(-d) - 1 cancels.
+    # expm1 avoids the absolute error of exp(-d) - 1 near d = 0, and keeps k3 >= 0.
     return jnp.expm1(-d) + d
 
 
@@ -296,7 +284,7 @@ def gae(rewards, values, mask, *, gamma, lam):
         r, v, ok = xs
         adv = r + gamma * next_value - v + gamma * lam * next_adv
         carry = (jnp.where(ok, v, next_value), jnp.where(ok, adv, next_adv))
-        return carry, adv
+        return carry, jnp.where(ok, adv, 0.0)
 
     zeros = jnp.zeros(rewards.shape[:1], rewards.dtype)
     _, advantages = jax.lax.scan(
@@ -332,10 +320,9 @@ def ppo_policy_loss(logps, old_logps, advantages, mask, *, clip_eps=0.2,
     """PPO clipped surrogate: per token max(-A ratio, -A clip(ratio, 1-ε, 1+ε_high)).
 
     Args:
-        logps: [batch, seq] float32 under the current policy (differentiated).
-        old_logps: [batch, seq] float32 under the sampling policy.
-        advantages: [batch, seq] float32.
-        mask: [batch, seq] float, 1 on response tokens.
+        logps, old_logps, advantages, mask: [batch, seq] float32; logps are under
+            the current policy (the only input differentiated), old_logps under
+            the policy that sampled.
         clip_eps, clip_eps_high: ratio clip range; clip_eps_high (DAPO's
             clip-higher) defaults to clip_eps.
         aggregation: see `aggregate`.
@@ -373,10 +360,9 @@ def ppo_value_loss(values, old_values, returns, mask, *, clip_value=0.2):
     the values that produced the advantages.
 
     Args:
-        values: [batch, seq] float32 current predictions (differentiated).
-        old_values: [batch, seq] float32 predictions at rollout time.
-        returns: [batch, seq] float32 targets.
-        mask: [batch, seq] float.
+        values, old_values, returns, mask: [batch, seq] float32; values are the
+            current predictions (the only input differentiated), old_values those
+            at rollout time.
 
     Returns:
         (loss, {'loss/value', 'val/clipfrac', 'val/vpred'}): clipfrac is the

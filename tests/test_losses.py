@@ -1,0 +1,592 @@
+"""ptx.losses against independent float64 numpy / plain-Python references."""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from ptx import losses
+
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def jitted(fn, **static):
+    """fn under jax.jit with options baked in: one compile per call site is much
+    faster than op-by-op dispatch, and it proves every loss is jit-able."""
+    return jax.jit(functools.partial(fn, **static))
+
+
+@pytest.fixture
+def x64():
+    """float64 for finite-difference gradient checks; restored afterwards."""
+    with jax.enable_x64(True):
+        yield
+
+
+def np_log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def np_log_sigmoid(x):
+    return -np.logaddexp(0.0, -x)
+
+
+def ragged_mask(batch, seq, rng):
+    """Rows with random left and right padding, plus one all-zero row."""
+    mask = np.zeros((batch, seq), np.float32)
+    for i in range(batch - 1):
+        start = rng.integers(0, seq // 2)
+        mask[i, start : rng.integers(start + 1, seq + 1)] = 1.0
+    return mask
+
+
+# --------------------------------------------------------------------------
+# Log-probs, entropy, masked helpers, SFT.
+
+
+def test_sft_loss_matches_numpy_softmax_cross_entropy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(4, 7, 13)).astype(np.float32) * 3
+    targets = rng.integers(0, 13, size=(4, 7)).astype(np.int32)
+    mask = ragged_mask(4, 7, rng)
+    logp = np_log_softmax(logits.astype(np.float64))
+    logp = np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    ce = -(logp * mask).sum() / mask.sum()
+    acc = ((logits.argmax(-1) == targets) * mask).sum() / mask.sum()
+
+    np.testing.assert_allclose(jitted(losses.token_logprobs)(logits, targets), logp, **TOL)
+    loss, metrics = jitted(losses.sft_loss)(logits, targets, mask)
+    np.testing.assert_allclose(loss, ce, **TOL)
+    np.testing.assert_allclose(metrics["loss"], ce, **TOL)
+    np.testing.assert_allclose(metrics["accuracy"], acc, **TOL)
+    assert metrics["num_tokens"] == mask.sum()
+
+
+def test_sft_loss_of_empty_mask_is_zero_not_nan():
+    logits, targets, mask = jnp.zeros((2, 3, 5)), jnp.zeros((2, 3), jnp.int32), jnp.zeros((2, 3))
+    loss, metrics = jitted(losses.sft_loss)(logits, targets, mask)
+    assert loss == 0.0 and metrics["accuracy"] == 0.0
+
+
+def test_token_logprobs_of_bfloat16_logits_are_computed_in_float32():
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.normal(size=(2, 3, 50)) * 5, jnp.bfloat16)
+    targets = jnp.asarray(rng.integers(0, 50, size=(2, 3)), jnp.int32)
+    out = jitted(losses.token_logprobs)(logits, targets)
+    assert out.dtype == jnp.float32
+    logp = np_log_softmax(np.asarray(logits, np.float64))
+    ref = np.take_along_axis(logp, np.asarray(targets)[..., None], -1)[..., 0]
+    np.testing.assert_allclose(out, ref, **TOL)
+
+
+def test_token_entropy_matches_numpy():
+    logits = np.random.default_rng(2).normal(size=(3, 4, 9)).astype(np.float32) * 2
+    logp = np_log_softmax(logits.astype(np.float64))
+    want = -(np.exp(logp) * logp).sum(-1)
+    np.testing.assert_allclose(jitted(losses.token_entropy)(logits), want, **TOL)
+
+
+def test_masked_sum_mean_and_whiten_match_numpy_over_masked_entries():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(4, 6)).astype(np.float32) * 2 + 1
+    mask = ragged_mask(4, 6, rng)
+    sel = x[mask > 0].astype(np.float64)
+    np.testing.assert_allclose(jitted(losses.masked_sum)(x, mask), sel.sum(), **TOL)
+    np.testing.assert_allclose(jitted(losses.masked_mean)(x, mask), sel.mean(), **TOL)
+    rows = [x[i][mask[i] > 0].mean() if mask[i].any() else 0.0 for i in range(4)]
+    np.testing.assert_allclose(jitted(losses.masked_mean, axis=-1)(x, mask), rows, **TOL)
+
+    whitened = (sel - sel.mean()) / np.sqrt(sel.var(ddof=1) + 1e-8)
+    out = np.asarray(jitted(losses.masked_whiten)(x, mask))
+    np.testing.assert_allclose(out[mask > 0], whitened, **TOL)
+    assert np.all(out[mask == 0] == 0)
+    out = np.asarray(jitted(losses.masked_whiten, shift_mean=False)(x, mask))
+    np.testing.assert_allclose(out[mask > 0], whitened + sel.mean(), **TOL)
+
+
+def test_masked_reductions_ignore_inf_and_nan_in_padding():
+    x = jnp.array([[1.0, -jnp.inf], [2.0, jnp.nan]])
+    mask = jnp.array([[1.0, 0.0], [1.0, 0.0]])
+    assert jitted(losses.masked_sum)(x, mask) == 3.0
+    np.testing.assert_allclose(jitted(losses.masked_mean, axis=-1)(x, mask), [1.0, 2.0])
+
+
+def test_sequence_logps_sum_and_length_normalised():
+    tok = jnp.array([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]])
+    mask = jnp.array([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    total = jitted(losses.sequence_logps)(tok, mask)
+    mean = jitted(losses.sequence_logps, normalize=True)(tok, mask)
+    np.testing.assert_allclose(total, [-5.0, -4.0])
+    np.testing.assert_allclose(mean, [-2.5, -4.0])
+
+
+# --------------------------------------------------------------------------
+# Pairwise reward model.
+
+
+def test_pairwise_reward_loss_hard_label_matches_numpy():
+    rng = np.random.default_rng(4)
+    rc, rr, margin = (rng.normal(size=8).astype(np.float32) for _ in range(3))
+    d = rc.astype(np.float64) - rr - margin
+    center = 0.1 * np.mean((rc.astype(np.float64) + rr) ** 2)
+    loss, metrics = jitted(losses.pairwise_reward_loss, center_coef=0.1)(rc, rr, margin)
+    np.testing.assert_allclose(loss, -np_log_sigmoid(d).mean() + center, **TOL)
+    np.testing.assert_allclose(metrics["loss"], loss)
+    loss, _ = jitted(losses.pairwise_reward_loss)(rc, rr)
+    np.testing.assert_allclose(loss, -np_log_sigmoid(rc.astype(np.float64) - rr).mean(), **TOL)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.5, 1.0])
+def test_pairwise_reward_loss_soft_label_matches_numpy(p):
+    rng = np.random.default_rng(5)
+    rc, rr = rng.normal(size=8).astype(np.float32), rng.normal(size=8).astype(np.float32)
+    d = rc.astype(np.float64) - rr
+    ref = -(p * np_log_sigmoid(d) + (1 - p) * np_log_sigmoid(-d)).mean()
+    loss, _ = jitted(losses.pairwise_reward_loss)(rc, rr, prob_chosen=jnp.full(8, p))
+    np.testing.assert_allclose(loss, ref, **TOL)
+    if p == 1.0:
+        np.testing.assert_array_equal(loss, jitted(losses.pairwise_reward_loss)(rc, rr)[0])
+
+
+def test_pairwise_reward_metrics():
+    rc, rr = jnp.array([2.0, 0.0, 1.0, 1.0]), jnp.array([1.0, 3.0, 1.0, -1.0])
+    _, m = jitted(losses.pairwise_reward_loss)(rc, rr, margin=jnp.full(4, 5.0))
+    both = np.array([2.0, 0.0, 1.0, 1.0, 1.0, 3.0, 1.0, -1.0])
+    np.testing.assert_allclose(m["accuracy"], 0.5)  # the tie counts 0; the margin is ignored
+    np.testing.assert_allclose(m["margin_mean"], np.mean([1.0, -3.0, 0.0, 2.0]))
+    np.testing.assert_allclose(m["reward_mean"], both.mean(), **TOL)
+    np.testing.assert_allclose(m["reward_std"], both.std(), **TOL)
+
+
+def test_pairwise_reward_gradients_match_finite_differences(x64):
+    rng = np.random.default_rng(6)
+    rc, rr, p = rng.normal(size=5), rng.normal(size=5), rng.uniform(size=5)
+    fn = lambda a, b: losses.pairwise_reward_loss(a, b, prob_chosen=p, center_coef=0.3)[0]
+    check_grads(jax.jit(fn), (rc, rr), order=1, modes=["rev"])
+
+
+# --------------------------------------------------------------------------
+# DPO family.
+
+
+def np_dpo(pc, pr, rc, rr, beta, loss_type, ls=0.0, ref_free=False, p=None, lc=None, lr=None,
+           gamma=0.0):
+    """TRL's formulas, written out per case in float64."""
+    pc, pr, rc, rr = (np.asarray(a, np.float64) for a in (pc, pr, rc, rr))
+    if loss_type == "simpo":
+        c, r = pc / lc, pr / lr
+    elif ref_free:
+        c, r = pc, pr
+    else:
+        c, r = pc - rc, pr - rr
+    h = c - r
+    if loss_type == "ipo":
+        return (h - 1 / (2 * beta)) ** 2, beta * c, beta * r
+    if loss_type == "hinge":
+        return np.maximum(0.0, 1 - beta * h), beta * c, beta * r
+    z = beta * h - gamma
+    w = 1 - ls if p is None else p
+    return -w * np_log_sigmoid(z) - (1 - w) * np_log_sigmoid(-z), beta * c, beta * r
+
+
+def dpo_inputs(seed=7, n=6):
+    rng = np.random.default_rng(seed)
+    pc, pr, rc, rr = (rng.normal(-20, 4, size=n).astype(np.float32) for _ in range(4))
+    lc, lr = (rng.integers(1, 30, size=n).astype(np.float32) for _ in range(2))
+    p = rng.uniform(size=n).astype(np.float32)
+    return pc, pr, rc, rr, lc, lr, p
+
+
+DPO_CASES = {
+    "sigmoid": dict(loss_type="sigmoid"),
+    "sigmoid_label_smoothing": dict(loss_type="sigmoid", label_smoothing=0.1),
+    "sigmoid_reference_free": dict(loss_type="sigmoid", reference_free=True),
+    "sigmoid_soft_labels": dict(loss_type="sigmoid", soft=True),
+    "ipo": dict(loss_type="ipo"),
+    "hinge": dict(loss_type="hinge"),
+    "hinge_reference_free": dict(loss_type="hinge", reference_free=True),
+    "simpo": dict(loss_type="simpo", gamma=0.5, lengths=True),
+    "simpo_label_smoothing": dict(
+        loss_type="simpo", gamma=0.3, label_smoothing=0.2, lengths=True),
+    "simpo_soft_labels": dict(loss_type="simpo", lengths=True, soft=True),
+}
+
+
+def _dpo_kwargs(case, lc, lr, p):
+    kw = dict(case)
+    soft, lengths = kw.pop("soft", False), kw.pop("lengths", False)
+    if soft:
+        kw["prob_chosen"] = p
+    if lengths:
+        kw.update(chosen_lengths=lc, rejected_lengths=lr)
+    return kw
+
+
+@pytest.mark.parametrize("name", DPO_CASES)
+def test_dpo_loss_and_rewards_match_numpy(name):
+    pc, pr, rc, rr, lc, lr, p = dpo_inputs()
+    kw = _dpo_kwargs(DPO_CASES[name], lc, lr, p)
+    beta = 0.3
+    out = jitted(losses.dpo_loss, beta=beta, **kw)(pc, pr, rc, rr)
+    ref = np_dpo(
+        pc, pr, rc, rr, beta, kw["loss_type"], ls=kw.get("label_smoothing", 0.0),
+        ref_free=kw.get("reference_free", False), p=kw.get("prob_chosen"),
+        lc=lc, lr=lr, gamma=kw.get("gamma", 0.0))
+    for got, want in zip(out, ref):
+        assert got.shape == (6,) and got.dtype == jnp.float32
+        np.testing.assert_allclose(got, want, **TOL)
+
+
+@pytest.mark.parametrize("name", DPO_CASES)
+def test_dpo_gradients_match_finite_differences(name, x64):
+    pc, pr, rc, rr, lc, lr, p = (a.astype(np.float64) for a in dpo_inputs(seed=8, n=4))
+    kw = _dpo_kwargs(DPO_CASES[name], lc, lr, p)
+    # Distinct weights per pair, so a gradient routed to the wrong pair shows.
+    weights = jnp.arange(1.0, 5.0)
+    fn = lambda a, b: jnp.sum(losses.dpo_loss(a, b, rc, rr, beta=0.1, **kw)[0] * weights)
+    check_grads(jax.jit(fn), (pc, pr), order=1, modes=["rev"])
+
+
+def test_dpo_sigmoid_gradient_is_minus_beta_sigmoid_of_minus_beta_logits():
+    pc, pr, rc, rr, *_ = dpo_inputs()
+    beta = 0.5
+    grad = jax.jit(jax.grad(lambda a: losses.dpo_loss(a, pr, rc, rr, beta=beta)[0].sum()))(pc)
+    h = (pc.astype(np.float64) - rc) - (pr - rr)
+    np.testing.assert_allclose(grad, -beta / (1 + np.exp(beta * h)), **TOL)
+
+
+@pytest.mark.parametrize("label", ["hard", "label_smoothing", "soft"])
+def test_dpo_with_policy_equal_to_reference_is_log2_with_zero_rewards(label):
+    pc, pr, *_, p = dpo_inputs()
+    kw = {
+        "hard": {},
+        "label_smoothing": {"label_smoothing": 0.1},
+        "soft": {"prob_chosen": p},
+    }[label]
+    loss, cr, rj = jitted(losses.dpo_loss, beta=0.1, **kw)(pc, pr, pc, pr)
+    np.testing.assert_array_equal(loss, np.full(6, math.log(2.0), np.float32))
+    np.testing.assert_array_equal(cr, 0.0)
+    np.testing.assert_array_equal(rj, 0.0)
+
+
+def test_dpo_rewards_carry_no_gradient():
+    pc, pr, rc, rr, *_ = dpo_inputs()
+    for loss_type in ("sigmoid", "ipo"):
+        def rewards(a, b):
+            _, chosen, rejected = losses.dpo_loss(a, b, rc, rr, beta=0.1, loss_type=loss_type)
+            return chosen.sum() + rejected.sum()
+
+        grads = jax.jit(jax.grad(rewards, argnums=(0, 1)))(pc, pr)
+        assert all(np.all(np.asarray(g) == 0) for g in grads)
+
+
+def test_dpo_reference_free_ignores_missing_reference():
+    pc, pr, *_ = dpo_inputs()
+    loss, cr, _ = jitted(losses.dpo_loss, beta=0.1, reference_free=True)(pc, pr, None, None)
+    np.testing.assert_allclose(loss, -np_log_sigmoid(0.1 * (pc.astype(np.float64) - pr)), **TOL)
+    np.testing.assert_allclose(cr, 0.1 * pc, **TOL)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(loss_type="kto"),
+        dict(label_smoothing=0.1, prob_chosen=np.full(6, 0.7, np.float32)),
+        dict(loss_type="simpo"),
+        dict(loss_type="sigmoid", gamma=0.5),
+        dict(loss_type="ipo", label_smoothing=0.1),
+        dict(loss_type="hinge", prob_chosen=np.full(6, 0.7, np.float32)),
+    ],
+)
+def test_dpo_rejects_unknown_or_inconsistent_options(kw):
+    pc, pr, rc, rr, *_ = dpo_inputs()
+    with pytest.raises(ValueError):
+        jitted(losses.dpo_loss, beta=0.1, **kw)(pc, pr, rc, rr)
+
+
+def test_dpo_metrics_are_batch_means_under_trl_names():
+    out = jitted(losses.dpo_metrics)(
+        jnp.array([1.0, 3.0]), jnp.array([0.5, -1.0]), jnp.array([0.0, 1.0]),
+        jnp.array([-10.0, -20.0]), jnp.array([-30.0, -40.0]))
+    want = {
+        "loss": 2.0, "rewards/chosen": -0.25, "rewards/rejected": 0.5, "rewards/accuracies": 0.5,
+        "rewards/margins": -0.75, "logps/chosen": -15.0, "logps/rejected": -35.0,
+    }
+    assert set(out) == set(want)
+    for k, v in want.items():
+        np.testing.assert_allclose(out[k], v, err_msg=k)
+
+
+def test_dpo_loss_jits_with_static_options():
+    pc, pr, rc, rr, lc, lr, p = dpo_inputs()
+    fn = jitted(losses.dpo_loss, beta=0.2, loss_type="simpo", gamma=0.4)
+    out = fn(pc, pr, rc, rr, prob_chosen=p, chosen_lengths=lc, rejected_lengths=lr)
+    ref = np_dpo(pc, pr, rc, rr, 0.2, "simpo", p=p, lc=lc, lr=lr, gamma=0.4)
+    np.testing.assert_allclose(out[0], ref[0], **TOL)
+
+
+# --------------------------------------------------------------------------
+# KL estimators.
+
+
+def test_kl_estimators_match_formulas():
+    rng = np.random.default_rng(9)
+    logp, ref = rng.normal(-3, 1, size=(3, 5)), rng.normal(-3, 1, size=(3, 5))
+    logp32, ref32 = logp.astype(np.float32), ref.astype(np.float32)
+    d = logp32.astype(np.float64) - ref32
+    want = {"k1": d, "k2": 0.5 * d**2, "k3": np.exp(-d) + d - 1}
+    for kind, value in want.items():
+        kl = jitted(losses.kl_penalty, kind=kind)(logp32, ref32)
+        np.testing.assert_allclose(kl, value, **TOL, err_msg=kind)
+
+
+def test_k3_is_nonnegative_and_zero_when_policies_agree():
+    d = jnp.linspace(-10.0, 10.0, 2001)
+    k3 = jitted(losses.kl_penalty, kind="k3")
+    assert np.all(np.asarray(k3(d, jnp.zeros_like(d))) >= 0)
+    x = jnp.array([-3.0, -0.5, -12.0])
+    np.testing.assert_array_equal(k3(x, x), 0.0)
+    with pytest.raises(ValueError):
+        jitted(losses.kl_penalty, kind="k4")(x, x)
+
+
+# --------------------------------------------------------------------------
+# GAE.
+
+
+def py_gae(rewards, values, mask, gamma, lam):
+    """Reverse loop; a valid token's successor is the next valid token (or none)."""
+    batch, seq = rewards.shape
+    adv, ret = np.zeros((batch, seq)), np.zeros((batch, seq))
+    for b in range(batch):
+        next_value, next_adv = 0.0, 0.0
+        for t in reversed(range(seq)):
+            if mask[b, t] == 0:
+                continue
+            delta = rewards[b, t] + gamma * next_value - values[b, t]
+            adv[b, t] = delta + gamma * lam * next_adv
+            ret[b, t] = adv[b, t] + values[b, t]
+            next_value, next_adv = values[b, t], adv[b, t]
+    return adv, ret
+
+
+def textbook_gae(rewards, values, gamma, lam):
+    """Unpadded sequence ending in a terminal state: sum_l (γλ)^l δ_{t+l}."""
+    n = len(rewards)
+    v_next = np.append(values[1:], 0.0)
+    delta = rewards + gamma * v_next - values
+    decay = (gamma * lam) ** np.arange(n)
+    return np.array([np.sum(decay[: n - t] * delta[t:]) for t in range(n)])
+
+
+def test_gae_matches_python_loop_on_ragged_masks():
+    rng = np.random.default_rng(10)
+    rewards = rng.normal(size=(6, 9)).astype(np.float32)
+    values = rng.normal(size=(6, 9)).astype(np.float32)
+    mask = np.array(
+        [
+            [1, 1, 1, 1, 1, 1, 1, 1, 1],  # full
+            [1, 1, 1, 1, 0, 0, 0, 0, 0],  # right padding
+            [0, 0, 0, 1, 1, 1, 1, 1, 1],  # left padding
+            [0, 0, 1, 1, 1, 1, 0, 0, 0],  # both
+            [0, 1, 1, 0, 0, 1, 1, 0, 0],  # a hole (e.g. tool output)
+            [0, 0, 0, 0, 0, 0, 0, 0, 0],  # empty
+        ],
+        np.float32,
+    )
+    adv, ret = jitted(losses.gae, gamma=0.97, lam=0.9)(rewards, values, mask)
+    want_adv, want_ret = py_gae(rewards, values, mask, 0.97, 0.9)
+    np.testing.assert_allclose(adv, want_adv, **TOL)
+    np.testing.assert_allclose(ret, want_ret, **TOL)
+    assert np.all(np.asarray(adv)[mask == 0] == 0) and np.all(np.asarray(ret)[mask == 0] == 0)
+
+
+def test_gae_of_padded_row_equals_textbook_gae_of_unpadded_sequence():
+    rng = np.random.default_rng(11)
+    rewards = rng.normal(size=(1, 10)).astype(np.float32)
+    values = rng.normal(size=(1, 10)).astype(np.float32)
+    mask = np.zeros((1, 10), np.float32)
+    mask[0, 3:8] = 1.0
+    adv, ret = jitted(losses.gae, gamma=0.9, lam=0.8)(rewards, values, mask)
+    r, v = rewards[0, 3:8].astype(np.float64), values[0, 3:8].astype(np.float64)
+    want = textbook_gae(r, v, 0.9, 0.8)
+    np.testing.assert_allclose(adv[0, 3:8], want, **TOL)
+    np.testing.assert_allclose(ret[0, 3:8], want + values[0, 3:8], **TOL)
+
+
+def test_gae_with_unit_gamma_and_lambda_is_reward_to_go_minus_value():
+    rewards = jnp.array([[0.0, 0.0, 1.0, 99.0]])
+    values = jnp.array([[0.5, 0.2, 0.7, 42.0]])
+    mask = jnp.array([[1.0, 1.0, 1.0, 0.0]])
+    adv, ret = jitted(losses.gae, gamma=1.0, lam=1.0)(rewards, values, mask)
+    np.testing.assert_allclose(adv, [[0.5, 0.8, 0.3, 0.0]], **TOL)
+    np.testing.assert_allclose(ret, [[1.0, 1.0, 1.0, 0.0]], **TOL)
+
+
+# --------------------------------------------------------------------------
+# PPO policy and value losses, aggregation.
+
+
+def test_ppo_policy_loss_hand_cases_and_clipfrac():
+    # Tokens: A>0 ratio above the range (clipped), A<0 ratio below it (clipped),
+    # A>0 ratio below and A<0 ratio above (pessimistic: unclipped), inside,
+    # then a masked token whose huge ratio must not count.
+    ratio = np.array([1.5, 0.5, 0.5, 1.5, 1.1, 50.0])
+    adv = np.array([1.0, -1.0, 1.0, -1.0, 2.0, 7.0], np.float32)
+    mask = np.array([1, 1, 1, 1, 1, 0], np.float32)
+    old = np.array([-1.0, -2.0, -0.5, -3.0, -1.5, -2.0], np.float32)
+    logps = (old + np.log(ratio)).astype(np.float32)
+
+    logps, old, adv, mask = logps[None], old[None], adv[None], mask[None]
+    loss, m = jitted(losses.ppo_policy_loss, clip_eps=0.2)(logps, old, adv, mask)
+    per_token = [-1.2, 0.8, -0.5, 1.5, -2.2]
+    np.testing.assert_allclose(loss, np.mean(per_token), **TOL)
+    np.testing.assert_allclose(m["loss/policy"], loss)
+    np.testing.assert_allclose(m["policy/clipfrac"], 2 / 5, **TOL)
+    np.testing.assert_allclose(m["val/ratio"], np.mean(ratio[:5]), **TOL)
+    np.testing.assert_allclose(m["policy/approxkl"], 0.5 * np.mean(np.log(ratio[:5]) ** 2), **TOL)
+
+    # Clipped tokens give no gradient; unclipped ones d/dlogp (-A r) = -A r.
+    grad = jax.jit(jax.grad(lambda lp: losses.ppo_policy_loss(lp, old, adv, mask)[0]))(logps)
+    want = np.array([0.0, 0.0, -0.5, 1.5, -2.2, 0.0]) / 5
+    np.testing.assert_allclose(grad[0], want, **TOL)
+
+
+def test_ppo_clip_eps_high_widens_only_the_upper_bound():
+    old = np.zeros((1, 2), np.float32)
+    logps = np.log(np.array([[1.25, 0.75]], np.float32))
+    adv = np.array([[1.0, -2.0]], np.float32)
+    mask = np.ones((1, 2), np.float32)
+    loss, m = jitted(losses.ppo_policy_loss, clip_eps=0.2)(logps, old, adv, mask)
+    np.testing.assert_allclose(loss, np.mean([-1.2, 1.6]), **TOL)
+    np.testing.assert_allclose(m["policy/clipfrac"], 1.0)
+    clip_higher = jitted(losses.ppo_policy_loss, clip_eps=0.2, clip_eps_high=0.28)
+    loss, m = clip_higher(logps, old, adv, mask)
+    np.testing.assert_allclose(loss, np.mean([-1.25, 1.6]), **TOL)
+    np.testing.assert_allclose(m["policy/clipfrac"], 0.5)
+
+
+def test_ppo_policy_loss_is_finite_with_inf_log_probs_in_padding():
+    logps = jnp.array([[-1.0, 0.0]])
+    old = jnp.array([[-1.2, -jnp.inf]])
+    mask = jnp.array([[1.0, 0.0]])
+    fn = lambda lp: losses.ppo_policy_loss(lp, old, jnp.ones((1, 2)), mask)[0]
+    assert np.isfinite(jax.jit(fn)(logps))
+    assert np.all(np.isfinite(np.asarray(jax.jit(jax.grad(fn))(logps))))
+
+
+def test_ppo_value_loss_hand_cases():
+    old = np.zeros((1, 4), np.float32)
+    values = np.array([[0.5, 0.1, 0.5, -0.5]], np.float32)
+    returns = np.array([[1.0, 1.0, 0.0, -1.0]], np.float32)
+    # Clipped values [0.2, 0.1, 0.2, -0.2]; max of squared errors per token:
+    # 0.64 (clipped), 0.81 (inside), 0.25 (clip helps, unclipped kept), 0.64 (clipped).
+    mask = np.ones((1, 4), np.float32)
+    value_loss = jitted(losses.ppo_value_loss, clip_value=0.2)
+    loss, m = value_loss(values, old, returns, mask)
+    np.testing.assert_allclose(loss, 0.5 * np.mean([0.64, 0.81, 0.25, 0.64]), **TOL)
+    np.testing.assert_allclose(m["loss/value"], loss)
+    np.testing.assert_allclose(m["val/clipfrac"], 0.5)
+    np.testing.assert_allclose(m["val/vpred"], np.mean(values), **TOL)
+    # Where the clipped error wins, the value gets no gradient.
+    grad = jax.jit(jax.grad(lambda v: value_loss(v, old, returns, mask)[0]))(values)
+    np.testing.assert_allclose(grad[0], [0.0, -0.9 / 4, 0.5 / 4, 0.0], **TOL)
+    mask[0, 1] = 0.0
+    loss, m = value_loss(values, old, returns, mask)
+    np.testing.assert_allclose(loss, 0.5 * np.mean([0.64, 0.25, 0.64]), **TOL)
+    np.testing.assert_allclose(m["val/clipfrac"], 2 / 3, **TOL)
+    np.testing.assert_allclose(m["val/vpred"], 0.5 / 3, **TOL)
+
+
+def test_each_aggregation_matches_hand_computation_on_ragged_masks():
+    x = np.arange(1.0, 13.0, dtype=np.float32).reshape(3, 4)
+    mask = np.array([[1, 1, 0, 0], [0, 1, 1, 1], [0, 0, 0, 0]], np.float32)
+    # Row sums 3 and 21 over 2 and 3 tokens; the last row is empty.
+    want = {
+        "token_mean": 24 / 5,  # every token weighs the same
+        "seq_mean_token_mean": (3 / 2 + 21 / 3) / 2,  # the empty row is left out
+        "seq_mean_token_sum_norm": (3 / 4 + 21 / 4 + 0) / 3,  # divided by seq = 4, all rows
+    }
+    for kind, value in want.items():
+        np.testing.assert_allclose(jitted(losses.aggregate, kind=kind)(x, mask), value, **TOL)
+    with pytest.raises(ValueError):
+        jitted(losses.aggregate, kind="sum")(x, mask)
+
+
+@pytest.mark.parametrize("aggregation", losses.AGGREGATIONS)
+def test_ppo_policy_loss_uses_the_requested_aggregation(aggregation):
+    rng = np.random.default_rng(12)
+    old = rng.normal(-2, 0.3, size=(3, 5)).astype(np.float32)
+    logps = (old + rng.normal(0, 0.3, size=(3, 5))).astype(np.float32)
+    adv = rng.normal(size=(3, 5)).astype(np.float32)
+    mask = ragged_mask(3, 5, rng)
+    r = np.exp(logps.astype(np.float64) - old)
+    per_token = np.maximum(-adv * r, -adv * np.clip(r, 0.8, 1.2))
+    want = jitted(losses.aggregate, kind=aggregation)(per_token.astype(np.float32), mask)
+    fn = jitted(losses.ppo_policy_loss, aggregation=aggregation)
+    np.testing.assert_allclose(fn(logps, old, adv, mask)[0], want, **TOL)
+
+
+# --------------------------------------------------------------------------
+# Group advantages and the adaptive KL controller.
+
+
+@pytest.mark.parametrize("kind", losses.GROUP_ADVANTAGE_KINDS)
+def test_group_advantages_match_numpy(kind):
+    rewards = np.random.default_rng(13).normal(size=12).astype(np.float32)
+    g = rewards.astype(np.float64).reshape(3, 4)
+    mean = g.mean(1, keepdims=True)
+    want = {
+        "grpo": (g - mean) / (g.std(1, ddof=0, keepdims=True) + 1e-6),
+        "dr_grpo": g - mean,
+        "rloo": np.array([[row[i] - np.delete(row, i).mean() for i in range(4)] for row in g]),
+    }[kind]
+    out = jitted(losses.group_advantages, group_size=4, kind=kind)(rewards)
+    np.testing.assert_allclose(out, want.reshape(-1), **TOL)
+
+
+@pytest.mark.parametrize("kind", losses.GROUP_ADVANTAGE_KINDS)
+def test_group_of_equal_rewards_has_zero_advantage(kind):
+    rewards = jnp.array([1.0, 1.0, 1.0, 0.3, 0.3, 0.3])
+    out = jitted(losses.group_advantages, group_size=3, kind=kind)(rewards)
+    np.testing.assert_array_equal(out, 0.0)
+
+
+def test_rloo_baseline_excludes_the_sample_itself():
+    rewards = jnp.array([1.0, 2.0, 4.0, 0.0])
+    moved = rewards.at[2].set(100.0)
+    rloo = jitted(losses.group_advantages, group_size=4, kind="rloo")
+    base, base_moved = rewards - rloo(rewards), moved - rloo(moved)
+    np.testing.assert_allclose(base[2], base_moved[2], **TOL)
+    np.testing.assert_allclose(base, [2.0, 5 / 3, 1.0, 7 / 3], **TOL)
+    assert not np.allclose(base[0], base_moved[0])
+
+
+def test_group_advantages_reject_bad_arguments():
+    with pytest.raises(ValueError):
+        jitted(losses.group_advantages, group_size=3, kind="ppo")(jnp.zeros(6))
+    with pytest.raises(ValueError):
+        jitted(losses.group_advantages, group_size=4)(jnp.zeros(6))
+    with pytest.raises(ValueError):
+        jitted(losses.group_advantages, group_size=1, kind="rloo")(jnp.zeros(6))
+
+
+@pytest.mark.parametrize(
+    "current_kl,mult",
+    [
+        (12.0, 1 + 0.2 * 256 / 10000),  # error 1.0 clipped to 0.2
+        (3.0, 1 - 0.2 * 256 / 10000),  # error -0.5 clipped to -0.2
+        (6.6, 1 + 0.1 * 256 / 10000),
+        (6.0, 1.0),
+    ],
+)
+def test_adaptive_kl_controller_follows_ziegler_et_al(current_kl, mult):
+    new = losses.adaptive_kl_update(0.2, current_kl, target=6.0, horizon=10000, n_steps=256)
+    np.testing.assert_allclose(new, 0.2 * mult, rtol=1e-6)
+    update = jitted(losses.adaptive_kl_update, target=6.0, horizon=10000, n_steps=256)
+    new = update(jnp.float32(0.2), jnp.float32(current_kl))
+    np.testing.assert_allclose(new, 0.2 * mult, rtol=1e-6)
