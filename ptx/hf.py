@@ -1,0 +1,380 @@
+"""Hugging Face safetensors import / export for the Llama family.
+
+Reads and writes the directory layout of `save_pretrained`: `config.json`
+plus `model.safetensors`, or shards named in `model.safetensors.index.json`.
+Supported: LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (and
+their ForSequenceClassification reward-model form with one label), which are
+all exactly ptx's Transformer. Gemma is refused: it needs (1 + scale)
+RMSNorm, sqrt(d_model) embedding scaling and a GELU MLP. Export writes
+LlamaForCausalLM, or Qwen2ForCausalLM when the model has qkv biases.
+
+HF's Linear weight is [out, in]; ptx kernels are [in, ...out] with heads
+split out and layers stacked on a leading axis. HF Llama applies RoPE in the
+same half-split (rotate_half) layout as `ptx.model.rope`, so q / k weights
+need no permutation. Only numpy and safetensors run here (bfloat16 through
+ml_dtypes); torch is never imported.
+"""
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from ptx.model import ModelConfig, Output, Transformer, init_params
+from ptx.tokenizer import Tokenizer
+
+CONFIG = "config.json"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+_FAMILIES = {"Llama": "llama", "Mistral": "mistral", "Qwen2": "qwen2"}
+_HEADS = ("ForCausalLM", "ForSequenceClassification")
+# ModelConfig fields that change what the weights compute (dtype, remat, ... do not).
+_ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_size", "d_ff",
+                "rope_theta", "norm_eps", "qkv_bias", "tie_embeddings", "scalar_head")
+_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def config_from_hf(hf_config: dict, *, max_len: int | None = None) -> ModelConfig:
+    """A Hugging Face config.json (as a dict) -> ModelConfig.
+
+    max_len: the longest sequence (prompt + generation) the model will see;
+    default `max_position_embeddings`. It only matters for a sliding window
+    (Mistral v0.1): ptx attends every earlier position, which equals HF's
+    windowed attention only up to `sliding_window` tokens, so a window shorter
+    than max_len is refused. param_dtype is the checkpoint's dtype.
+    ValueError names the config.json field that ptx cannot represent.
+    """
+    archs = hf_config.get("architectures") or []
+    arch = archs[0] if len(archs) == 1 else ""
+    if arch.startswith("Gemma"):
+        raise ValueError(f"config.json architectures={archs}: Gemma needs (1 + scale) RMSNorm, "
+                         "sqrt(d_model) embedding scaling and a GELU MLP, which ptx.model lacks")
+    family = next((f for f in _FAMILIES if arch in (f + h for h in _HEADS)), None)
+    if family is None:
+        raise ValueError(f"config.json architectures={archs}: ptx imports exactly one of "
+                         f"{[f + h for f in _FAMILIES for h in _HEADS]}")
+
+    def refuse(field, why):
+        raise ValueError(f"config.json {field}={hf_config.get(field)!r}: {why}")
+
+    act = hf_config.get("hidden_act", "silu")
+    if act != "silu":
+        refuse("hidden_act", "ptx's MLP is SwiGLU (silu)")
+    if hf_config.get("mlp_bias"):
+        refuse("mlp_bias", "ptx's MLP has no biases")
+    # Llama's attention_bias also puts a bias on o_proj, which ptx lacks; Qwen2 always
+    # has q/k/v biases and none on o_proj.
+    if family == "Llama" and hf_config.get("attention_bias"):
+        refuse("attention_bias", "ptx has q/k/v biases but no o_proj bias")
+    rope = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        field = "rope_parameters" if "rope_parameters" in hf_config else "rope_scaling"
+        refuse(field, f"rope type {rope_type!r} is not representable; ptx.model.rope is plain RoPE")
+    if hf_config.get("partial_rotary_factor", 1.0) != 1.0:
+        refuse("partial_rotary_factor", "ptx rotates the whole head")
+    # Qwen2 keeps a sliding_window value that is ignored unless use_sliding_window.
+    window = hf_config.get("sliding_window") if hf_config.get("use_sliding_window", family != "Qwen2") else None
+    limit = max_len or hf_config.get("max_position_embeddings")
+    if window is not None and (limit is None or window < limit):
+        refuse("sliding_window", f"ptx attends the full context, so it equals HF only for sequences of "
+                                 f"at most {window} tokens; max_len={limit}: pass max_len <= {window}")
+    labels = hf_config.get("id2label") or {"0": "LABEL_0"}
+    if arch.endswith("ForSequenceClassification") and len(labels) != 1:
+        refuse("id2label", "a ptx scalar head has exactly one label")
+
+    d, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
+    head_dim = hf_config.get("head_dim") or d // heads
+    dtype = hf_config.get("dtype") or hf_config.get("torch_dtype")
+    return ModelConfig(
+        vocab_size=hf_config["vocab_size"], d_model=d, n_layers=hf_config["num_hidden_layers"],
+        n_heads=heads, n_kv_heads=hf_config.get("num_key_value_heads") or heads,
+        head_dim=0 if head_dim == d // heads else head_dim, d_ff=hf_config["intermediate_size"],
+        rope_theta=float(rope.get("rope_theta", hf_config.get("rope_theta", 10000.0))),
+        norm_eps=hf_config.get("rms_norm_eps", 1e-6), qkv_bias=family == "Qwen2",
+        tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+        scalar_head=arch.endswith("ForSequenceClassification"),
+        param_dtype=dtype if dtype in _DTYPE_NAMES else "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    """One ptx leaf and its HF tensor(s).
+
+    n_in: a linear layer whose ptx kernel is [in dims (n_in of them), out dims] and whose
+    HF weight is [prod(out), prod(in)]; 0 = not transposed, HF shape flat when `flat`.
+    """
+    path: tuple
+    name: str  # HF name; '{i}' = layer index for a stacked leaf
+    n_in: int = 0
+    flat: bool = False
+
+    @property
+    def stacked(self) -> bool:
+        """A layer parameter: ptx stacks the per-layer HF tensors on a leading axis."""
+        return self.path[0] == "layers"
+
+    def hf_shape(self, shape):
+        if self.n_in:
+            return (math.prod(shape[self.n_in:]), math.prod(shape[:self.n_in]))
+        return (math.prod(shape),) if self.flat else tuple(shape)
+
+    def to_ptx(self, x, shape):
+        return (x.T if self.n_in else x).reshape(shape)
+
+    def to_hf(self, x):
+        if self.n_in:
+            return x.reshape(math.prod(x.shape[:self.n_in]), -1).T
+        return x.reshape(-1) if self.flat else x
+
+
+def _tensors(cfg: ModelConfig) -> list:
+    attn, layer = "model.layers.{i}.self_attn.", "model.layers.{i}."
+    out = [_Tensor(("embed", "embedding"), "model.embed_tokens.weight")]
+    for p in "qkv":
+        out.append(_Tensor(("layers", "attn", p, "kernel"), f"{attn}{p}_proj.weight", n_in=1))
+        if cfg.qkv_bias:
+            out.append(_Tensor(("layers", "attn", p, "bias"), f"{attn}{p}_proj.bias", flat=True))
+    out += [
+        _Tensor(("layers", "attn", "o", "kernel"), f"{attn}o_proj.weight", n_in=2),
+        _Tensor(("layers", "gate", "kernel"), f"{layer}mlp.gate_proj.weight", n_in=1),
+        _Tensor(("layers", "up", "kernel"), f"{layer}mlp.up_proj.weight", n_in=1),
+        _Tensor(("layers", "down", "kernel"), f"{layer}mlp.down_proj.weight", n_in=1),
+        _Tensor(("layers", "attn_norm", "scale"), f"{layer}input_layernorm.weight"),
+        _Tensor(("layers", "mlp_norm", "scale"), f"{layer}post_attention_layernorm.weight"),
+        _Tensor(("final_norm", "scale"), "model.norm.weight"),
+    ]
+    if not cfg.tie_embeddings:
+        out.append(_Tensor(("lm_head", "kernel"), "lm_head.weight", n_in=1))
+    if cfg.scalar_head:
+        out.append(_Tensor(("scalar_head", "kernel"), "score.weight", n_in=1))
+    return out
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _set(tree, path, value):
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def _names(t: _Tensor, cfg: ModelConfig) -> list:
+    return [t.name.format(i=i) for i in range(cfg.n_layers)] if t.stacked else [t.name]
+
+
+def _abstract(cfg: ModelConfig):
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+
+
+def _weight_files(path: str) -> dict:
+    """HF tensor name -> safetensors file, from the index or the single file."""
+    if os.path.isfile(os.path.join(path, INDEX)):
+        with open(os.path.join(path, INDEX)) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: os.path.join(path, file) for name, file in weight_map.items()}
+    single = os.path.join(path, SINGLE)
+    if not os.path.isfile(single):
+        raise FileNotFoundError(f"neither {INDEX} nor {SINGLE} in {path}")
+    with safe_open(single, framework="np") as f:
+        return {name: single for name in f.keys()}
+
+
+def load_params(path: str, cfg: ModelConfig | None = None, shardings=None, *, max_len: int | None = None):
+    """Reads a Hugging Face checkpoint directory -> (params, cfg).
+
+    cfg: None = from config.json (`config_from_hf`); given, its architecture must
+    match config.json and only its dtypes, remat, ... are taken. shardings: a
+    pytree like params of jax shardings (e.g. `ptx.sharding.named(mesh,
+    tree_specs(...))`), None = the default device. Each leaf is assembled on the
+    host from its per-layer tensors, cast to cfg.param_dtype and put straight
+    onto its sharding, so the host holds one leaf at a time and each device
+    receives only its shard. A missing, misshapen or unexpected tensor is a
+    ValueError naming it.
+    """
+    with open(os.path.join(path, CONFIG)) as f:
+        hf_config = json.load(f)
+    derived = config_from_hf(hf_config, max_len=max_len)
+    files = _weight_files(path)
+    # A reward model's HF class has no lm_head: score it with the tied embedding.
+    if derived.scalar_head and "lm_head.weight" not in files:
+        derived = derived.replace(tie_embeddings=True)
+    if cfg is None:
+        cfg = derived
+    diff = {k: (getattr(cfg, k), getattr(derived, k)) for k in _ARCH_FIELDS
+            if getattr(cfg, k) != getattr(derived, k)}
+    if diff:
+        raise ValueError(f"cfg differs from {path}/{CONFIG} in (given, checkpoint): {diff}")
+    abstract, specs = _abstract(cfg), _tensors(cfg)
+    expected = {n for t in specs for n in _names(t, cfg)}
+    missing = sorted(expected - set(files))
+    if missing:
+        raise ValueError(f"tensor {missing[0]} missing from {path} ({len(missing)} missing in all)")
+    # Rotary inverse frequencies that old checkpoints store follow from rope_theta.
+    extra = sorted(n for n in set(files) - expected if not n.endswith("rotary_emb.inv_freq"))
+    with contextlib.ExitStack() as stack:
+        handles = {file: stack.enter_context(safe_open(file, framework="np")) for file in set(files.values())}
+
+        def read(name, shape):
+            handle = handles[files[name]]
+            found = tuple(handle.get_slice(name).get_shape())
+            if found != tuple(shape):
+                raise ValueError(f"tensor {name} has shape {found} in {path}, expected {tuple(shape)}")
+            return handle.get_tensor(name)
+
+        if cfg.tie_embeddings and "lm_head.weight" in extra:
+            # Some tied checkpoints store the head anyway; harmless only if it is the embedding.
+            embed = read("model.embed_tokens.weight", (cfg.vocab_size, cfg.d_model))
+            if np.array_equal(read("lm_head.weight", embed.shape), embed):
+                extra.remove("lm_head.weight")
+        if extra:
+            raise ValueError(f"unexpected tensor {extra[0]} in {path} for {cfg} ({len(extra)} in all)")
+        params = {}
+        for t in specs:
+            leaf = _get(abstract, t.path)
+            shape = leaf.shape[1:] if t.stacked else leaf.shape
+            host = np.stack([t.to_ptx(read(n, t.hf_shape(shape)), shape) for n in _names(t, cfg)])
+            host = host if t.stacked else host[0]
+            sharding = None if shardings is None else _get(shardings, t.path)
+            _set(params, t.path, jax.device_put(host.astype(leaf.dtype), sharding))
+    return params, cfg
+
+
+def save_params(params, cfg: ModelConfig, path: str, *, dtype: str | None = None,
+                tokenizer: Tokenizer | None = None, max_position_embeddings: int = 4096,
+                max_shard_bytes: int = 2 << 30) -> None:
+    """Writes params as a Hugging Face checkpoint directory that `transformers` loads.
+
+    dtype: tensor dtype name ("float32", "bfloat16", "float16"); None = cfg.param_dtype.
+    tokenizer: gives bos / eos / pad ids in config.json and is copied to
+    tokenizer.model. Tensors go to `model.safetensors`, or to numbered shards of
+    at most max_shard_bytes with an index; old model*.safetensors files in
+    `path` are removed. Every process must call it (leaves are gathered across
+    hosts); process 0 writes.
+    """
+    dtype = dtype or cfg.param_dtype
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"dtype={dtype!r}; expected one of {_DTYPE_NAMES}")
+    np_dtype, abstract = np.dtype(jnp.dtype(dtype)), _abstract(cfg)
+    # Plan the shards from shapes alone, so each leaf is gathered only once while writing.
+    shards, size, total = [[]], 0, 0
+    for t in _tensors(cfg):
+        shape = _get(abstract, t.path).shape
+        for i, name in enumerate(_names(t, cfg)):
+            nbytes = math.prod(shape[1:] if t.stacked else shape) * np_dtype.itemsize
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, t, i))
+            size, total = size + nbytes, total + nbytes
+    write = jax.process_index() == 0
+    if write:
+        os.makedirs(path, exist_ok=True)
+        for old in os.listdir(path):
+            if old.startswith("model") and (old.endswith(".safetensors") or old == INDEX):
+                os.remove(os.path.join(path, old))
+    files = [SINGLE] if len(shards) == 1 else [
+        f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    cached = (None, None)
+    for file, shard in zip(files, shards):
+        tensors = {}
+        for name, t, i in shard:
+            if cached[0] is not t:
+                cached = (t, np.asarray(multihost_utils.process_allgather(_get(params, t.path), tiled=True)))
+            x = cached[1][i] if t.stacked else cached[1]
+            tensors[name] = np.ascontiguousarray(t.to_hf(x).astype(np_dtype))
+        if write:
+            save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})
+    if not write:
+        return
+    if len(files) > 1:
+        weight_map = {name: file for file, shard in zip(files, shards) for name, _, _ in shard}
+        with open(os.path.join(path, INDEX), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(path, CONFIG), "w") as f:
+        json.dump(to_hf_config(cfg, dtype, tokenizer, max_position_embeddings), f, indent=2)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer.path, os.path.join(path, "tokenizer.model"))
+
+
+def to_hf_config(cfg: ModelConfig, dtype: str, tokenizer: Tokenizer | None, max_position_embeddings: int) -> dict:
+    """The config.json that makes `transformers` build exactly this model."""
+    family = "Qwen2" if cfg.qkv_bias else "Llama"
+    out = {
+        "architectures": [family + ("ForSequenceClassification" if cfg.scalar_head else "ForCausalLM")],
+        "model_type": _FAMILIES[family], "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_size, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_scaling": None,
+        "max_position_embeddings": max_position_embeddings, "tie_word_embeddings": cfg.tie_embeddings,
+        "torch_dtype": dtype, "use_cache": True, "initializer_range": 0.02,
+    }
+    if family == "Llama":
+        out.update(attention_bias=False, mlp_bias=False)
+    else:
+        out.update(use_sliding_window=False, sliding_window=None)
+    if cfg.scalar_head:
+        out.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    if tokenizer is not None:
+        out.update({f"{k}_token_id": v for k in ("bos", "eos", "pad")
+                    if (v := getattr(tokenizer, f"{k}_id")) >= 0})
+    return out
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """The sentencepiece `tokenizer.model` of a Hugging Face directory."""
+    model = os.path.join(path, "tokenizer.model")
+    if not os.path.isfile(model) and os.path.isfile(os.path.join(path, "tokenizer.json")):
+        raise ValueError(f"{path} has only tokenizer.json; ptx needs the sentencepiece tokenizer.model")
+    return Tokenizer(model)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(cfg, params, tokens):
+    return Transformer(cfg).apply({"params": params}, tokens)
+
+
+@dataclasses.dataclass
+class HFModel:
+    """An imported checkpoint: config, params, and the tokenizer when it has tokenizer.model.
+
+    max_len: the longest sequence it was imported for (written back as
+    max_position_embeddings).
+    """
+    cfg: ModelConfig
+    params: dict
+    tokenizer: Tokenizer | None = None
+    max_len: int = 4096
+
+    def __call__(self, tokens) -> Output:
+        """tokens: [batch, seq] int32 -> Output (logits [batch, seq, vocab])."""
+        return _forward(self.cfg, self.params, jnp.asarray(tokens, jnp.int32))
+
+
+def load_model(path: str, *, max_len: int | None = None, shardings=None) -> HFModel:
+    """A Hugging Face directory -> HFModel (see `load_params` for max_len and shardings)."""
+    params, cfg = load_params(path, shardings=shardings, max_len=max_len)
+    with open(os.path.join(path, CONFIG)) as f:
+        max_len = max_len or json.load(f).get("max_position_embeddings", 4096)
+    has_spm = os.path.isfile(os.path.join(path, "tokenizer.model"))
+    return HFModel(cfg, params, load_tokenizer(path) if has_spm else None, max_len)
+
+
+def save_model(model: HFModel, path: str, *, dtype: str | None = None) -> None:
+    """Writes an HFModel back as a Hugging Face directory (see `save_params`)."""
+    save_params(model.params, model.cfg, path, dtype=dtype, tokenizer=model.tokenizer,
+                max_position_embeddings=model.max_len)
