@@ -227,9 +227,11 @@ class Transformer(nn.Module):
         values = None
         if cfg.scalar_head:
             # No bias, as in Hugging Face's sequence-classification `score` layer: the
-            # pairwise loss cannot see a constant, so a bias would only drift.
+            # pairwise loss cannot see a constant, so a bias would only drift. Zero
+            # init: a fresh value head predicts 0 instead of per-token noise that
+            # would swamp the first GAE advantages.
             values = nn.Dense(1, use_bias=False, dtype=jnp.float32, param_dtype=_DTYPES[cfg.param_dtype],
-                              kernel_init=nn.initializers.normal(0.02), name="scalar_head")(
+                              kernel_init=nn.initializers.zeros, name="scalar_head")(
                 hidden.astype(jnp.float32))[..., 0]
         return Output(logits=out_logits, values=values, hidden=hidden, cache=cache)
 

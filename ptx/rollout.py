@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from ptx import losses, sampler
+from ptx.model import Transformer
 
 
 def build_sequences(prompt_tokens, prompt_lens, out: sampler.SampleOutput, *, pad_id: int) -> dict:
@@ -75,7 +76,9 @@ def prepare(params, ref_params, seq: dict, scores, kl_coef, *, policy_model, cri
     """
     mask = seq["mask"]
     logps, entropy, values = response_forward(policy_model, params["policy"], seq, width)
-    ref_logps, _, _ = response_forward(policy_model, ref_params, seq, width)
+    # The reference is the SFT trunk: no value head even when the policy carries one.
+    ref_model = Transformer(policy_model.cfg.replace(scalar_head=False))
+    ref_logps, _, _ = response_forward(ref_model, ref_params, seq, width)
     if "critic" in params:
         values = response_values(critic_model, params["critic"], seq, width)
     kl = losses.kl_penalty(logps, ref_logps, rl_cfg.kl_estimator) * mask
