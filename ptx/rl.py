@@ -19,25 +19,23 @@ from ptx.model import ModelConfig, Transformer, init_params
 
 
 def _shardings_for(mesh):
-    def fn(cfg):
-        abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
-        return sharding.named(mesh, sharding.tree_specs(abstract, sharding.param_rules(cfg), mesh, strict=True))
-    return fn
+    return lambda cfg: train.param_shardings_for(cfg, mesh)
 
 
 def _load(path, cfg, mesh):
-    params, _ = checkpoint.load_params(path, _shardings_for(mesh)(cfg))
+    params, _ = checkpoint.load_params(path, train.param_shardings_for(cfg, mesh))
     return params
 
 
 def build_models(config, mesh):
     """Policy / critic configs and the initial trainable params {'policy', 'critic'?} and reference."""
-    if not config.init.checkpoint:
-        raise ValueError(f"stage {config.stage!r} needs init.checkpoint (an SFT workdir)")
-    sft_cfg = ModelConfig(**checkpoint.read_meta(config.init.checkpoint)["model"]).replace(scalar_head=False)
+    if train.source_config(config) is None:
+        raise ValueError(f"stage {config.stage!r} needs init.checkpoint (an SFT workdir) or init.hf_dir")
+    sft_cfg, ref = train.load_source(config, mesh)
+    sft_cfg = sft_cfg.replace(scalar_head=False)
+    ref = {k: v for k, v in ref.items() if k != "scalar_head"}
     critic = config.rl.critic if config.rl.advantage == "gae" else "none"
     policy_cfg = sft_cfg.replace(scalar_head=critic == "policy")
-    ref = _load(config.init.checkpoint, sft_cfg, mesh)
     policy = dict(ref)
     if critic == "policy":
         fresh = jax.jit(lambda r: init_params(policy_cfg, r),
@@ -90,7 +88,6 @@ def run(config, workdir: str) -> dict:
     abstract_state = jax.eval_shape(lambda p: steps.init_state(p, tx), init)
     state_sh = sharding.named(mesh, sharding.tree_specs(abstract_state, rules, mesh, strict=False))
     sharding.tree_specs(init, rules, mesh, strict=True)
-    ref_sh = _shardings_for(mesh)(policy_cfg.replace(scalar_head=False))
     batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
     ckpt = checkpoint.Checkpointer(workdir, every=config.train.ckpt_every, keep=config.train.keep_ckpts)

@@ -60,6 +60,10 @@ def setup_tokenizer(config, workdir: str, rows) -> Tokenizer:
     source = config.tokenizer.path
     if not source and config.init.checkpoint:
         source = checkpoint.tokenizer_path(config.init.checkpoint)
+    if not source and config.init.hf_dir:
+        from ptx import hf
+
+        return hf.load_tokenizer(config.init.hf_dir)
     if not source and os.path.exists(own):
         source = own
     if source:
@@ -82,29 +86,50 @@ def encode(config, rows, tok):
     raise ValueError(f"data.kind={d.kind!r} cannot train stage {config.stage!r}")
 
 
-def model_config(config, tok: Tokenizer) -> ModelConfig:
-    """From the init checkpoint when there is one (its architecture wins), else from config.model."""
-    fields = dict(config.model)
+def source_config(config):
+    """The architecture of `init.checkpoint` or `init.hf_dir`, or None for a fresh model."""
+    if config.init.checkpoint and config.init.hf_dir:
+        raise ValueError("set init.checkpoint or init.hf_dir, not both")
     if config.init.checkpoint:
-        fields = checkpoint.read_meta(config.init.checkpoint)["model"]
-    fields["scalar_head"] = config.stage == "reward"
-    cfg = ModelConfig(**fields)
+        return ModelConfig(**checkpoint.read_meta(config.init.checkpoint)["model"])
+    if config.init.hf_dir:
+        from ptx import hf
+
+        with open(os.path.join(config.init.hf_dir, hf.CONFIG)) as f:
+            return hf.config_from_hf(json.load(f))
+    return None
+
+
+def param_shardings_for(cfg: ModelConfig, mesh):
+    abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    return sharding.named(mesh, sharding.tree_specs(abstract, sharding.param_rules(cfg), mesh, strict=True))
+
+
+def load_source(config, mesh):
+    """(config, params) of the init source, read straight onto the mesh."""
+    cfg = source_config(config)
+    if config.init.checkpoint:
+        return cfg, checkpoint.load_params(config.init.checkpoint, param_shardings_for(cfg, mesh))[0]
+    from ptx import hf
+
+    return cfg, hf.load_params(config.init.hf_dir, cfg, param_shardings_for(cfg, mesh))[0]
+
+
+def model_config(config, tok: Tokenizer) -> ModelConfig:
+    """From the init source when there is one (its architecture wins), else from config.model."""
+    cfg = source_config(config) or ModelConfig(**dict(config.model))
+    cfg = cfg.replace(scalar_head=config.stage == "reward")
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} pieces but model.vocab_size={cfg.vocab_size}")
     return cfg
 
 
 def initial_params(config, cfg: ModelConfig, mesh, param_shardings):
-    """Random init sharded at creation, or the init checkpoint's trunk (fresh scalar head)."""
-    rng = jax.random.PRNGKey(config.seed)
-    fresh = jax.jit(lambda r: init_params(cfg, r), out_shardings=param_shardings)(rng)
-    if not config.init.checkpoint:
+    """Random init sharded at creation, or the init source's trunk (fresh scalar head)."""
+    fresh = jax.jit(lambda r: init_params(cfg, r), out_shardings=param_shardings)(jax.random.PRNGKey(config.seed))
+    if source_config(config) is None:
         return fresh
-    src_cfg = ModelConfig(**checkpoint.read_meta(config.init.checkpoint)["model"])
-    src_shardings = sharding.named(mesh, sharding.tree_specs(
-        jax.eval_shape(lambda: init_params(src_cfg, rng)), sharding.param_rules(src_cfg), mesh,
-        strict=True))
-    loaded, _ = checkpoint.load_params(config.init.checkpoint, src_shardings)
+    _, loaded = load_source(config, mesh)
     # Keep the trunk (and LM head); a head the source lacks stays freshly initialised.
     return {k: loaded.get(k, v) for k, v in fresh.items()}
 

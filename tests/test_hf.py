@@ -292,3 +292,27 @@ def test_load_model_refuses_a_sliding_window_shorter_than_max_len(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"sliding_window=32.*pass max_len <= 32"):
         hf.load_model(str(tmp_path))
+
+
+def test_sft_stage_starts_from_an_hf_dir(tmp_path):
+    """init.hf_dir: the stage reads architecture, weights and tokenizer from the directory."""
+    from configs import sft as sft_config
+    from ptx import checkpoint, train, world
+
+    files = world.World(world.WorldConfig(n_pretrain=50, n_sft=40, n_pref=10, n_heldout=8)).write(
+        str(tmp_path / "world"))
+    tok = train_tokenizer([json.loads(line)["text"] for line in open(files["pretrain"])],
+                          vocab_size=512, path=str(tmp_path / "tok.model"))
+    cfg = ModelConfig(vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                      tie_embeddings=False)
+    params = init_params(cfg, jax.random.PRNGKey(3))
+    hf.save_params(params, cfg, str(tmp_path / "hf"), tokenizer=tok)
+    c = sft_config.get_config("tiny")
+    c.data.train = files["sft"]
+    c.init.hf_dir = str(tmp_path / "hf")
+    c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 0.0, 0, "constant"
+    c.train.steps, c.train.eval_every = 1, 0
+    train.run(c, str(tmp_path / "run"))
+    loaded, meta = checkpoint.load_params(str(tmp_path / "run"))
+    assert meta["model"]["d_model"] == 32 and meta["model"]["tie_embeddings"] is False
+    assert_same_params(jax.device_get(loaded), jax.device_get(params))
