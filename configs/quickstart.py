@@ -8,6 +8,10 @@ Each stage's config sits under its name and is overridable: --config.ppo.rl.kl_c
 from configs import common, dpo, grpo, ppo, pretrain, reward, sft
 
 
+# Sized so the whole recipe trains in minutes on a 2-core CPU.
+QUICK_MODEL = dict(vocab_size=768, d_model=96, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=256)
+
+
 def get_config(arg=None):
     tiny = "tiny" in common.parse_arg(arg)
     size = "tiny" if tiny else "size=small"
@@ -19,6 +23,8 @@ def get_config(arg=None):
     def stage(module, steps, batch, lr, **extra):
         s = module.get_config(size)
         s.seed = c.seed
+        if not tiny:
+            s.model.update(QUICK_MODEL)
         s.train.steps, s.train.batch_size, s.optim.lr = (2, 8, lr) if tiny else (steps, batch, lr)
         s.train.log_every = 1 if tiny else max(steps // 20, 1)
         s.train.eval_every = 0
@@ -32,8 +38,8 @@ def get_config(arg=None):
             node[last] = v
         return s
 
-    c.pretrain = stage(pretrain, 500, 32, 2e-3, **{"optim.warmup_steps": 20})
-    c.sft = stage(sft, 300, 32, 5e-4, **{"optim.warmup_steps": 10, "data.max_len": 64})
+    c.pretrain = stage(pretrain, 400, 32, 2e-3, **{"optim.warmup_steps": 20})
+    c.sft = stage(sft, 250, 32, 5e-4, **{"optim.warmup_steps": 10, "data.max_len": 64})
     c.reward = stage(reward, 200, 32, 5e-4, **{"optim.warmup_steps": 10, "data.max_len": 64})
     c.dpo = stage(dpo, 150, 32, 2e-4, **{"optim.warmup_steps": 10, "data.max_len": 64,
                                         "dpo.beta": 0.1})

@@ -1,0 +1,88 @@
+"""Best-of-N selection, the sample command, and the quickstart shortened to a few steps per stage."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import best_of_n as bon_config
+from configs import quickstart as quickstart_config
+from configs import sample as sample_config
+from ptx import best_of_n, evaluate, pipeline, rewards
+
+
+def test_best_of_n_picks_the_argmax_and_its_mean_is_monotone_in_n():
+    scores = np.random.default_rng(0).normal(size=(50, 16))
+    picked = best_of_n.select(scores, [1, 2, 4, 8, 16])
+    for n, r in picked.items():
+        np.testing.assert_array_equal(r["best_index"], scores[:, :n].argmax(1))
+        assert r["worst"] <= r["random"] <= r["best"] or n == 1
+    best = [picked[n]["best"] for n in (1, 2, 4, 8, 16)]
+    assert all(a <= b for a, b in zip(best, best[1:]))
+    assert picked[1]["best"] == picked[1]["random"] == picked[1]["worst"]
+    with pytest.raises(ValueError, match="best-of-32"):
+        best_of_n.select(scores, [32])
+
+
+def test_kl_bound_is_the_analytic_formula():
+    assert best_of_n.kl_bound(1) == 0.0
+    np.testing.assert_allclose(best_of_n.kl_bound(16), np.log(16) - 15 / 16)
+
+
+def test_summary_counts_refusals_and_accuracy_by_kind():
+    grades = [{"reward": 1.0, "correct": True, "refused": False, "kind": "arithmetic"},
+              {"reward": 0.0, "correct": False, "refused": True, "kind": "arithmetic"},
+              {"reward": 1.0, "correct": True, "refused": True, "kind": "harmful"},
+              {"reward": 0.0, "correct": False, "refused": False, "kind": "harmful"}]
+    s = evaluate.summarize(grades, [3, 5, 7, 9])
+    assert s["oracle_reward"] == 0.5 and s["accuracy/arithmetic"] == 0.5
+    assert s["correct_refusal_rate"] == 0.5 and s["over_refusal_rate"] == 0.5 and s["mean_length"] == 6
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("quickstart")
+    results = pipeline.run(quickstart_config.get_config("tiny"), str(workdir))
+    return str(workdir), results
+
+
+def test_shortened_quickstart_runs_end_to_end_and_writes_its_report(quickstart):
+    workdir, results = quickstart
+    with open(os.path.join(workdir, "results.json")) as f:
+        on_disk = json.load(f)
+    for method in ("base", "sft", "dpo", "ppo", "grpo", "best_of_2", "best_of_4"):
+        assert 0.0 <= on_disk["methods"][method]["oracle_reward"] <= 1.0
+    assert 0.0 <= on_disk["reward_model"]["heldout_accuracy"] <= 1.0
+    assert on_disk["methods"]["sft"]["kl_to_sft"] == 0.0
+    assert os.path.exists(os.path.join(workdir, "report.md"))
+    assert os.path.exists(os.path.join(workdir, "oracle_reward.png"))
+
+
+def test_sample_and_best_of_n_commands_write_their_files(quickstart, tmp_path):
+    workdir, _ = quickstart
+    c = sample_config.get_config("tiny")
+    c.checkpoint = os.path.join(workdir, "sft")
+    c.prompt = "What is 2 + 3?"
+    c.sampling.num_samples, c.sampling.temperature = 2, 0.0
+    from ptx import inference
+
+    path = inference.run(c, str(tmp_path / "sample"))
+    rows = [json.loads(line) for line in open(path)]
+    assert len(rows) == 2 and rows[0]["completion"] == rows[1]["completion"]  # greedy
+    assert rows[0]["finish_reason"] in ("eos", "stop", "length")
+
+    b = bon_config.get_config("tiny")
+    b.checkpoint = os.path.join(workdir, "sft")
+    b.reward.source = "function"
+    b.reward.function = "ptx.world:oracle_reward"
+    b.prompts = os.path.join(workdir, "world", "heldout.jsonl")
+    b.batch_size = 8
+    results = best_of_n.run(b, str(tmp_path / "bon"))
+    best = [results[f"best_of_{n}"]["best"] for n in b.ns]
+    assert all(x <= y for x, y in zip(best, best[1:]))
+    cands = [json.loads(line) for line in open(tmp_path / "bon" / "candidates.jsonl")]
+    assert len(cands) == 40 * max(b.ns)
+    # Scores on disk are the oracle's own.
+    fn = rewards.import_function("ptx.world:oracle_reward")
+    for cand in cands[:10]:
+        assert cand["score"] == pytest.approx(fn(cand["prompt"], cand["completion"]))
