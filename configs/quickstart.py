@@ -41,11 +41,12 @@ def get_config(arg=None):
     c.pretrain = stage(pretrain, 400, 32, 2e-3, **{"optim.warmup_steps": 20})
     c.sft = stage(sft, 250, 32, 5e-4, **{"optim.warmup_steps": 10, "data.max_len": 64})
     c.reward = stage(reward, 200, 32, 5e-4, **{"optim.warmup_steps": 10, "data.max_len": 64})
-    c.dpo = stage(dpo, 150, 32, 2e-4, **{"optim.warmup_steps": 10, "data.max_len": 64,
-                                        "dpo.beta": 0.1})
+    c.dpo = stage(dpo, 150, 32, 5e-5, **{"optim.warmup_steps": 10, "data.max_len": 64,
+                                        "dpo.beta": 0.3})
     rl_batch = {"rl.rollout_batch": 8, "rl.minibatch_size": 8} if tiny else {}
-    c.ppo = stage(ppo, 30, 0, 5e-5, **{"rl.max_new_tokens": 24, **rl_batch})
-    c.grpo = stage(grpo, 30, 0, 5e-5, **{"rl.max_new_tokens": 24,
+    c.ppo = stage(ppo, 20, 0, 5e-5, **{"rl.max_new_tokens": 24, "rl.kl_coef": 0.1, "rl.num_epochs": 2,
+                                      **rl_batch})
+    c.grpo = stage(grpo, 20, 0, 5e-5, **{"rl.max_new_tokens": 24, "rl.num_epochs": 2,
                                         **({"rl.rollout_batch": 2, "rl.minibatch_size": 8} if tiny else {})})
     c.eval = common.ml_collections.ConfigDict()
     c.eval.batch_size = 64 if not tiny else 8  # sampler rows per call
