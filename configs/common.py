@@ -87,8 +87,22 @@ def base_config(stage: str, arg=None) -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
 
+    # Several processes (one per host) as one device set; see ptx/distributed.py.
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.auto = False  # True: coordinator and ids from the environment (Cloud TPU VM, SLURM)
+    c.distributed.coordinator = ""  # "host:port" of process 0, when not auto
+    c.distributed.num_processes = 1  # 1 = single process, no jax.distributed
+    c.distributed.process_id = 0  # this process, 0 .. num_processes - 1
+    c.distributed.local_device_ids = ""  # e.g. "0,1": this process's devices; '' = all local ones
+
     c.world = ml_collections.ConfigDict()
     c.world.seed = 0  # the embedded world used when data.train is empty
+
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # 0 = full finetuning; > 0 = rank-r adapters on a frozen base (ptx/lora.py)
+    c.lora.alpha = 16.0  # the adapter update is scaled by alpha / rank
+    c.lora.dropout = 0.0  # must be 0: adapters are merged into the weights inside the step
+    c.lora.targets = (r"layers/attn/(q|k|v|o)/kernel", r"layers/(gate|up|down)/kernel")  # kernel path regexes
 
     c.init = ml_collections.ConfigDict()
     c.init.checkpoint = ""  # a ptx workdir or checkpoint dir to start from

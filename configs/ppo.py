@@ -20,8 +20,10 @@ def rl_config(arg=None, stage="ppo"):
     c.train.ckpt_every = 20 if not tiny else 2
 
     c.reward = common.ml_collections.ConfigDict()
-    c.reward.source = "model"  # model (reward.checkpoint) | function (reward.function)
-    c.reward.checkpoint = ""  # a reward-stage workdir
+    c.reward.source = "model"  # model (reward.checkpoint) | function (reward.function) | judge (d-RLAIF)
+    c.reward.checkpoint = ""  # a reward-stage workdir; for judge, any language-model workdir
+    c.reward.principles = ()  # judge: plain lines above the rating prompt
+    c.reward.judge_batch_size = 16  # judge: prompts per forward (a multiple of the data-parallel devices)
     c.reward.function = "ptx.world:oracle_reward"  # 'module:fn' with fn(prompt, completion) -> float
 
     c.rl = common.ml_collections.ConfigDict()

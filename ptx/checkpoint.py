@@ -85,6 +85,8 @@ def load_params(path: str, shardings=None):
     meta = read_meta(path)
     cfg = ModelConfig(**meta["model"])
     abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    if meta.get("lora"):
+        return _load_lora(directory, step, meta, cfg, abstract, shardings), meta
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree_util.tree_map(lambda _: device, abstract)
@@ -101,6 +103,37 @@ def load_params(path: str, shardings=None):
             item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
     params = restored["params"]
     return (params[key] if key else params), meta
+
+
+def _load_lora(directory, step, meta, cfg, abstract, shardings):
+    """A LoRA checkpoint holds adapters only: read its base from where the run started, then merge."""
+    from ptx import lora
+
+    lcfg = lora.LoraConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["lora"]["config"].items()})
+    source = meta["lora"]["base"]
+    if source["checkpoint"]:
+        has_head = read_meta(source["checkpoint"])["model"]["scalar_head"]
+        base_sh = shardings if shardings is None or has_head else {
+            k: v for k, v in shardings.items() if k != "scalar_head"}
+        base, _ = load_params(source["checkpoint"], base_sh)
+    else:
+        from ptx import hf
+
+        base, _ = hf.load_params(source["hf_dir"], cfg, shardings)
+    # The base of a reward-stage run lacks the head it trained: start it from zeros as init did.
+    base = {k: base.get(k, v) for k, v in jax.tree_util.tree_map(
+        lambda a: jax.numpy.zeros(a.shape, a.dtype), abstract).items()}
+    adapters_abstract = jax.eval_shape(lambda: lora.init(abstract, lcfg, jax.random.PRNGKey(0)))
+    # Adapters are small: replicated over the devices the base sits on.
+    first = jax.tree_util.tree_leaves(shardings)[0] if shardings is not None else None
+    place = (jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec()) if first is not None
+             else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    restore_args = jax.tree_util.tree_map(lambda a: ocp.ArrayRestoreArgs(sharding=place, dtype=a.dtype),
+                                          adapters_abstract)
+    with ocp.PyTreeCheckpointer() as reader:
+        restored = reader.restore(os.path.join(directory, str(step), "state"), args=ocp.args.PyTreeRestore(
+            item={"params": adapters_abstract}, restore_args={"params": restore_args}, partial_restore=True))
+    return lora.merge(base, restored["params"], lcfg)
 
 
 def tokenizer_path(path: str) -> str:

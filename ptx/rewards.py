@@ -58,12 +58,23 @@ def import_function(name: str) -> Callable:
     return getattr(importlib.import_module(module), attr)
 
 
-def make_source(reward_cfg, shardings_fn: Callable = None):
-    """From the config: reward.source = model (reward.checkpoint) | function (reward.function)."""
+def make_source(reward_cfg, shardings_fn: Callable = None, mesh=None):
+    """From the config: reward.source = model (reward.checkpoint) | function (reward.function)
+    | judge (d-RLAIF: the expected 1-10 rating of a language model at reward.checkpoint,
+    placed on `mesh`, by default data parallel over all devices)."""
     if reward_cfg.source == "model":
         if not reward_cfg.checkpoint:
             raise ValueError("reward.source='model' needs reward.checkpoint (a reward-stage workdir)")
         return ModelReward(reward_cfg.checkpoint, shardings_fn)
     if reward_cfg.source == "function":
         return FunctionReward(import_function(reward_cfg.function))
-    raise ValueError(f"reward.source={reward_cfg.source!r}; expected model or function")
+    if reward_cfg.source == "judge":
+        from ptx import inference, judge, sharding
+
+        if not reward_cfg.checkpoint:
+            raise ValueError("reward.source='judge' needs reward.checkpoint (a language-model workdir)")
+        mesh = mesh or sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+        return judge.JudgeReward(judge.Judge(inference.load_policy(reward_cfg.checkpoint, mesh),
+                                             principles=tuple(reward_cfg.principles),
+                                             batch_size=reward_cfg.judge_batch_size))
+    raise ValueError(f"reward.source={reward_cfg.source!r}; expected model, function or judge")

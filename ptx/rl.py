@@ -81,7 +81,7 @@ def run(config, workdir: str) -> dict:
 
     policy_cfg, critic_cfg, init, ref = build_models(config, mesh)
     policy_model, critic_model = Transformer(policy_cfg), Transformer(critic_cfg) if critic_cfg else None
-    source = rewards.make_source(config.reward, _shardings_for(mesh))
+    source = rewards.make_source(config.reward, _shardings_for(mesh), mesh)
     rules = _rules(policy_cfg, critic_cfg)
     updates_per_iter = rl.num_epochs * (rl.rollout_batch * rl.group_size // rl.minibatch_size)
     tx, lr_fn = optim.make_optimizer(config.optim, config.train.steps * updates_per_iter)

@@ -19,6 +19,10 @@ def run(config, workdir: str):
         from ptx import best_of_n
 
         return best_of_n.run(config, workdir)
+    if stage == "ai_feedback":
+        from ptx import judge
+
+        return judge.run(config, workdir)
     if stage == "quickstart":
         from ptx import pipeline
 

@@ -5,6 +5,7 @@ newest checkpoint, then `init.checkpoint` (or `init.hf_dir`), then scratch.
 The data order is a pure function of the step, so a resumed run sees exactly
 the batches an uninterrupted one would.
 """
+import dataclasses
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ import shutil
 import jax
 import numpy as np
 
-from ptx import checkpoint, data, metrics, optim, sharding, steps
+from ptx import checkpoint, data, lora, metrics, optim, sharding, steps
 from ptx.model import ModelConfig, Transformer, init_params
 from ptx.tokenizer import PromptTemplate, Tokenizer, load_tokenizer, train_tokenizer
 
@@ -115,6 +116,22 @@ def load_source(config, mesh):
     return cfg, hf.load_params(config.init.hf_dir, cfg, param_shardings_for(cfg, mesh))[0]
 
 
+def lora_config(config) -> lora.LoraConfig:
+    """The stage's adapters; the reward stage also adapts its fresh scalar head (rank 1 is full rank for it)."""
+    lcfg = lora.LoraConfig.from_config(config.lora)
+    if lcfg.enabled and config.stage == "reward":
+        lcfg = dataclasses.replace(lcfg, targets=tuple(lcfg.targets) + (r"scalar_head/kernel",))
+    return lcfg
+
+
+def base_source(config) -> dict:
+    """Where a LoRA checkpoint's frozen base comes from, so the next stage can merge it."""
+    if not (config.init.checkpoint or config.init.hf_dir):
+        raise ValueError("lora.rank > 0 needs a base: set init.checkpoint or init.hf_dir")
+    return {"checkpoint": os.path.abspath(config.init.checkpoint) if config.init.checkpoint else "",
+            "hf_dir": os.path.abspath(config.init.hf_dir) if config.init.hf_dir else ""}
+
+
 def model_config(config, tok: Tokenizer) -> ModelConfig:
     """From the init source when there is one (its architecture wins), else from config.model."""
     cfg = source_config(config) or ModelConfig(**dict(config.model))
@@ -174,10 +191,17 @@ def run(config, workdir: str, devices=None) -> dict:
     rules = sharding.param_rules(cfg)
     abstract_params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
     param_shardings = sharding.named(mesh, sharding.tree_specs(abstract_params, rules, mesh, strict=True))
+    lcfg = lora_config(config)
+    # With LoRA the optimiser sees only the adapters; the base is frozen input.
+    trainable, trainable_shardings = abstract_params, param_shardings
+    if lcfg.enabled:
+        trainable = jax.eval_shape(lambda: lora.init(abstract_params, lcfg, jax.random.PRNGKey(0)))
+        rules = lora.sharding_rules(rules, trainable)
+        trainable_shardings = sharding.named(mesh, sharding.tree_specs(trainable, rules, mesh, strict=True))
     tx, lr_fn = optim.make_optimizer(config.optim, config.train.steps)
-    abstract_state = jax.eval_shape(lambda p: steps.init_state(p, tx), abstract_params)
+    abstract_state = jax.eval_shape(lambda p: steps.init_state(p, tx), trainable)
     state_shardings = sharding.named(mesh, sharding.tree_specs(abstract_state, rules, mesh, strict=False))
-    state_shardings = state_shardings.replace(params=param_shardings)
+    state_shardings = state_shardings.replace(params=trainable_shardings)
     replicated = sharding.replicated(mesh)
 
     ckpt = checkpoint.Checkpointer(workdir, every=config.train.ckpt_every, keep=config.train.keep_ckpts)
@@ -186,13 +210,19 @@ def run(config, workdir: str, devices=None) -> dict:
     latest = ckpt.latest_step()
     frozen = None
     frozen_shardings = None
+    base = initial_params(config, cfg, mesh, param_shardings) if lcfg.enabled else None
     if config.stage == "dpo" and config.dpo.reference_free is False:
-        frozen = initial_params(config, cfg, mesh, param_shardings)
+        # With LoRA the reference is the base itself: adapters off, no copy.
+        frozen = base if lcfg.enabled else initial_params(config, cfg, mesh, param_shardings)
         frozen_shardings = param_shardings
     if latest is not None:
         abstract = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings)
         state, _ = ckpt.restore(latest, abstract)
+    elif lcfg.enabled:
+        adapters = jax.jit(lambda r: lora.init(abstract_params, lcfg, r), out_shardings=trainable_shardings)(
+            jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
+        state = jax.jit(lambda p: steps.init_state(p, tx), out_shardings=state_shardings)(adapters)
     else:
         params = initial_params(config, cfg, mesh, param_shardings)
         state = jax.jit(lambda p: steps.init_state(p, tx), out_shardings=state_shardings)(params)
@@ -203,6 +233,10 @@ def run(config, workdir: str, devices=None) -> dict:
         frozen, frozen_shardings = None, None
 
     loss_fn = steps.make_loss_fn(config.stage, model, config)
+    if lcfg.enabled:
+        loss_fn = lora.loss_fn(loss_fn, lcfg)
+        frozen, frozen_shardings = {"base": base, "ref": frozen}, {"base": param_shardings, "ref": frozen_shardings}
+        meta["lora"] = {"config": dataclasses.asdict(lcfg), "base": base_source(config)}
     batch_sh = sharding.batch_sharding(mesh)
     step_fn = steps.compile_step(
         lambda s, b, f: steps.train_step(s, b, f, loss_fn=loss_fn, tx=tx, lr_fn=lr_fn,
@@ -211,7 +245,7 @@ def run(config, workdir: str, devices=None) -> dict:
         out_shardings=(state_shardings, replicated), donate_state=True)
     eval_fn = steps.compile_step(
         lambda p, b, f: steps.eval_step(p, b, f, loss_fn=loss_fn),
-        in_shardings=(param_shardings, batch_sh, frozen_shardings), out_shardings=replicated,
+        in_shardings=(trainable_shardings, batch_sh, frozen_shardings), out_shardings=replicated,
         donate_state=False)
 
     it = data.BatchIterator(arrays, config.train.batch_size, seed=config.seed,
