@@ -5,7 +5,7 @@ pre-training -> SFT -> reward model -> DPO / PPO / GRPO -> best-of-N -> evaluati
 Each stage's config sits under its name and is overridable: --config.ppo.rl.kl_coef=0.1
 `quickstart.py:tiny` shrinks every stage to a few steps (the test suite runs it).
 """
-from configs import common, dpo, grpo, ppo, pretrain, reward, sft
+from configs import ai_feedback, common, dpo, grpo, ppo, pretrain, reward, sft
 
 
 # Sized so the whole recipe trains in minutes on a 2-core CPU.
@@ -48,6 +48,17 @@ def get_config(arg=None):
                                       **rl_batch})
     c.grpo = stage(grpo, 20, 0, 5e-5, **{"rl.max_new_tokens": 24, "rl.num_epochs": 2,
                                         **({"rl.rollout_batch": 2, "rl.minibatch_size": 8} if tiny else {})})
+    c.ai_feedback = ai_feedback.get_config(size)
+    c.ai_feedback.seed = c.seed
+    c.ai_feedback.num_prompts = 8 if tiny else 1024
+    c.ai_feedback.batch_size = 8 if tiny else 64
+    c.ai_feedback.sampling.max_new_tokens = 24
+    c.ai_feedback.data.max_prompt_len = 40
+    c.ai_feedback.judge.principles = ()  # the world's judge learned reviews without a preamble
+    c.ai_feedback.judge.batch_size = 8 if tiny else 64
+    c.ai_feedback.judge.threshold = 0.5 if tiny else 0.55  # tiny: keep every pair so DPO has data
+    c.rlaif = stage(dpo, 150, 32, 5e-5, **{"optim.warmup_steps": 10, "data.max_len": 64, "dpo.beta": 0.3,
+                                          "dpo.soft_labels": True})
     c.eval = common.ml_collections.ConfigDict()
     c.eval.batch_size = 64 if not tiny else 8  # sampler rows per call
     c.eval.max_new_tokens = 24 if not tiny else 12

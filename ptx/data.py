@@ -53,6 +53,8 @@ def _read(source: str, split: str) -> list[dict]:
         if ext not in _BUILDERS:
             raise ValueError(f"{source}: unsupported file type {ext!r}; "
                              f"expected one of {sorted(_BUILDERS)}")
+        if os.path.getsize(source) == 0:
+            raise DataError(f"{source}: the file is empty")
         ds = datasets.load_dataset(_BUILDERS[ext], data_files=source, split="train")
     elif ext in _BUILDERS:
         # Looks like a file, so a hub lookup would only obscure the typo.

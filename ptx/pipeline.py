@@ -13,11 +13,13 @@ import numpy as np
 
 from ptx import checkpoint, data, evaluate, inference, rewards, sharding, train, world
 
-METHODS = ("base", "sft", "best_of_4", "best_of_16", "dpo", "ppo", "grpo")
-STAGES = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo")
+METHODS = ("base", "sft", "best_of_4", "best_of_16", "dpo", "ppo", "grpo", "rlaif")
+STAGES = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo", "ai_feedback", "rlaif")
 
 
 def _done(path: str, steps: int) -> bool:
+    if steps is None:
+        return os.path.exists(os.path.join(path, "stats.json"))
     try:
         return checkpoint.resolve(path)[1] >= steps
     except FileNotFoundError:
@@ -32,8 +34,11 @@ def run_stages(config, workdir: str, files: dict) -> dict:
     inputs = {"pretrain": (files["pretrain"], ""), "sft": (files["sft"], ""),
               "reward": (files["preference"], files["preference_heldout"]),
               "dpo": (files["preference"], files["preference_heldout"]),
-              "ppo": (files["sft"], ""), "grpo": (files["sft"], "")}
-    parents = {"sft": "pretrain", "reward": "sft", "dpo": "sft", "ppo": "sft", "grpo": "sft"}
+              "ppo": (files["sft"], ""), "grpo": (files["sft"], ""),
+              # ai_feedback reads the world's own prompts, so it can also grade its labels.
+              "ai_feedback": ("", ""),
+              "rlaif": (os.path.join(dirs["ai_feedback"], "preferences.jsonl"), files["preference_heldout"])}
+    parents = {"sft": "pretrain", "reward": "sft", "dpo": "sft", "ppo": "sft", "grpo": "sft", "rlaif": "sft"}
     for name in STAGES:
         c = config[name]
         c.data.train, c.data.eval = inputs[name]
@@ -41,7 +46,10 @@ def run_stages(config, workdir: str, files: dict) -> dict:
             c.init.checkpoint = dirs[parents[name]]
         if name in ("ppo", "grpo"):
             c.reward.checkpoint = dirs["reward"]
-        if not _done(dirs[name], c.train.steps):
+        if name == "ai_feedback":
+            # The judge is the pre-trained model: it saw review text, never an oracle label.
+            c.policy_checkpoint, c.judge_checkpoint = dirs["sft"], dirs["pretrain"]
+        if not _done(dirs[name], None if name == "ai_feedback" else c.train.steps):
             print(f"== {name}")
             stages.run(c, dirs[name])
     return dirs
@@ -59,7 +67,8 @@ def evaluate_all(config, workdir: str, files: dict, dirs: dict) -> dict:
     settings = dict(temperature=e.temperature, top_k=0, top_p=1.0, min_p=0.0)
     kl_fn = evaluate.make_kl_fn(sft.cfg, arrays["prompt_tokens"].shape[1])
     methods = {}
-    for name, stage in (("base", "pretrain"), ("sft", "sft"), ("dpo", "dpo"), ("ppo", "ppo"), ("grpo", "grpo")):
+    for name, stage in (("base", "pretrain"), ("sft", "sft"), ("dpo", "dpo"), ("ppo", "ppo"), ("grpo", "grpo"),
+                        ("rlaif", "rlaif")):
         params = sft.params if name == "sft" else inference.load_policy(dirs[stage], mesh).params
         print(f"== evaluate {name}")
         methods[name] = evaluate.evaluate_policy(smp, params, sft.params, arrays, prompts, w.grade,
@@ -70,9 +79,17 @@ def evaluate_all(config, workdir: str, files: dict, dirs: dict) -> dict:
                                                seed=e.seed, settings=settings))
     rm_metrics = [json.loads(line) for line in open(os.path.join(dirs["reward"], "metrics.jsonl"))]
     heldout_acc = [m["eval/accuracy"] for m in rm_metrics if "eval/accuracy" in m][-1]
+    with open(os.path.join(dirs["ai_feedback"], "stats.json")) as f:
+        aif = json.load(f)
+    human = [json.loads(line) for line in open(files["preference"])]
+    human_agree = [w.score(r["prompt"], r["chosen"]) > w.score(r["prompt"], r["rejected"]) for r in human
+                   if w.score(r["prompt"], r["chosen"]) != w.score(r["prompt"], r["rejected"])]
     return {"methods": {k: methods[k] for k in METHODS if k in methods} | {
                 k: v for k, v in methods.items() if k not in METHODS},
-            "reward_model": {"heldout_accuracy": heldout_acc}}
+            "reward_model": {"heldout_accuracy": heldout_acc},
+            "ai_feedback": {k: aif.get(k) for k in ("agreement_with_oracle", "position_flip_rate", "n_pairs",
+                                                    "n_dropped")} | {
+                "human_label_agreement_with_oracle": float(np.mean(human_agree))}}
 
 
 def report(results: dict, workdir: str) -> str:
@@ -122,5 +139,8 @@ def run(config, workdir: str) -> dict:
     plot(results, workdir)
     print(table)
     print(f"reward model held-out accuracy: {results['reward_model']['heldout_accuracy']:.3f}")
+    aif = results["ai_feedback"]
+    print(f"AI labels agree with the oracle on {aif['agreement_with_oracle']}, simulated human labels on "
+          f"{aif['human_label_agreement_with_oracle']:.3f} (position flips {aif['position_flip_rate']})")
     print(f"wrote {workdir}/results.json, report.md, oracle_reward.png")
     return results

@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ptx import data
 from ptx.data import (BatchIterator, DataError, encode_preference, encode_prompts,
                       encode_sft, encode_text, load_rows)
 from ptx.tokenizer import PromptTemplate, train_tokenizer
@@ -423,3 +424,10 @@ def test_bad_batch_configurations_are_named():
         BatchIterator(make_arrays(), 64, seed=0)
     with pytest.raises(ValueError, match="batch_size=10 not divisible by process_count=4"):
         BatchIterator(make_arrays(), 10, seed=0, process_count=4)
+
+
+def test_empty_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    with pytest.raises(data.DataError, match="empty.jsonl: the file is empty"):
+        data.load_rows(str(path), "preference")

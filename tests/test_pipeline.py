@@ -50,9 +50,12 @@ def test_shortened_quickstart_runs_end_to_end_and_writes_its_report(quickstart):
     workdir, results = quickstart
     with open(os.path.join(workdir, "results.json")) as f:
         on_disk = json.load(f)
-    for method in ("base", "sft", "dpo", "ppo", "grpo", "best_of_2", "best_of_4"):
+    for method in ("base", "sft", "dpo", "ppo", "grpo", "rlaif", "best_of_2", "best_of_4"):
         assert 0.0 <= on_disk["methods"][method]["oracle_reward"] <= 1.0
     assert 0.0 <= on_disk["reward_model"]["heldout_accuracy"] <= 1.0
+    aif = on_disk["ai_feedback"]
+    assert aif["n_pairs"] > 0 and 0.0 <= aif["position_flip_rate"] <= 1.0
+    assert 0.8 < aif["human_label_agreement_with_oracle"] <= 1.0
     assert on_disk["methods"]["sft"]["kl_to_sft"] == 0.0
     assert os.path.exists(os.path.join(workdir, "report.md"))
     assert os.path.exists(os.path.join(workdir, "oracle_reward.png"))
