@@ -56,7 +56,7 @@ def get_config(arg=None):
     c.ai_feedback.data.max_prompt_len = 40
     c.ai_feedback.judge.principles = ()  # the world's judge learned reviews without a preamble
     c.ai_feedback.judge.batch_size = 8 if tiny else 64
-    c.ai_feedback.judge.threshold = 0.5 if tiny else 0.55  # tiny: keep every pair so DPO has data
+    c.ai_feedback.judge.threshold = 0.5  # keep every pair: the soft label carries the confidence
     c.rlaif = stage(dpo, 150, 32, 5e-5, **{"optim.warmup_steps": 10, "data.max_len": 64, "dpo.beta": 0.3,
                                           "dpo.soft_labels": True})
     c.eval = common.ml_collections.ConfigDict()
