@@ -88,7 +88,8 @@ def load_params(path: str, shardings=None):
     if meta.get("lora"):
         return _load_lora(directory, step, meta, cfg, abstract, shardings), meta
     if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        # This process's first device: jax.devices()[0] belongs to process 0 only.
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree_util.tree_map(lambda _: device, abstract)
     restore_args = jax.tree_util.tree_map(
         lambda a, s: ocp.ArrayRestoreArgs(sharding=s, dtype=a.dtype), abstract, shardings)
@@ -127,7 +128,7 @@ def _load_lora(directory, step, meta, cfg, abstract, shardings):
     # Adapters are small: replicated over the devices the base sits on.
     first = jax.tree_util.tree_leaves(shardings)[0] if shardings is not None else None
     place = (jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec()) if first is not None
-             else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+             else jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
     restore_args = jax.tree_util.tree_map(lambda a: ocp.ArrayRestoreArgs(sharding=place, dtype=a.dtype),
                                           adapters_abstract)
     with ocp.PyTreeCheckpointer() as reader:

@@ -12,8 +12,10 @@ def main(argv):
     del argv
     # Orbax and absl log every checkpoint step at INFO; the run's own log is metrics.jsonl.
     logging.set_verbosity(logging.WARNING)
-    from ptx import stages
+    from ptx import distributed, stages
 
+    # Before any device is touched, so that jax.devices() spans every process.
+    distributed.initialize(flags.FLAGS.config.distributed)
     stages.run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

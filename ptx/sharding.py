@@ -116,4 +116,8 @@ def put_batch(batch: dict, mesh: Mesh) -> dict:
     sharding = batch_sharding(mesh)
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    # The global shape says each process holds 1/process_count of the rows: a mesh whose
+    # batch axes do not split the processes apart is then an error, not a silently wrong batch.
+    n = jax.process_count()
+    return {k: jax.make_array_from_process_local_data(sharding, v, (len(v) * n,) + v.shape[1:])
+            for k, v in batch.items()}

@@ -1,8 +1,13 @@
 """Dispatch a resolved config to the code of its stage."""
+import jax
 
 
 def run(config, workdir: str):
     stage = config.stage
+    if jax.process_count() > 1 and stage not in ("sft", "reward", "dpo"):
+        # Their rollouts and sampling feed process-local rows to global arrays.
+        raise NotImplementedError(f"stage {stage!r} runs in one process; multi-process runs "
+                                  f"(distributed.*) support sft, reward and dpo")
     if stage in ("sft", "reward", "dpo"):
         from ptx import train
 

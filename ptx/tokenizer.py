@@ -14,6 +14,7 @@ prompt/completion boundary is always a token boundary.
 import dataclasses
 import io
 import os
+import uuid
 from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
@@ -163,6 +164,10 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int, path: str,
     dirname = os.path.dirname(path)
     if dirname:
         os.makedirs(dirname, exist_ok=True)
-    with open(path, "wb") as f:
+    # Write, then rename over `path`: every process of a multi-host run trains this same
+    # model into the shared workdir, and none may load another's half-written file.
+    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "wb") as f:
         f.write(writer.getvalue())
+    os.replace(tmp, path)
     return Tokenizer(path)

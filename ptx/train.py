@@ -153,13 +153,15 @@ def initial_params(config, cfg: ModelConfig, mesh, param_shardings):
 
 def precompute_ref_logps(model, params, arrays, mesh, batch_size: int) -> dict:
     """Reference log-probabilities over the whole preference set, once, so DPO steps run the policy only."""
-    fn = jax.jit(lambda p, b: steps.pair_logps(model, p, b)[0])
+    # Replicated out: every process reads the whole global batch's log-probs back to the host.
+    fn = jax.jit(lambda p, b: steps.pair_logps(model, p, b)[0], out_shardings=sharding.replicated(mesh))
     n = len(arrays["prob_chosen"])
     pad = (-n) % batch_size
     chosen, rejected = [], []
     for start in range(0, n + pad, batch_size):
         idx = np.arange(start, start + batch_size) % n
-        rc, rr = fn(params, sharding.put_batch({k: v[idx] for k, v in arrays.items()}, mesh))
+        local = np.array_split(idx, jax.process_count())[jax.process_index()]
+        rc, rr = fn(params, sharding.put_batch({k: v[local] for k, v in arrays.items()}, mesh))
         chosen.append(np.asarray(rc))
         rejected.append(np.asarray(rr))
     return dict(arrays, ref_chosen_logps=np.concatenate(chosen)[:n].astype(np.float32),

@@ -46,6 +46,7 @@ import math
 import os
 import random
 import re
+import uuid
 
 KINDS = ("arithmetic", "reverse", "facts", "harmful")
 REFUSAL = "I'm sorry, but I can't help with that."
@@ -443,8 +444,12 @@ class World:
         paths = {}
         for name, rows in sets.items():
             paths[name] = os.path.join(outdir, f"{name}.jsonl")
-            with open(paths[name], "w", encoding="utf-8") as f:
+            # Write, then rename: every process of a multi-host run writes these same
+            # files into the shared workdir while the others may already be reading them.
+            tmp = f"{paths[name]}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            os.replace(tmp, paths[name])
         return paths
 
 

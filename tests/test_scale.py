@@ -1,0 +1,284 @@
+"""Scale out: two processes train like one, checkpoints move between meshes, state
+shardings follow the rules, and the launcher's Cloud TPU and SLURM commands."""
+import json
+import os
+import shlex
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from configs import sft as sft_config
+from ptx import checkpoint, distributed, optim, sharding, steps, train
+from ptx.model import ModelConfig, init_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 240  # per subprocess; a hung coordinator must fail the test, not stall the suite
+
+
+@pytest.fixture(scope="module")
+def sft_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "sft.jsonl"
+    rng = np.random.default_rng(0)
+    with open(path, "w") as f:
+        for _ in range(64):
+            a, b = rng.integers(0, 10, 2)
+            f.write(json.dumps({"prompt": f"What is {a} + {b}?", "completion": f"{a} + {b} = {a + b}."}) + "\n")
+    return str(path)
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def host_params(workdir):
+    return jax.device_get(checkpoint.load_params(str(workdir))[0])
+
+
+def assert_trees_close(a, b, **tol):
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, **tol), a, b)
+
+
+# Two processes.
+
+def test_distributed_initialize_from_the_config_from_the_environment_or_not_at_all(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(jax.config, "update", lambda *args: calls.append(args))
+    d = sft_config.get_config("tiny").distributed
+    distributed.initialize(d)
+    assert calls == []  # the default: one process, nothing to join
+    d.num_processes, d.process_id = 2, 1
+    with pytest.raises(ValueError, match="coordinator"):
+        distributed.initialize(d)
+    d.coordinator, d.local_device_ids = "10.0.0.1:1234", "0,1"
+    distributed.initialize(d)
+    assert calls == [("jax_cpu_collectives_implementation", "gloo"),
+                     dict(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1,
+                          local_device_ids=[0, 1])]
+    calls.clear()
+    d = sft_config.get_config("tiny").distributed
+    d.auto = True
+    distributed.initialize(d)
+    assert calls == [("jax_cpu_collectives_implementation", "gloo"), {}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args, devices: int, log):
+    """`python -m ptx.main ARGS` with `devices` host CPU devices, output to `log`."""
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.Popen([sys.executable, "-m", "ptx.main", *args], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def finish(procs, logs):
+    """Wait for all; on a failure or timeout kill the rest and show every log's tail."""
+    try:
+        codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
+    except subprocess.TimeoutExpired:
+        codes = None
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if codes is None or any(codes):
+        tails = "\n".join(f"--- {log}\n{open(log).read()[-3000:]}" for log in logs)
+        pytest.fail(f"exit codes {codes or 'timeout'}\n{tails}")
+
+
+def test_two_processes_end_with_the_same_parameters_as_one_process_with_four_devices(sft_file, tmp_path):
+    # fsdp spans both processes (each holds half of every sharded parameter, so the
+    # checkpoint is complete only if both wrote their part); tensor stays within one.
+    args = ["--config=configs/sft.py:tiny", f"--config.data.train={sft_file}",
+            f"--config.data.eval={sft_file}", "--config.train.steps=4", "--config.train.log_every=2",
+            "--config.train.ckpt_every=2", "--config.train.eval_every=0",
+            "--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
+    multi, single = tmp_path / "two", tmp_path / "one"
+    port = free_port()
+    logs = [str(tmp_path / f"process{i}.log") for i in range(2)]
+    procs = []
+    for i, log in enumerate(logs):
+        with open(log, "w") as f:
+            procs.append(start(args + [f"--workdir={multi}", f"--config.distributed.coordinator=127.0.0.1:{port}",
+                                       "--config.distributed.num_processes=2",
+                                       f"--config.distributed.process_id={i}"], 2, f))
+    finish(procs, logs)
+    log = str(tmp_path / "single.log")
+    with open(log, "w") as f:
+        proc = start(args + [f"--workdir={single}"], 4, f)
+    finish([proc], [log])
+
+    assert_trees_close(host_params(multi), host_params(single), rtol=0, atol=1e-6)
+    assert checkpoint.resolve(str(multi))[1] == 4
+    rows, ref = read_metrics(multi), read_metrics(single)
+    # Process 1 writes nothing: one row per logged step, one TensorBoard file.
+    assert [r["step"] for r in rows] == [r["step"] for r in ref] == [0, 2, 4]
+    assert len(os.listdir(multi / "tb")) == 1
+    np.testing.assert_allclose([r["loss"] for r in rows[1:]] + [rows[-1]["eval/loss"]],
+                               [r["loss"] for r in ref[1:]] + [ref[-1]["eval/loss"]], rtol=1e-5)
+    assert json.load(open(multi / "config.json"))["distributed"]["num_processes"] == 2
+
+
+# Checkpoints across meshes.
+
+def sft(sft_file, mesh, steps_):
+    c = sft_config.get_config("tiny")
+    c.data.train = sft_file
+    c.train.steps, c.train.log_every, c.train.eval_every, c.train.ckpt_every = steps_, 1, 0, 2
+    # A learning rate that does not depend on train.steps: 2 steps then 1 more equal 3 straight.
+    c.optim.schedule, c.optim.warmup_steps = "constant", 0
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+    return c
+
+
+def test_checkpoint_from_a_2x2x2_mesh_restores_and_resumes_on_8x1x1_and_on_one_device(sft_file, tmp_path):
+    saved = tmp_path / "2x2x2"
+    train.run(sft(sft_file, (2, 2, 2), 2), str(saved))
+    train.run(sft(sft_file, (2, 2, 2), 3), str(tmp_path / "straight"))
+
+    cfg = ModelConfig(**checkpoint.read_meta(str(saved))["model"])
+    ref = host_params(saved)  # onto the first device
+    for mesh, devices in [((8, 1, 1), None), ((2, 2, 2), None), ((1, 1, 1), jax.devices()[:1])]:
+        shardings = train.param_shardings_for(cfg, sharding.make_mesh(dict(zip(sharding.AXES, mesh)), devices))
+        params, _ = checkpoint.load_params(str(saved), shardings)
+        for p, s in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(shardings)):
+            assert p.sharding.is_equivalent_to(s, p.ndim), (p.sharding, s)
+        assert_trees_close(jax.device_get(params), ref, rtol=0, atol=0)
+
+    # The whole train state (optimiser moments too) resumes on another mesh.
+    for mesh, devices in [((8, 1, 1), None), ((1, 1, 1), jax.devices()[:1])]:
+        resumed = tmp_path / "x".join(map(str, mesh))
+        shutil.copytree(saved, resumed)
+        train.run(sft(sft_file, mesh, 3), str(resumed), devices=devices)
+        assert [r["step"] for r in read_metrics(resumed) if "data/rows" in r] == [0, 2]
+        assert_trees_close(host_params(resumed), host_params(tmp_path / "straight"), atol=2e-5)
+
+
+def test_parameter_and_optimizer_state_shardings_follow_the_rules_on_a_2x2x2_mesh():
+    # The lines of train.run that build the sharded state.
+    c = sft_config.get_config("tiny")
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+    cfg = ModelConfig(**dict(c.model))
+    mesh = sharding.make_mesh(c.mesh)
+    rules = sharding.param_rules(cfg)
+    abstract_params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    param_shardings = sharding.named(mesh, sharding.tree_specs(abstract_params, rules, mesh, strict=True))
+    tx, _ = optim.make_optimizer(c.optim, c.train.steps)
+    abstract_state = jax.eval_shape(lambda p: steps.init_state(p, tx), abstract_params)
+    state_shardings = sharding.named(mesh, sharding.tree_specs(abstract_state, rules, mesh, strict=False))
+    state_shardings = state_shardings.replace(params=param_shardings)
+    params = jax.jit(lambda r: init_params(cfg, r), out_shardings=param_shardings)(jax.random.PRNGKey(0))
+    state = jax.jit(lambda p: steps.init_state(p, tx), out_shardings=state_shardings)(params)
+    leaves = {sharding.path_str(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
+
+    # name -> (spec, shape of one device's shard); tiny: vocab 512, d 64, 4 heads (2 kv) of 16, ff 192, 2 layers.
+    expected = {
+        "embed/embedding": (P("tensor", "fsdp"), (256, 32)),
+        "layers/attn/q/kernel": (P(None, "fsdp", "tensor", None), (2, 32, 2, 16)),
+        "layers/attn/k/kernel": (P(None, "fsdp", "tensor", None), (2, 32, 1, 16)),
+        "layers/attn/o/kernel": (P(None, "tensor", None, "fsdp"), (2, 2, 16, 32)),
+        "layers/gate/kernel": (P(None, "fsdp", "tensor"), (2, 32, 96)),
+        "layers/down/kernel": (P(None, "tensor", "fsdp"), (2, 96, 32)),
+        "layers/attn_norm/scale": (P(None, None), (2, 64)),
+        "final_norm/scale": (P(None), (64,)),
+    }
+    for name, (spec, shard) in expected.items():
+        # The Adam moments of a parameter are laid out like the parameter.
+        for owner in ("params", "mu", "nu"):
+            [path] = [n for n in leaves if n.endswith(f"{owner}/{name}")]
+            assert leaves[path].sharding.spec == spec, (path, leaves[path].sharding.spec)
+            assert leaves[path].addressable_shards[0].data.shape == shard, path
+    counters = [n for n in leaves if n == "step" or n.endswith("/count")]
+    assert len(counters) >= 2  # the step and Adam's count at least
+    for name in counters:
+        assert leaves[name].sharding.spec == P() and leaves[name].sharding.is_fully_replicated, name
+
+
+# The launcher.
+
+def launch(*args, root=ROOT, env=None):
+    out = subprocess.run(["bash", os.path.join(root, "launch.sh"), *args], capture_output=True,
+                         text=True, timeout=60, env=dict(os.environ, **(env or {})))
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_tpu_dry_run_copies_the_repo_to_every_worker_and_starts_the_config_there():
+    lines = launch("--dry-run", "--tpu", "mytpu", "--zone", "us-central2-b",
+                   "configs/sft.py", "--config.train.steps=5").splitlines()
+    where = ["--zone=us-central2-b", "--worker=all"]
+    mkdir, scp, ssh = [shlex.split(line) for line in lines]
+    assert mkdir == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "mytpu", *where, "--command=mkdir -p ~/ptx"]
+    assert scp[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse"]
+    assert scp[-3:] == ["mytpu:~/ptx/", *where]
+    sources = set(scp[6:-3])
+    assert {"launch.sh", "requirements.txt", "configs", "ptx"} <= sources
+    assert not sources & {".venv", "runs", ".git"}
+    assert ssh == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "mytpu", *where,
+                   "--command=cd ~/ptx && export PTX_JAX_EXTRA=tpu && ./launch.sh setup && "
+                   "./launch.sh configs/sft.py --config.train.steps=5 --config.distributed.auto=True"]
+    with_project = launch("--dry-run", "--tpu", "mytpu", "--zone", "z", "--project", "p", "configs/sft.py")
+    assert all("--project=p" in shlex.split(line) for line in with_project.splitlines())
+
+
+def test_slurm_dry_run_builds_the_venv_and_prints_the_sbatch_script_that_sruns_on_every_node():
+    out = launch("--dry-run", "--slurm", "--nodes", "2", "--gpus-per-node", "8", "configs/sft.py:tiny",
+                 "--config.train.steps=5", "--config.prompt=What is 2 + 3?")
+    setup, header, *script, submit = out.splitlines()
+    # The shared venv is built once, at submission, before any task starts.
+    assert shlex.split(setup) == ["env", "PTX_JAX_EXTRA=cuda12", "./launch.sh", "setup"]
+    assert header == "# runs/slurm/sft.sbatch"
+    assert shlex.split(submit) == ["sbatch", "runs/slurm/sft.sbatch"]
+    assert script[0] == "#!/bin/bash"
+    directives = [line for line in script if line.startswith("#SBATCH")]
+    assert {"#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8"} <= set(directives)
+    # sbatch reads directives only up to the first command.
+    first_command = next(i for i, line in enumerate(script) if line and not line.startswith("#"))
+    assert script.index(directives[-1]) < first_command
+    assert f"cd {ROOT}" in script and "export PTX_JAX_EXTRA=cuda12" in script
+    assert shlex.split(script[-1]) == ["srun", "./launch.sh", "configs/sft.py:tiny", "--config.train.steps=5",
+                                       "--config.prompt=What is 2 + 3?", "--config.distributed.auto=True"]
+
+
+def test_slurm_writes_the_script_and_submits_it(tmp_path):
+    # The launcher in a scratch root with an up-to-date venv stub (so setup is a no-op),
+    # and an sbatch that records what it got.
+    shutil.copy(os.path.join(ROOT, "launch.sh"), tmp_path / "launch.sh")
+    (tmp_path / "requirements.txt").write_text("")
+    os.utime(tmp_path / "requirements.txt", (0, 0))
+    stubs = {".venv/bin/python": "exit 1", "bin/sbatch": f'echo "$@" > {tmp_path}/submitted'}
+    for name, body in stubs.items():
+        exe = tmp_path / name
+        exe.parent.mkdir(parents=True, exist_ok=True)
+        exe.write_text(f"#!/bin/bash\n{body}\n")
+        exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    (tmp_path / ".venv/.installed").touch()
+    out = launch("--slurm", "configs/sft.py", root=str(tmp_path),
+                 env={"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"})
+    assert out == ""
+    assert (tmp_path / "submitted").read_text().split() == ["runs/slurm/sft.sbatch"]
+    script = (tmp_path / "runs/slurm/sft.sbatch").read_text().splitlines()
+    assert "#SBATCH --nodes=1" in script and "#SBATCH --ntasks-per-node=1" in script
+    assert not any("--gpus-per-node" in line for line in script)
+    assert shlex.split(script[-1]) == ["srun", "./launch.sh", "configs/sft.py", "--config.distributed.auto=True"]
+
+
+def test_local_commands_are_unchanged_and_dry_run_needs_a_cluster():
+    assert "./launch.sh CONFIG [flags]" in launch("--help")
+    out = subprocess.run(["bash", os.path.join(ROOT, "launch.sh"), "--dry-run", "configs/sft.py"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "--tpu or --slurm" in out.stderr
