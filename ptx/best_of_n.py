@@ -67,7 +67,7 @@ def run(config, workdir: str) -> dict:
     rows, _ = data.load_rows(prompt_path, "prompt", template=train.template(config),
                              on_bad_row=config.data.on_bad_row)
     arrays, _ = data.encode_prompts(rows, policy.tok, max_prompt_len=config.data.max_prompt_len)
-    source = rewards.make_source(config.reward)
+    source = rewards.make_source(config.reward, mesh)
     s = config.sampling
     n_max = max(config.ns)
     smp = inference.Sampler(policy, batch_size=config.batch_size, max_new_tokens=s.max_new_tokens,

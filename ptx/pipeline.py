@@ -74,7 +74,7 @@ def evaluate_all(config, workdir: str, files: dict, dirs: dict) -> dict:
         methods[name] = evaluate.evaluate_policy(smp, params, sft.params, arrays, prompts, w.grade,
                                                  seed=e.seed, settings=settings, kl_fn=kl_fn)
     print("== evaluate best-of-N")
-    rm = rewards.ModelReward(dirs["reward"])
+    rm = rewards.ModelReward(dirs["reward"], mesh)
     methods.update(evaluate.evaluate_best_of_n(smp, rm, arrays, prompts, w.grade, list(e.best_of_n),
                                                seed=e.seed, settings=settings))
     rm_metrics = [json.loads(line) for line in open(os.path.join(dirs["reward"], "metrics.jsonl"))]

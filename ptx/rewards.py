@@ -19,14 +19,16 @@ from ptx.model import ModelConfig, Transformer
 class ModelReward:
     """A trained reward model: its scalar head at the last prompt + response token."""
 
-    def __init__(self, path: str, shardings_fn: Callable = None):
+    def __init__(self, path: str, mesh):
         meta = checkpoint.read_meta(path)
         self.cfg = ModelConfig(**meta["model"])
         if not self.cfg.scalar_head:
             raise ValueError(f"{path} is a {meta['stage']!r} checkpoint without a scalar head; "
                              f"reward.checkpoint must come from the reward stage")
-        shardings = shardings_fn(self.cfg) if shardings_fn else None
-        self.params, _ = checkpoint.load_params(path, shardings)
+        from ptx import train
+
+        # On the same mesh as the rollouts it scores.
+        self.params, _ = checkpoint.load_params(path, train.param_shardings_for(self.cfg, mesh))
         model = Transformer(self.cfg)
 
         def score(params, tokens, positions, segment_ids, index):
@@ -58,22 +60,21 @@ def import_function(name: str) -> Callable:
     return getattr(importlib.import_module(module), attr)
 
 
-def make_source(reward_cfg, shardings_fn: Callable = None, mesh=None):
+def make_source(reward_cfg, mesh):
     """From the config: reward.source = model (reward.checkpoint) | function (reward.function)
-    | judge (d-RLAIF: the expected 1-10 rating of a language model at reward.checkpoint,
-    placed on `mesh`, by default data parallel over all devices)."""
+    | judge (d-RLAIF: the expected 1-10 rating of a language model at reward.checkpoint).
+    Models are placed on `mesh`, the mesh of the samples they score."""
     if reward_cfg.source == "model":
         if not reward_cfg.checkpoint:
             raise ValueError("reward.source='model' needs reward.checkpoint (a reward-stage workdir)")
-        return ModelReward(reward_cfg.checkpoint, shardings_fn)
+        return ModelReward(reward_cfg.checkpoint, mesh)
     if reward_cfg.source == "function":
         return FunctionReward(import_function(reward_cfg.function))
     if reward_cfg.source == "judge":
-        from ptx import inference, judge, sharding
+        from ptx import inference, judge
 
         if not reward_cfg.checkpoint:
             raise ValueError("reward.source='judge' needs reward.checkpoint (a language-model workdir)")
-        mesh = mesh or sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
         return judge.JudgeReward(judge.Judge(inference.load_policy(reward_cfg.checkpoint, mesh),
                                              principles=tuple(reward_cfg.principles),
                                              batch_size=reward_cfg.judge_batch_size))

@@ -18,10 +18,6 @@ from ptx import checkpoint, data, losses, metrics, optim, rewards, rollout, samp
 from ptx.model import ModelConfig, Transformer, init_params
 
 
-def _shardings_for(mesh):
-    return lambda cfg: train.param_shardings_for(cfg, mesh)
-
-
 def _load(path, cfg, mesh):
     params, _ = checkpoint.load_params(path, train.param_shardings_for(cfg, mesh))
     return params
@@ -39,7 +35,7 @@ def build_models(config, mesh):
     policy = dict(ref)
     if critic == "policy":
         fresh = jax.jit(lambda r: init_params(policy_cfg, r),
-                        out_shardings=_shardings_for(mesh)(policy_cfg))(jax.random.PRNGKey(config.seed))
+                        out_shardings=train.param_shardings_for(policy_cfg, mesh))(jax.random.PRNGKey(config.seed))
         policy["scalar_head"] = fresh["scalar_head"]
     # The trainable copy must not alias the reference: the update donates it.
     params = {"policy": jax.tree_util.tree_map(lambda x: x.copy(), policy)}
@@ -81,7 +77,7 @@ def run(config, workdir: str) -> dict:
 
     policy_cfg, critic_cfg, init, ref = build_models(config, mesh)
     policy_model, critic_model = Transformer(policy_cfg), Transformer(critic_cfg) if critic_cfg else None
-    source = rewards.make_source(config.reward, _shardings_for(mesh), mesh)
+    source = rewards.make_source(config.reward, mesh)
     rules = _rules(policy_cfg, critic_cfg)
     updates_per_iter = rl.num_epochs * (rl.rollout_batch * rl.group_size // rl.minibatch_size)
     tx, lr_fn = optim.make_optimizer(config.optim, config.train.steps * updates_per_iter)
