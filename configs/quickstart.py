@@ -30,12 +30,7 @@ def get_config(arg=None):
         s.train.eval_every = 0
         s.train.ckpt_every = 0 if not tiny else 1
         s.data.max_len, s.data.max_prompt_len = 96, 40
-        for k, v in extra.items():
-            node = s
-            *path, last = k.split(".")
-            for p in path:
-                node = node[p]
-            node[last] = v
+        s.update_from_flattened_dict(extra)
         return s
 
     c.pretrain = stage(pretrain, 400, 32, 2e-3, **{"optim.warmup_steps": 20})

@@ -36,12 +36,7 @@ def sft(files, **overrides):
     c.data.train = files["sft"]
     c.train.log_every = 2
     c.train.eval_every = 0
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
+    c.update_from_flattened_dict(overrides)
     return c
 
 
