@@ -77,17 +77,18 @@ class Output:
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
     """An empty KV cache for `length` positions.
 
-    k, v: [layers, batch, length, kv_heads, head] compute dtype;
-    positions, segment_ids: [layers, batch, length] int32 (segment 0 = empty,
-    so no query ever attends an unwritten slot).
+    k, v: [layers, batch, kv_heads, length, head] compute dtype (the layout the
+    attention dots read without a transpose); positions, segment_ids: [batch,
+    length] int32, shared by all layers (segment 0 = empty, so no query ever
+    attends an unwritten slot).
     """
-    kv_shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_size)
+    kv_shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_size)
     dt = _DTYPES[cfg.dtype]
     return {
         "k": jnp.zeros(kv_shape, dt),
         "v": jnp.zeros(kv_shape, dt),
-        "positions": jnp.zeros(kv_shape[:3], jnp.int32),
-        "segment_ids": jnp.zeros(kv_shape[:3], jnp.int32),
+        "positions": jnp.zeros((batch, length), jnp.int32),
+        "segment_ids": jnp.zeros((batch, length), jnp.int32),
     }
 
 
@@ -126,7 +127,9 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache, cache_index):
+    def __call__(self, x, positions, segment_ids, kv, layer, k_pos, k_seg, cache_index):
+        """kv: None (keys are this chunk's) or the whole cache (k, v) [L, b, kvh, S, hd], carried
+        through the layer scan: this layer writes only its new rows at cache_index, in place."""
         cfg = self.cfg
         h, kvh = cfg.n_heads, cfg.n_kv_heads
         q = _dense((h, cfg.head_size), -1, cfg, "q", cfg.qkv_bias)(x)
@@ -134,20 +137,17 @@ class Attention(nn.Module):
         v = _dense((kvh, cfg.head_size), -1, cfg, "v", cfg.qkv_bias)(x)
         q = rope(q, positions, cfg.rope_theta)
         k = rope(k, positions, cfg.rope_theta)
-        if cache is None:
-            keys, values, k_pos, k_seg = k, v, positions, segment_ids
+        if kv is None:
+            keys, values, spec = k, v, "bskd"
         else:
-            # Write this chunk at cache_index, then attend over the whole cache.
-            put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), cache_index, 1)
-            cache = {
-                "k": put(cache["k"], k), "v": put(cache["v"], v),
-                "positions": put(cache["positions"], positions),
-                "segment_ids": put(cache["segment_ids"], segment_ids),
-            }
-            keys, values, k_pos, k_seg = cache["k"], cache["v"], cache["positions"], cache["segment_ids"]
+            put = lambda buf, new: jax.lax.dynamic_update_slice(
+                buf, new.transpose(0, 2, 1, 3)[None].astype(buf.dtype), (layer, 0, 0, cache_index, 0))
+            kv = (put(kv[0], k), put(kv[1], v))
+            keys, values = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in kv)
+            spec = "bksd"
         b, t = x.shape[:2]
         q = q.reshape(b, t, kvh, h // kvh, cfg.head_size)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype)).astype(jnp.float32)
+        scores = jnp.einsum(f"btkgd,{spec}->bkgts", q, keys.astype(q.dtype)).astype(jnp.float32)
         scores = scores / jnp.sqrt(cfg.head_size).astype(jnp.float32)
         # Causal by position inside one segment: positions restart per packed
         # document, and segment 0 (padding / empty cache) is never attended.
@@ -155,26 +155,27 @@ class Attention(nn.Module):
                 & (k_pos[:, None, :] <= positions[:, :, None]))
         scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(q.dtype)).reshape(b, t, h, cfg.head_size)
-        return _dense(cfg.d_model, (-2, -1), cfg, "o")(out), cache
+        out = jnp.einsum(f"bkgts,{spec}->btkgd", probs, values.astype(q.dtype)).reshape(b, t, h, cfg.head_size)
+        return _dense(cfg.d_model, (-2, -1), cfg, "o")(out), kv
 
 
 class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, layer_cache, positions, segment_ids, cache_index):
+    def __call__(self, carry, layer, positions, segment_ids, k_pos, k_seg, cache_index):
+        x, kv = carry
         cfg = self.cfg
         dt, pdt = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
-        a, layer_cache = Attention(cfg, name="attn")(
+        a, kv = Attention(cfg, name="attn")(
             RMSNorm(cfg.norm_eps, dt, pdt, name="attn_norm")(x), positions, segment_ids,
-            layer_cache, cache_index)
+            kv, layer, k_pos, k_seg, cache_index)
         x = x + a
         y = RMSNorm(cfg.norm_eps, dt, pdt, name="mlp_norm")(x)
         gate = _dense(cfg.d_ff, -1, cfg, "gate")(y)
         up = _dense(cfg.d_ff, -1, cfg, "up")(y)
         x = x + _dense(cfg.d_model, -1, cfg, "down")(nn.silu(gate) * up)
-        return x, layer_cache
+        return (x, kv), None
 
 
 def _block_cls(cfg: ModelConfig):
@@ -211,11 +212,20 @@ class Transformer(nn.Module):
                          param_dtype=_DTYPES[cfg.param_dtype],
                          embedding_init=nn.initializers.normal(0.02), name="embed")
         x = embed(tokens)
+        if cache is None:
+            kv, k_pos, k_seg = None, positions, segment_ids
+        else:
+            put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), cache_index, 1)
+            kv = (cache["k"], cache["v"])
+            k_pos, k_seg = put(cache["positions"], positions), put(cache["segment_ids"], segment_ids)
         layers = nn.scan(
             _block_cls(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
-            unroll=cfg.scan_unroll)
-        x, cache = layers(cfg, name="layers")(x, cache, positions, segment_ids, cache_index)
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.n_layers, unroll=cfg.scan_unroll)
+        (x, kv), _ = layers(cfg, name="layers")((x, kv), jnp.arange(cfg.n_layers, dtype=jnp.int32),
+                                                positions, segment_ids, k_pos, k_seg, cache_index)
+        if cache is not None:
+            cache = {"k": kv[0], "v": kv[1], "positions": k_pos, "segment_ids": k_seg}
         hidden = RMSNorm(cfg.norm_eps, _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype], name="final_norm")(x)
         out_logits = None
         if logits:

@@ -37,7 +37,7 @@ class SampleOutput:
     logprobs: jax.Array
 
 
-def filter_logits(logits, *, temperature, top_k, top_p, min_p):
+def filter_logits(logits, *, temperature, top_k, top_p, min_p, rank: bool = True):
     """Temperature, then top-k / top-p / min-p truncation.
 
     logits: [..., V] any float dtype. Each setting is a scalar or an array
@@ -48,6 +48,8 @@ def filter_logits(logits, *, temperature, top_k, top_p, min_p):
     and the kept set is their intersection; the most likely token is always
     kept. Ties are ordered by token id (lower id = more likely), which makes
     every cut deterministic.
+    rank: static; False skips the sort over the vocabulary, valid only when
+      no row uses top-k or top-p (min-p and greedy are cuts on the value).
     Returns [..., V] float32: logits / temperature on kept tokens, -inf elsewhere.
     """
     logits = logits.astype(jnp.float32)
@@ -59,6 +61,11 @@ def filter_logits(logits, *, temperature, top_k, top_p, min_p):
     greedy = temperature <= 0
     scaled = logits / jnp.where(greedy, 1.0, temperature)
     ids = jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), scaled.shape)
+    if not rank:
+        probs = jax.nn.softmax(scaled, axis=-1)
+        keep = probs >= min_p * jnp.max(probs, axis=-1, keepdims=True)
+        keep = jnp.where(greedy, ids == jnp.argmax(scaled, axis=-1)[..., None], keep)
+        return jnp.where(keep, scaled, -jnp.inf)
     # One sort by (-logit, id): every filter keeps a prefix of this order, so
     # the kept set is "rank < n" for one per-row count n.
     neg_sorted, sorted_ids = jax.lax.sort((-scaled, ids), dimension=-1, num_keys=2)
@@ -75,14 +82,14 @@ def filter_logits(logits, *, temperature, top_k, top_p, min_p):
     return jnp.where(keep, scaled, -jnp.inf)
 
 
-def sample_token(key, logits, *, temperature, top_k, top_p, min_p):
+def sample_token(key, logits, *, temperature, top_k, top_p, min_p, rank: bool = True):
     """One draw from the filtered distribution.
 
     key: one PRNG key for the whole call. logits: [..., V]. Settings as in
     `filter_logits`. Returns [...] int32 ids; rows with temperature 0 get the
     exact argmax (lowest id among ties).
     """
-    filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, rank=rank)
     sampled = jax.random.categorical(key, filtered, axis=-1)
     greedy = jnp.broadcast_to(jnp.asarray(temperature) <= 0, logits.shape[:-1])
     return jnp.where(greedy, jnp.argmax(filtered, axis=-1), sampled).astype(jnp.int32)
@@ -130,8 +137,12 @@ def decode(step_fn: Callable, state, first_logits, keys, *, max_new_tokens: int,
     row = lambda x, dt: jnp.broadcast_to(jnp.asarray(x, dt), (b,))
     settings = (row(temperature, jnp.float32), row(top_k, jnp.int32),
                 row(top_p, jnp.float32), row(min_p, jnp.float32))
-    draw = jax.vmap(lambda key, logits, t, k, p, m: sample_token(
-        key, logits, temperature=t, top_k=k, top_p=p, min_p=m))
+    draws = [jax.vmap(lambda key, logits, t, k, p, m, rank=rank: sample_token(
+        key, logits, temperature=t, top_k=k, top_p=p, min_p=m, rank=rank)) for rank in (False, True)]
+    # The vocabulary sort runs only when some row uses top-k or top-p: a batch-level
+    # cond, since under vmap a per-row cond would run both branches.
+    needs_rank = jnp.any(settings[1] > 0) | jnp.any(settings[2] < 1)
+    draw = lambda *a: jax.lax.cond(needs_rank, draws[1], draws[0], *a)
     window = max((len(s) for s in stops), default=0)
 
     def record(c: _Carry, logits) -> _Carry:
