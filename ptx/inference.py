@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ptx import checkpoint, data, rollout, sampler, sharding, train
-from ptx.model import ModelConfig, Transformer, init_params
+from ptx.model import ModelConfig
 from ptx.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -29,9 +29,7 @@ class Policy:
 
 def load_policy(path: str, mesh) -> Policy:
     cfg = ModelConfig(**checkpoint.read_meta(path)["model"])
-    abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
-    shardings = sharding.named(mesh, sharding.tree_specs(abstract, sharding.param_rules(cfg), mesh, strict=True))
-    params, _ = checkpoint.load_params(path, shardings)
+    params, _ = checkpoint.load_params(path, train.param_shardings_for(cfg, mesh))
     return Policy(cfg, params, load_tokenizer(checkpoint.tokenizer_path(path)), mesh)
 
 
