@@ -119,6 +119,7 @@ def plot(results: dict, workdir: str):
     ax.bar(names, values, color="tab:blue")
     ax.axhline(results["methods"]["sft"]["oracle_reward"], color="gray", ls="--", lw=1, label="SFT")
     ax.set_ylabel("oracle reward (held-out)")
+    ax.tick_params(axis="x", rotation=30)
     ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "oracle_reward.png"), dpi=120)
