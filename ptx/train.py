@@ -212,11 +212,14 @@ def run(config, workdir: str, devices=None) -> dict:
     latest = ckpt.latest_step()
     frozen = None
     frozen_shardings = None
-    base = initial_params(config, cfg, mesh, param_shardings) if lcfg.enabled else None
-    if config.stage == "dpo" and config.dpo.reference_free is False:
-        # With LoRA the reference is the base itself: adapters off, no copy.
-        frozen = base if lcfg.enabled else initial_params(config, cfg, mesh, param_shardings)
-        frozen_shardings = param_shardings
+    dpo_ref = config.stage == "dpo" and config.dpo.reference_free is False
+    # Read the init source once: it is the LoRA base, the DPO reference and the fresh
+    # policy. init_state's jit writes new buffers, so donating the state never frees it.
+    init = (initial_params(config, cfg, mesh, param_shardings)
+            if latest is None or lcfg.enabled or dpo_ref else None)
+    base = init if lcfg.enabled else None
+    if dpo_ref:
+        frozen, frozen_shardings = init, param_shardings
     if latest is not None:
         abstract = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings)
@@ -226,8 +229,7 @@ def run(config, workdir: str, devices=None) -> dict:
             jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
         state = jax.jit(lambda p: steps.init_state(p, tx), out_shardings=state_shardings)(adapters)
     else:
-        params = initial_params(config, cfg, mesh, param_shardings)
-        state = jax.jit(lambda p: steps.init_state(p, tx), out_shardings=state_shardings)(params)
+        state = jax.jit(lambda p: steps.init_state(p, tx), out_shardings=state_shardings)(init)
     if frozen is not None and config.dpo.precompute_ref:
         arrays = precompute_ref_logps(model, frozen, arrays, mesh, config.train.batch_size)
         if eval_arrays is not None:
