@@ -24,6 +24,7 @@ def get_config(arg=None):
     c.policy_checkpoint = ""  # the policy whose samples get labelled (an SFT workdir)
     c.judge_checkpoint = ""  # the judge: any ptx language-model workdir (may be the policy's)
     c.num_prompts = 16 if tiny else 1024  # distinct prompts labelled, in file order; 0 = all
+    c.pairs_per_prompt = 1  # independent pairs of samples labelled per prompt
     c.batch_size = 16 if tiny else 64  # rows per sampler call (a multiple of the data-parallel devices)
     c.sampling = sample.sampling_config(tiny)
     del c.sampling.num_samples  # always two responses per prompt

@@ -1,9 +1,11 @@
 """The embedded default, end to end on one CPU in minutes: world -> tokenizer +
-pre-training -> SFT -> reward model -> DPO / PPO / GRPO -> best-of-N -> evaluation.
+pre-training -> SFT -> reward model -> DPO / PPO / GRPO -> best-of-N -> evaluation;
+RLAIF: pre-training -> judge (tuned on review text) -> AI labels of SFT samples -> DPO.
 
 ./launch.sh quickstart        (= python -m ptx.main --config=configs/quickstart.py --workdir=runs/quickstart)
 Each stage's config sits under its name and is overridable: --config.ppo.rl.kl_coef=0.1
-`quickstart.py:tiny` shrinks every stage to a few steps (the test suite runs it).
+`quickstart.py:tiny` shrinks every stage to a few steps (the test suite runs it);
+`quickstart.py:seed=1` reseeds every stage and the evaluation samples (the world stays).
 """
 from configs import ai_feedback, common, dpo, grpo, ppo, pretrain, reward, sft
 
@@ -16,9 +18,10 @@ def get_config(arg=None):
     tiny = "tiny" in common.parse_arg(arg)
     size = "tiny" if tiny else "size=small"
     c = common.base_config("quickstart", size)
+    c.seed = int(common.parse_arg(arg).get("seed", 0))  # every stage's seed; the world's stays
     c.world.sizes = common.ml_collections.ConfigDict(
-        dict(n_pretrain=6000, n_sft=3000, n_pref=3000, n_heldout=200) if not tiny else
-        dict(n_pretrain=600, n_sft=300, n_pref=300, n_heldout=40))
+        dict(n_pretrain=6000, n_sft=3000, n_pref=6000, n_heldout=200, n_reviews=3000) if not tiny else
+        dict(n_pretrain=600, n_sft=300, n_pref=300, n_heldout=40, n_reviews=100))
 
     def stage(module, steps, batch, lr, **extra):
         s = module.get_config(size)
@@ -35,7 +38,12 @@ def get_config(arg=None):
 
     c.pretrain = stage(pretrain, 400, 32, 2e-3, **{"optim.warmup_steps": 20})
     c.sft = stage(sft, 250, 32, 5e-4, **{"optim.warmup_steps": 10, "data.max_len": 64})
-    c.reward = stage(reward, 200, 32, 5e-4, **{"optim.warmup_steps": 10, "data.max_len": 64})
+    # The judge: the pre-trained model tuned on review text (SFT loss on the verdict letter,
+    # no chat template, the world's review format) for the RLAIF arm.
+    c.judge = stage(sft, 150, 32, 5e-4, **{"optim.warmup_steps": 10, "data.max_len": 128,
+                                          "data.max_prompt_len": 124, "tokenizer.user_prefix": "",
+                                          "tokenizer.assistant_prefix": ""})
+    c.reward = stage(reward, 300, 32, 5e-4, **{"optim.warmup_steps": 10, "data.max_len": 64})
     c.dpo = stage(dpo, 150, 32, 5e-5, **{"optim.warmup_steps": 10, "data.max_len": 64,
                                         "dpo.beta": 0.3})
     rl_batch = {"rl.rollout_batch": 8, "rl.minibatch_size": 8} if tiny else {}
@@ -46,6 +54,7 @@ def get_config(arg=None):
     c.ai_feedback = ai_feedback.get_config(size)
     c.ai_feedback.seed = c.seed
     c.ai_feedback.num_prompts = 8 if tiny else 1024
+    c.ai_feedback.pairs_per_prompt = 3  # the world has ~750 training requests
     c.ai_feedback.batch_size = 8 if tiny else 64
     c.ai_feedback.sampling.max_new_tokens = 24
     c.ai_feedback.data.max_prompt_len = 40
@@ -59,5 +68,5 @@ def get_config(arg=None):
     c.eval.max_new_tokens = 24 if not tiny else 12
     c.eval.temperature = 1.0  # policies are compared on their own sampling distribution
     c.eval.best_of_n = [4, 16] if not tiny else [2, 4]
-    c.eval.seed = 1234
+    c.eval.seed = c.seed + 1234  # evaluation samples differ across seeds too
     return c

@@ -112,15 +112,16 @@ def _load_lora(directory, step, meta, cfg, abstract, shardings):
 
     lcfg = lora.LoraConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["lora"]["config"].items()})
     source = meta["lora"]["base"]
+    # A Hugging Face base is a language model: no scalar head.
+    has_head = bool(source["checkpoint"]) and read_meta(source["checkpoint"])["model"]["scalar_head"]
+    base_sh = shardings if shardings is None or has_head else {
+        k: v for k, v in shardings.items() if k != "scalar_head"}
     if source["checkpoint"]:
-        has_head = read_meta(source["checkpoint"])["model"]["scalar_head"]
-        base_sh = shardings if shardings is None or has_head else {
-            k: v for k, v in shardings.items() if k != "scalar_head"}
         base, _ = load_params(source["checkpoint"], base_sh)
     else:
         from ptx import hf
 
-        base, _ = hf.load_params(source["hf_dir"], cfg, shardings)
+        base, _ = hf.load_params(source["hf_dir"], cfg.replace(scalar_head=False), base_sh)
     # The base of a reward-stage run lacks the head it trained: start it from zeros as init did.
     base = {k: base.get(k, v) for k, v in jax.tree_util.tree_map(
         lambda a: jax.numpy.zeros(a.shape, a.dtype), abstract).items()}
@@ -131,10 +132,15 @@ def _load_lora(directory, step, meta, cfg, abstract, shardings):
              else jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
     restore_args = jax.tree_util.tree_map(lambda a: ocp.ArrayRestoreArgs(sharding=place, dtype=a.dtype),
                                           adapters_abstract)
+    # RL checkpoints hold {'policy': adapters, 'critic': ...}; meta names the policy's key.
+    key = meta.get("params_key")
+    if key:
+        adapters_abstract, restore_args = {key: adapters_abstract}, {key: restore_args}
     with ocp.PyTreeCheckpointer() as reader:
         restored = reader.restore(os.path.join(directory, str(step), "state"), args=ocp.args.PyTreeRestore(
             item={"params": adapters_abstract}, restore_args={"params": restore_args}, partial_restore=True))
-    return lora.merge(base, restored["params"], lcfg)
+    adapters = restored["params"][key] if key else restored["params"]
+    return lora.merge(base, adapters, lcfg)
 
 
 def tokenizer_path(path: str) -> str:

@@ -49,7 +49,8 @@ class Sampler:
                              f"{shards} data-parallel devices of the mesh")
         self.fn = sampler.make_generate_fn(policy.cfg, max_new_tokens=max_new_tokens,
                                            eos_id=policy.tok.eos_id, pad_id=policy.tok.pad_id,
-                                           stop_sequences=stop_ids(policy.tok, stops), keep_stop=keep_stop)
+                                           stop_sequences=stop_ids(policy.tok, stops), keep_stop=keep_stop,
+                                           n_tokens=policy.tok.vocab_size)
         self.build = jax.jit(lambda t, n, out: rollout.build_sequences(t, n, out, pad_id=policy.tok.pad_id))
 
     def __call__(self, prompt_tokens, prompt_lens, seed: int, *, params=None, temperature=1.0, top_k=0,
@@ -62,20 +63,23 @@ class Sampler:
         host arrays (tokens, lengths, finish_reason, logprobs) and the
         device sequence batch `seq` (see rollout.build_sequences).
         """
-        n, bs = len(prompt_lens), self.batch_size
+        n, bs, mesh = len(prompt_lens), self.batch_size, self.policy.mesh
         base = jax.random.PRNGKey(seed)
         chunks = []
-        for start in range(0, n, bs):
-            idx = np.arange(start, start + bs) % n
-            keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(idx))
-            placed = sharding.put_batch({"t": prompt_tokens[idx], "n": prompt_lens[idx]}, self.policy.mesh)
-            out = self.fn(params if params is not None else self.policy.params, placed["t"], placed["n"],
-                          keys, temperature, top_k, top_p, min_p)
-            host = jax.device_get({"tokens": out.tokens, "lengths": out.lengths,
-                                   "finish_reason": out.finish_reason, "logprobs": out.logprobs})
-            keep = min(bs, n - start)
-            chunks.append({"rows": keep, "seq": self.build(placed["t"], placed["n"], out),
-                           **{k: v[:keep] for k, v in host.items()}})
+        # Set as the context, so that the model constrains its activations and KV cache to it.
+        with jax.set_mesh(mesh):
+            for start in range(0, n, bs):
+                idx = np.arange(start, start + bs) % n
+                keys = np.asarray(jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(idx)))
+                # Every process passes the whole chunk and gets all of it back (multi-process runs).
+                placed = sharding.put_global({"t": prompt_tokens[idx], "n": prompt_lens[idx], "k": keys}, mesh)
+                out = self.fn(params if params is not None else self.policy.params, placed["t"], placed["n"],
+                              placed["k"], temperature, top_k, top_p, min_p)
+                host = sharding.gather({"tokens": out.tokens, "lengths": out.lengths,
+                                        "finish_reason": out.finish_reason, "logprobs": out.logprobs})
+                keep = min(bs, n - start)
+                chunks.append({"rows": keep, "seq": self.build(placed["t"], placed["n"], out),
+                               **{k: v[:keep] for k, v in host.items()}})
         return chunks
 
     def texts(self, chunks) -> list[str]:
@@ -109,10 +113,11 @@ def run(config, workdir: str):
     reasons = np.concatenate([c["finish_reason"] for c in chunks])
     names = {sampler.FINISH_EOS: "eos", sampler.FINISH_STOP: "stop", sampler.FINISH_LENGTH: "length"}
     out_path = config.output or os.path.join(workdir, "samples.jsonl")
-    with open(out_path, "w") as f:
-        for i, text in enumerate(texts):
-            row = rows[i // s.num_samples]
-            record = {"prompt": row["prompt"], "completion": text, "finish_reason": names[int(reasons[i])]}
-            f.write(json.dumps(record) + "\n")
-            print(f"{row['prompt']}{text}\n[{record['finish_reason']}]")
+    if jax.process_index() == 0:
+        with open(out_path, "w") as f:
+            for i, text in enumerate(texts):
+                row = rows[i // s.num_samples]
+                record = {"prompt": row["prompt"], "completion": text, "finish_reason": names[int(reasons[i])]}
+                f.write(json.dumps(record) + "\n")
+                print(f"{row['prompt']}{text}\n[{record['finish_reason']}]")
     return out_path

@@ -255,6 +255,7 @@ def run(config, workdir: str) -> dict:
     prompts = list(dict.fromkeys(r["prompt"] for r in rows))
     if config.num_prompts:
         prompts = prompts[:config.num_prompts]
+    prompts = [p for p in prompts for _ in range(config.pairs_per_prompt)]
     template = train.template(config)
     arrays, _ = data.encode_prompts([{"prompt": template.format_prompt(p)} for p in prompts], policy.tok,
                                     max_prompt_len=config.data.max_prompt_len)
@@ -272,7 +273,8 @@ def run(config, workdir: str) -> dict:
     prefs, stats = label_pairs(judge, [prompts[i] for i in keep], [texts[2 * i] for i in keep],
                                [texts[2 * i + 1] for i in keep], threshold=config.judge.threshold,
                                grade=grade)
-    stats = {"n_prompts": len(prompts), "n_degenerate": len(prompts) - len(keep), **stats}
+    stats = {"n_prompts": len(prompts) // config.pairs_per_prompt, "n_sampled_pairs": len(prompts),
+             "n_degenerate": len(prompts) - len(keep), **stats}
     if jax.process_index() == 0:
         write_jsonl(os.path.join(workdir, "preferences.jsonl"), prefs)
         with open(os.path.join(workdir, "stats.json"), "w") as f:

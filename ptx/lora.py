@@ -15,15 +15,22 @@ first forward equals the base model's exactly.
 
 The adapters mirror the base tree, with each targeted kernel leaf replaced
 by {'a': A, 'b': B} (paths `layers/attn/q/kernel/a`), so they checkpoint and
-shard like any parameter tree (`sharding_rules`).
+shard like any parameter tree (`sharding_rules`). Leaves that `full` selects
+(a fresh value head) sit in the same tree as plain float32 arrays at their
+base path and replace the base's leaf: they train in full beside the
+adapters.
 
 Precision: the sum W + scale * A @ B is formed in float32 and rounded once
-to the output dtype (the base's unless `dtype` is given). With a float32
-base the merged weights are exact; with a bfloat16 base an update smaller
-than W's bfloat16 spacing is invisible in the forward until it grows (the
-gradient to A and B is unaffected: the cast passes it through). Pass
-`dtype=jnp.float32` to keep the merged kernels in float32; the model casts
-them to its compute dtype at use.
+to the output dtype (the base's unless `dtype` is given); the training loss
+(`loss_fn`) asks for float32, so the adapter update is never rounded to the
+base's precision. `base_dtype='bfloat16'` stores the frozen base in bfloat16
+(`frozen_base`): half its memory, each base weight rounded once (relative
+error <= 2^-9). `apply` rounds a wider base the same way before adding the
+update, so merging the adapters into the float32 source checkpoint gives
+exactly the model that was trained.
+
+The `merge` stage (`run`, configs/merge.py) writes a LoRA checkpoint's merged
+weights as a full checkpoint and, optionally, a Hugging Face directory.
 
 Dropout on the adapter input is not supported: the merged weight has no
 separate adapter input to drop, and dropping rows of A per step would be a
@@ -31,7 +38,9 @@ different (batch-shared) regulariser. `lora.dropout > 0` is an error.
 """
 import dataclasses
 import math
+import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +55,7 @@ STACKED = "layers"
 # Number of input axes of a DenseGeneral kernel (after the layer axis): the
 # attention output projection reads [heads, head_dim]; every other kernel one axis.
 INPUT_AXES = ((r"attn/o/kernel", 2),)
+BASE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,11 +66,13 @@ class LoraConfig:
     alpha: float = 16.0  # the update is scaled by alpha / rank
     dropout: float = 0.0  # must be 0: not supported with merged weights
     targets: tuple = DEFAULT_TARGETS  # regexes over 'a/b/c' kernel paths
+    full: tuple = ()  # regexes over base leaves trained in full beside the adapters (a fresh head)
+    base_dtype: str = "float32"  # the frozen base is stored in at most this precision
 
     @classmethod
     def from_config(cls, c) -> "LoraConfig":
         return cls(rank=int(c.rank), alpha=float(c.alpha), dropout=float(c.dropout),
-                   targets=tuple(c.targets))
+                   targets=tuple(c.targets), base_dtype=str(c.base_dtype))
 
     @property
     def enabled(self) -> bool:
@@ -74,6 +86,9 @@ class LoraConfig:
         if isinstance(self.targets, str):
             raise ValueError(f"lora.targets={self.targets!r} must be a list of regexes, not one string")
         object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "full", tuple(self.full))
+        if self.base_dtype not in BASE_DTYPES:
+            raise ValueError(f"lora.base_dtype={self.base_dtype!r}; expected one of {BASE_DTYPES}")
         if self.rank < 0:
             raise ValueError(f"lora.rank={self.rank}; expected 0 (off) or a positive rank")
         if self.dropout:
@@ -82,7 +97,7 @@ class LoraConfig:
                 "so there is no adapter input to drop; set lora.dropout=0")
         if self.enabled and not self.targets:
             raise ValueError("lora.rank > 0 but lora.targets is empty")
-        for pattern in self.targets:
+        for pattern in self.targets + self.full:
             try:
                 re.compile(pattern)
             except re.error as e:
@@ -107,23 +122,34 @@ def _layout(path: str, shape) -> tuple[int, int, int]:
     return lead, math.prod(shape[lead:lead + n_in]), math.prod(shape[lead + n_in:])
 
 
+def _select(paths, patterns, field: str) -> list[str]:
+    """Paths that `patterns` select, in the order of `paths`; ValueError naming a regex that selects none."""
+    out = set()
+    for pattern in patterns:
+        hits = [p for p in paths if _matcher(pattern).search(p)]
+        if not hits:
+            raise ValueError(f"lora.{field} regex {pattern!r} matches no parameter")
+        out.update(hits)
+    return [p for p in paths if p in out]
+
+
 def targeted(base_params, lora_cfg: LoraConfig) -> list[str]:
     """Paths of the kernels `lora_cfg.targets` select, in tree order.
 
     ValueError naming the regex for a target that matches no parameter or
-    matches something other than a kernel (norm scale, bias, embedding).
+    matches something other than a kernel (norm scale, bias, embedding), or a
+    kernel that `lora_cfg.full` trains in full.
     """
     paths = list(_flat(base_params))
-    out = []
+    hits = _select(paths, lora_cfg.targets, "targets")
     for pattern in lora_cfg.targets:
-        hits = [p for p in paths if _matcher(pattern).search(p)]
-        if not hits:
-            raise ValueError(f"lora.targets regex {pattern!r} matches no parameter")
-        bad = [p for p in hits if p.split("/")[-1] != "kernel"]
+        bad = [p for p in hits if _matcher(pattern).search(p) and p.split("/")[-1] != "kernel"]
         if bad:
             raise ValueError(f"lora.targets regex {pattern!r} matches {bad}: only kernels can be adapted")
-        out += [p for p in hits if p not in out]
-    return [p for p in paths if p in out]
+    both = set(hits) & set(_select(paths, lora_cfg.full, "full"))
+    if both:
+        raise ValueError(f"lora: {sorted(both)} both adapted and trained in full")
+    return hits
 
 
 def _nest(flat: dict) -> dict:
@@ -138,10 +164,12 @@ def _nest(flat: dict) -> dict:
 
 
 def init(base_params, lora_cfg: LoraConfig, rng: jax.Array) -> dict:
-    """Fresh adapters {..kernel path..: {'a': [L, in, r], 'b': [L, r, out]}} float32.
+    """Fresh adapters {..kernel path..: {'a': [L, in, r], 'b': [L, r, out]}} float32, plus
+    a float32 copy of each leaf that `lora_cfg.full` selects.
 
-    base_params may be abstract (jax.ShapeDtypeStruct): only shapes are read,
-    so `jax.eval_shape` and a jitted init with `out_shardings` work.
+    base_params may be abstract (jax.ShapeDtypeStruct): only shapes are read
+    (a full leaf is then zeros), so `jax.eval_shape` and a jitted init with
+    `out_shardings` work.
     """
     if not lora_cfg.enabled:
         raise ValueError("lora.rank=0 means LoRA is off; do not build adapters")
@@ -153,45 +181,81 @@ def init(base_params, lora_cfg: LoraConfig, rng: jax.Array) -> dict:
         layers = tuple(shape[:lead])
         a = jax.random.normal(jax.random.fold_in(rng, i), layers + (n_in, r), jnp.float32)
         adapters[path] = {"a": a / math.sqrt(n_in), "b": jnp.zeros(layers + (r, n_out), jnp.float32)}
+    for path in _select(list(flat), lora_cfg.full, "full"):
+        leaf = flat[path]
+        adapters[path] = (jnp.zeros(leaf.shape, jnp.float32) if isinstance(leaf, jax.ShapeDtypeStruct)
+                          else jnp.asarray(leaf, jnp.float32))
     return _nest(adapters)
 
 
-def _pairs(adapters) -> dict:
-    """{kernel path: (A, B)} from the adapter tree."""
+def _split(adapters) -> tuple[dict, dict]:
+    """({kernel path: (A, B)}, {path: leaf trained in full}) from the adapter tree."""
     flat = _flat(adapters)
-    out = {}
-    for path in flat:
-        kernel, _, leaf = path.rpartition("/")
-        if leaf not in ("a", "b") or (kernel + "/a") not in flat or (kernel + "/b") not in flat:
+    pairs, full = {}, {}
+    for path, leaf in flat.items():
+        kernel, _, name = path.rpartition("/")
+        if name not in ("a", "b"):
+            full[path] = leaf
+        elif (kernel + "/a") not in flat or (kernel + "/b") not in flat:
             raise ValueError(f"lora: adapter leaf {path} is not half of an {{'a', 'b'}} pair")
-        out[kernel] = (flat[kernel + "/a"], flat[kernel + "/b"])
-    return out
+        else:
+            pairs[kernel] = (flat[kernel + "/a"], flat[kernel + "/b"])
+    return pairs, full
+
+
+def _narrows(x, lora_cfg: LoraConfig) -> bool:
+    """Whether storing leaf x in lora_cfg.base_dtype loses precision."""
+    return (jnp.issubdtype(x.dtype, jnp.floating)
+            and jnp.finfo(lora_cfg.base_dtype).bits < jnp.finfo(x.dtype).bits)
+
+
+def _round(w, lora_cfg: LoraConfig):
+    """w's values as a base stored in `lora_cfg.base_dtype` holds them, in w's own dtype."""
+    return w.astype(lora_cfg.base_dtype).astype(w.dtype) if _narrows(w, lora_cfg) else w
 
 
 def apply(base, adapters, lora_cfg: LoraConfig, *, dtype=None):
-    """The base tree with every adapted kernel W replaced by W + scale * (A @ B).
+    """The base tree with every adapted kernel W replaced by W + scale * (A @ B), and every
+    full leaf of `adapters` in place of the base's (added where the base lacks it).
 
-    Pure and jit-able; same structure as `base`, same dtypes unless `dtype`
-    (the merged kernels' dtype; None = each kernel's own). The sum is formed
-    in float32. `adapters=None` returns `base` itself (adapters disabled).
+    Pure and jit-able; the structure of `base` (plus any added full leaf), the
+    same dtypes unless `dtype` (the merged kernels' and full leaves' dtype;
+    None = the base leaf's own). Base leaves are first rounded to
+    `lora_cfg.base_dtype` (a no-op for a base stored that way), and the sum is
+    formed in float32. `adapters=None` returns `base` itself (adapters disabled).
     """
     if adapters is None:
         return base
-    pairs = _pairs(adapters)
-    missing = sorted(set(pairs) - set(_flat(base)))
+    pairs, full = _split(adapters)
+    flat = _flat(base)
+    missing = sorted(set(pairs) - set(flat))
     if missing:
         raise ValueError(f"lora: adapters for {missing}, which the base parameters lack")
 
     def one(path, w):
-        name = path_str(path)
-        if name not in pairs:
+        w = _round(w, lora_cfg)
+        if path not in pairs:
             return w
-        a, b = pairs[name]
+        a, b = pairs[path]
         delta = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
         merged = w.astype(jnp.float32) + lora_cfg.scale * delta.reshape(w.shape)
         return merged.astype(dtype or w.dtype)
 
-    return jax.tree_util.tree_map_with_path(one, base)
+    merged = {path: one(path, w) for path, w in flat.items()}
+    merged.update({path: x.astype(dtype or (flat[path].dtype if path in flat else x.dtype))
+                   for path, x in full.items()})
+    return _nest(merged)
+
+
+def frozen_base(params, lora_cfg: LoraConfig):
+    """The base as a LoRA run keeps it: floating leaves narrowed to `lora_cfg.base_dtype`, on the
+    shardings they have. Returns `params` itself when nothing narrows (no copy); else the caller
+    should drop `params` so that only the narrow copy stays in memory."""
+    if not any(_narrows(x, lora_cfg) for x in jax.tree_util.tree_leaves(params)):
+        return params
+    cast = lambda x: x.astype(lora_cfg.base_dtype) if _narrows(x, lora_cfg) else x
+    shardings = jax.tree_util.tree_map(lambda x: x.sharding, params)
+    return jax.jit(lambda p: jax.tree_util.tree_map(cast, p), out_shardings=shardings)(params)
 
 
 # Export (Hugging Face, sampling, the next stage): the adapters folded into the base.
@@ -206,7 +270,13 @@ def loss_fn(base_loss_fn, lora_cfg: LoraConfig):
     base tree itself, no copy) or None}.
     """
     def fn(adapters, batch, frozen):
-        return base_loss_fn(apply(frozen["base"], adapters, lora_cfg), batch, frozen["ref"])
+        wide = sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(frozen["base"]) if _narrows(x, lora_cfg)})
+        if wide:
+            # Merging into a wider base would train one model and export another (apply rounds it).
+            raise ValueError(f"lora.base_dtype={lora_cfg.base_dtype!r} but the frozen base reached the step "
+                             f"in {wide}: store it with lora.frozen_base")
+        # Float32 merged kernels: a bfloat16 base must not round the adapter update away.
+        return base_loss_fn(apply(frozen["base"], adapters, lora_cfg, dtype=jnp.float32), batch, frozen["ref"])
 
     return fn
 
@@ -223,29 +293,35 @@ def sharding_rules(base_rules, adapters) -> list:
     output-axis sharding on `out` (axes flattened into one keep the leading
     axis's mesh axis when the others are unsharded); the layer and rank axes
     are not sharded. One (a, b) rule pair per base rule that matches some
-    adapted kernel. adapters may be abstract (jax.eval_shape of `init`).
+    adapted kernel, and the base rule itself for a leaf trained in full.
+    adapters may be abstract (jax.eval_shape of `init`).
     """
     compiled = [(_matcher(pattern), spec) for pattern, spec in base_rules]
-    found = {}
-    for path, (a, _) in _pairs(adapters).items():
+
+    def rule_of(path):
         hits = [i for i, (rx, _) in enumerate(compiled) if rx.search(path)]
         if len(hits) != 1:
-            raise ValueError(f"lora: adapted kernel {path} matches {len(hits)} base sharding rules; "
-                             "it must match exactly one")
+            raise ValueError(f"lora: {path} matches {len(hits)} base sharding rules; it must match exactly one")
+        return hits[0]
+
+    pairs, full = _split(adapters)
+    found = {}
+    for path, (a, _) in pairs.items():
+        i = rule_of(path)
         lead = a.ndim - 2
         n_in = next((n for pattern, n in INPUT_AXES if _matcher(pattern).search(path)), 1)
-        spec = tuple(compiled[hits[0]][1])
+        spec = tuple(compiled[i][1])
         spec += (None,) * max(0, lead + n_in + 1 - len(spec))
         rule = (P(*((None,) * lead), _axis(spec[lead:lead + n_in]), None),
                 P(*((None,) * lead), None, _axis(spec[lead + n_in:])))
-        if found.setdefault(hits[0], rule) != rule:
-            raise ValueError(f"lora: kernels under base rule {base_rules[hits[0]][0]!r} need different "
+        if found.setdefault(i, rule) != rule:
+            raise ValueError(f"lora: kernels under base rule {base_rules[i][0]!r} need different "
                              "adapter shardings")
     rules = []
     for i in sorted(found):
         pattern = base_rules[i][0]
         rules += [(f"(?:{pattern})/a", found[i][0]), (f"(?:{pattern})/b", found[i][1])]
-    return rules
+    return rules + [base_rules[i] for i in sorted({rule_of(path) for path in full})]
 
 
 def param_counts(base, adapters) -> dict:
@@ -257,3 +333,46 @@ def param_counts(base, adapters) -> dict:
     (n_train, b_train), (n_frozen, b_frozen) = count(adapters), count(base)
     return {"trainable": n_train, "frozen": n_frozen, "trainable_bytes": b_train,
             "frozen_bytes": b_frozen, "trainable_fraction": n_train / max(n_train + n_frozen, 1)}
+
+
+def run(config, workdir: str) -> str:
+    """The `merge` stage: the newest checkpoint of the LoRA workdir `config.checkpoint` -> a full
+    checkpoint (params only, its step kept) in `config.out` ('' = workdir) that any stage's
+    `init.checkpoint` reads, and with `config.hf_out` a Hugging Face directory. Returns the out dir."""
+    from ptx import checkpoint, hf, sharding, train
+    from ptx.model import ModelConfig
+    from ptx.tokenizer import load_tokenizer
+
+    workdir = os.path.abspath(workdir)
+    train.write_config(config, workdir)
+    if not config.checkpoint:
+        raise ValueError("merge needs --config.checkpoint (a workdir trained with lora.rank > 0)")
+    meta = checkpoint.read_meta(config.checkpoint)
+    if not meta.get("lora"):
+        raise ValueError(f"{config.checkpoint} holds full weights already (its meta names no LoRA base)")
+    cfg = ModelConfig(**meta["model"])
+    mesh = sharding.make_mesh(config.mesh)
+    params, _ = checkpoint.load_params(config.checkpoint, train.param_shardings_for(cfg, mesh))
+    _, step = checkpoint.resolve(config.checkpoint)
+    out = os.path.abspath(config.out or workdir)
+    # The merged tree is the policy itself: no 'params_key', no base to find.
+    full_meta = {k: v for k, v in meta.items() if k not in ("lora", "params_key")}
+    full_meta["merged_from"] = {"checkpoint": os.path.abspath(config.checkpoint), "step": step, "lora": meta["lora"]}
+    ckpt = checkpoint.Checkpointer(out, every=0, keep=1)
+    try:
+        # Checkpointer.save skips a step that exists: out must not be the LoRA workdir or an earlier merge.
+        if not ckpt.save(step, {"params": params}, full_meta, force=True):
+            raise FileExistsError(f"merge: {checkpoint.checkpoint_dir(out)} already holds step {step}")
+    finally:
+        ckpt.close()
+    tok_path = checkpoint.tokenizer_path(config.checkpoint)
+    tok = load_tokenizer(tok_path) if os.path.isfile(tok_path) else None
+    if tok is not None and jax.process_index() == 0:
+        shutil.copyfile(tok_path, os.path.join(out, "tokenizer.model"))
+    if config.hf_out:
+        # Only a reward model exports its scalar head; a policy's value head stays behind.
+        head = cfg.scalar_head and meta["stage"] == "reward"
+        hf_params = params if head else {k: v for k, v in params.items() if k != "scalar_head"}
+        hf.save_params(hf_params, cfg.replace(scalar_head=head), config.hf_out, tokenizer=tok,
+                       max_position_embeddings=config.hf_max_len)
+    return out

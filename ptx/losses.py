@@ -45,6 +45,15 @@ def token_logprobs(logits, targets):
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
+def argmax(x):
+    """jnp.argmax over the last axis (the lowest index among ties) as a max and a
+    min-index reduction, which XLA's CPU backend vectorises, unlike the fused
+    (value, index) reduce of jnp.argmax: [..., V] -> [...] int32."""
+    hit = x == jnp.max(x, axis=-1, keepdims=True)
+    ids = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    return jnp.minimum(jnp.min(jnp.where(hit, ids, x.shape[-1]), axis=-1), x.shape[-1] - 1)
+
+
 def token_entropy(logits):
     """Entropy of the next-token distribution: [batch, seq, vocab] -> [batch, seq] float32."""
     logits = _float(logits)
@@ -110,7 +119,7 @@ def sft_loss(logits, targets, mask):
         (loss scalar float32, {'loss', 'accuracy', 'num_tokens'}).
     """
     loss = masked_mean(-token_logprobs(logits, targets), mask)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    correct = (argmax(logits) == targets).astype(jnp.float32)
     metrics = {
         "loss": loss,
         "accuracy": masked_mean(correct, mask),

@@ -13,6 +13,9 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from ptx import sharding
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Large but finite, so a fully masked row (padding queries) gives a uniform
@@ -92,6 +95,21 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
     }
 
 
+def unstack_layers(params: dict) -> dict:
+    """Parameters of `Transformer(cfg)` -> those of `Transformer(cfg, scan_layers=False)`:
+    'layers' [n_layers, ...] becomes 'layers_0' ... (one copy of the layer weights)."""
+    n = jax.tree_util.tree_leaves(params["layers"])[0].shape[0]
+    out = {k: v for k, v in params.items() if k != "layers"}
+    out.update({f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(n)})
+    return out
+
+
+def unstack_cache(cache: dict) -> dict:
+    """A KV cache of `Transformer(cfg)` -> that of `Transformer(cfg, scan_layers=False)`:
+    k and v become tuples of n_layers arrays [batch, kv_heads, length, head]."""
+    return dict(cache, **{n: tuple(cache[n]) for n in ("k", "v")})
+
+
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     """Rotary embedding, Llama's half-split layout. x: [b, t, heads, d]; positions: [b, t]."""
     d = x.shape[-1]
@@ -128,24 +146,30 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, kv, layer, k_pos, k_seg, cache_index):
-        """kv: None (keys are this chunk's) or the whole cache (k, v) [L, b, kvh, S, hd], carried
-        through the layer scan: this layer writes only its new rows at cache_index, in place."""
+        """kv: None (keys are this chunk's), the whole cache (k, v) [L, b, kvh, S, hd] carried
+        through the layer scan with `layer` this layer's index, or (layer None) this layer's
+        own (k, v) [b, kvh, S, hd]. The new rows are written at cache_index, in place."""
         cfg = self.cfg
         h, kvh = cfg.n_heads, cfg.n_kv_heads
-        q = _dense((h, cfg.head_size), -1, cfg, "q", cfg.qkv_bias)(x)
-        k = _dense((kvh, cfg.head_size), -1, cfg, "k", cfg.qkv_bias)(x)
-        v = _dense((kvh, cfg.head_size), -1, cfg, "v", cfg.qkv_bias)(x)
+        b, t = x.shape[:2]
+        # Projections on [b * t, d] (see Block): one token axis for the weight gradients.
+        x2 = x.reshape(b * t, x.shape[-1])
+        q = _dense((h, cfg.head_size), -1, cfg, "q", cfg.qkv_bias)(x2).reshape(b, t, h, cfg.head_size)
+        k = _dense((kvh, cfg.head_size), -1, cfg, "k", cfg.qkv_bias)(x2).reshape(b, t, kvh, cfg.head_size)
+        v = _dense((kvh, cfg.head_size), -1, cfg, "v", cfg.qkv_bias)(x2).reshape(b, t, kvh, cfg.head_size)
         q = rope(q, positions, cfg.rope_theta)
         k = rope(k, positions, cfg.rope_theta)
         if kv is None:
             keys, values, spec = k, v, "bskd"
         else:
+            lead = () if layer is None else (layer,)
             put = lambda buf, new: jax.lax.dynamic_update_slice(
-                buf, new.transpose(0, 2, 1, 3)[None].astype(buf.dtype), (layer, 0, 0, cache_index, 0))
+                buf, jnp.expand_dims(new.transpose(0, 2, 1, 3), tuple(range(len(lead)))).astype(buf.dtype),
+                lead + (0, 0, cache_index, 0))
             kv = (put(kv[0], k), put(kv[1], v))
-            keys, values = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in kv)
+            keys, values = kv if layer is None else (
+                jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in kv)
             spec = "bksd"
-        b, t = x.shape[:2]
         q = q.reshape(b, t, kvh, h // kvh, cfg.head_size)
         scores = jnp.einsum(f"btkgd,{spec}->bkgts", q, keys.astype(q.dtype)).astype(jnp.float32)
         scores = scores / jnp.sqrt(cfg.head_size).astype(jnp.float32)
@@ -155,8 +179,8 @@ class Attention(nn.Module):
                 & (k_pos[:, None, :] <= positions[:, :, None]))
         scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        out = jnp.einsum(f"bkgts,{spec}->btkgd", probs, values.astype(q.dtype)).reshape(b, t, h, cfg.head_size)
-        return _dense(cfg.d_model, (-2, -1), cfg, "o")(out), kv
+        out = jnp.einsum(f"bkgts,{spec}->btkgd", probs, values.astype(q.dtype)).reshape(b * t, h, cfg.head_size)
+        return _dense(cfg.d_model, (-2, -1), cfg, "o")(out).reshape(b, t, cfg.d_model), kv
 
 
 class Block(nn.Module):
@@ -171,11 +195,14 @@ class Block(nn.Module):
             RMSNorm(cfg.norm_eps, dt, pdt, name="attn_norm")(x), positions, segment_ids,
             kv, layer, k_pos, k_seg, cache_index)
         x = x + a
-        y = RMSNorm(cfg.norm_eps, dt, pdt, name="mlp_norm")(x)
+        # The MLP on [b * t, d]: with one token axis, each weight gradient is a plain
+        # matmul; with two, XLA's CPU backend copies a transposed [ff, b * t] operand.
+        y = RMSNorm(cfg.norm_eps, dt, pdt, name="mlp_norm")(x).reshape(-1, cfg.d_model)
         gate = _dense(cfg.d_ff, -1, cfg, "gate")(y)
         up = _dense(cfg.d_ff, -1, cfg, "up")(y)
-        x = x + _dense(cfg.d_model, -1, cfg, "down")(nn.silu(gate) * up)
-        return (x, kv), None
+        x = x + _dense(cfg.d_model, -1, cfg, "down")(nn.silu(gate) * up).reshape(x.shape)
+        # The residual stream between blocks: batch over the data axes, d_model whole.
+        return (sharding.constrain(x, sharding.RESIDUAL), kv), None
 
 
 def _block_cls(cfg: ModelConfig):
@@ -186,9 +213,17 @@ def _block_cls(cfg: ModelConfig):
 
 
 class Transformer(nn.Module):
-    """Decoder-only transformer with an LM head and an optional scalar head."""
+    """Decoder-only transformer with an LM head and an optional scalar head.
+
+    scan_layers: True (training, prefill) scans one Block over parameters stacked
+    as 'layers' [n_layers, ...]; False runs 'layers_0' ... 'layers_{n-1}' one
+    after another with a per-layer KV cache (`unstack_layers`, `unstack_cache`):
+    the decode step, where slicing a layer's weights and cache out of the stacks
+    would copy them on every token.
+    """
 
     cfg: ModelConfig
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None, *, cache=None,
@@ -197,8 +232,9 @@ class Transformer(nn.Module):
 
         tokens: [batch, seq] int32. positions: [batch, seq] int32 (default
         0..seq-1). segment_ids: [batch, seq] int32, 0 = padding, equal ids
-        attend each other causally (default all 1). cache: from `init_cache`,
-        written at slot `cache_index` (int32 scalar). logits: True for the LM
+        attend each other causally (default all 1). cache: from `init_cache`
+        (scan_layers=False: `unstack_cache` of it), written at slot
+        `cache_index` (int32 scalar). logits: True for the LM
         head at every position, "last" for the last column only ([batch, 1,
         vocab]: a prefill needs no more), False to skip it (reward model).
         """
@@ -211,29 +247,44 @@ class Transformer(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=_DTYPES[cfg.dtype],
                          param_dtype=_DTYPES[cfg.param_dtype],
                          embedding_init=nn.initializers.normal(0.02), name="embed")
-        x = embed(tokens)
+        # The row lookup reads whole rows: gather the table's FSDP shards first, or the
+        # partitioner would have to replicate the looked-up activations to re-split them.
+        table = sharding.constrain(embed.embedding, sharding.EMBED_LOOKUP).astype(_DTYPES[cfg.dtype])
+        x = sharding.constrain(jnp.take(table, tokens, axis=0), sharding.RESIDUAL)
         if cache is None:
             kv, k_pos, k_seg = None, positions, segment_ids
         else:
             put = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), cache_index, 1)
-            kv = (cache["k"], cache["v"])
+            spec = sharding.KV_CACHE if self.scan_layers else P(*sharding.KV_CACHE[1:])
+            kv = tuple(jax.tree.map(lambda c: sharding.constrain(c, spec), cache[n]) for n in ("k", "v"))
             k_pos, k_seg = put(cache["positions"], positions), put(cache["segment_ids"], segment_ids)
-        layers = nn.scan(
-            _block_cls(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=cfg.n_layers, unroll=cfg.scan_unroll)
-        (x, kv), _ = layers(cfg, name="layers")((x, kv), jnp.arange(cfg.n_layers, dtype=jnp.int32),
-                                                positions, segment_ids, k_pos, k_seg, cache_index)
+        if self.scan_layers:
+            layers = nn.scan(
+                _block_cls(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.n_layers, unroll=cfg.scan_unroll)
+            (x, kv), _ = layers(cfg, name="layers")((x, kv), jnp.arange(cfg.n_layers, dtype=jnp.int32),
+                                                    positions, segment_ids, k_pos, k_seg, cache_index)
+        else:
+            new = []
+            for i in range(cfg.n_layers):
+                (x, kv_i), _ = _block_cls(cfg)(cfg, name=f"layers_{i}")(
+                    (x, None if kv is None else (kv[0][i], kv[1][i])), None, positions, segment_ids,
+                    k_pos, k_seg, cache_index)
+                new.append(kv_i)
+            kv = None if kv is None else tuple(zip(*new))
         if cache is not None:
             cache = {"k": kv[0], "v": kv[1], "positions": k_pos, "segment_ids": k_seg}
         hidden = RMSNorm(cfg.norm_eps, _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype], name="final_norm")(x)
         out_logits = None
         if logits:
             head_in = hidden[:, -1:] if logits == "last" else hidden
+            flat = head_in.reshape(-1, cfg.d_model)  # one token axis for the weight gradient (see Block)
             if cfg.tie_embeddings:
-                out_logits = embed.attend(head_in)
+                out_logits = embed.attend(flat)
             else:
-                out_logits = _dense(cfg.vocab_size, -1, cfg, "lm_head")(head_in)
+                out_logits = _dense(cfg.vocab_size, -1, cfg, "lm_head")(flat)
+            out_logits = out_logits.reshape(head_in.shape[:2] + (cfg.vocab_size,))
         values = None
         if cfg.scalar_head:
             # No bias, as in Hugging Face's sequence-classification `score` layer: the

@@ -1,5 +1,9 @@
 """The embedded default, end to end: world -> tokenizer + pre-training -> SFT ->
-reward model -> DPO, PPO, GRPO (from SFT) -> best-of-N -> evaluation.
+reward model -> DPO, PPO, GRPO (from SFT) -> best-of-N -> evaluation, and the
+RLAIF arm: the pre-trained model tuned on the web's review text is the judge
+-> AI labels on pairs of SFT samples -> DPO (`rlaif`). The same pairs, labelled
+by the world's simulated humans, join its offline comparisons as the reward
+model's and DPO's data (`human_feedback`).
 
 Each stage runs its own config (`config.<stage>`, all overridable) in
 `<workdir>/<stage>`; a stage whose final checkpoint exists is not run again,
@@ -11,10 +15,10 @@ import os
 
 import numpy as np
 
-from ptx import checkpoint, data, evaluate, inference, rewards, sharding, train, world
+from ptx import checkpoint, data, evaluate, inference, judge, rewards, sharding, train, world
 
 METHODS = ("base", "sft", "best_of_4", "best_of_16", "dpo", "ppo", "grpo", "rlaif")
-STAGES = ("pretrain", "sft", "reward", "dpo", "ppo", "grpo", "ai_feedback", "rlaif")
+STAGES = ("pretrain", "sft", "judge", "ai_feedback", "reward", "dpo", "ppo", "grpo", "rlaif")
 
 
 def _done(path: str, steps: int) -> bool:
@@ -26,19 +30,41 @@ def _done(path: str, steps: int) -> bool:
         return False
 
 
+def human_feedback(w: world.World, workdir: str, files: dict, ai_dir: str, seed: int) -> dict:
+    """The simulated human labellers on the AI-feedback stage's pairs of SFT samples
+    (InstructGPT's labellers compared the policy's own outputs), beside the world's
+    offline comparisons. Writes `<workdir>/human_feedback/`: preferences.jsonl (the
+    labelled SFT-sample pairs) and train.jsonl (offline + those), the reward model's
+    and DPO's training file. Returns the paths."""
+    out = os.path.join(workdir, "human_feedback")
+    paths = {"on_policy": os.path.join(out, "preferences.jsonl"), "train": os.path.join(out, "train.jsonl")}
+    if not os.path.exists(paths["train"]):
+        os.makedirs(out, exist_ok=True)
+        pairs = [json.loads(line) for line in open(os.path.join(ai_dir, "preferences.jsonl"))]
+        labelled = w.human_labels(pairs, seed)
+        offline = [json.loads(line) for line in open(files["preference"])]
+        judge.write_jsonl(paths["on_policy"], labelled)
+        judge.write_jsonl(paths["train"] + ".tmp", offline + labelled)
+        os.replace(paths["train"] + ".tmp", paths["train"])
+    return paths
+
+
 def run_stages(config, workdir: str, files: dict) -> dict:
     """Train every stage in order; returns stage -> workdir."""
     from ptx import stages
 
     dirs = {name: os.path.join(workdir, name) for name in STAGES}
+    w = world.World(world.WorldConfig(seed=config.world.seed, **dict(config.world.sizes)))
+    human = os.path.join(workdir, "human_feedback", "train.jsonl")
     inputs = {"pretrain": (files["pretrain"], ""), "sft": (files["sft"], ""),
-              "reward": (files["preference"], files["preference_heldout"]),
-              "dpo": (files["preference"], files["preference_heldout"]),
-              "ppo": (files["sft"], ""), "grpo": (files["sft"], ""),
+              "judge": (files["reviews"], ""),
               # ai_feedback reads the world's own prompts, so it can also grade its labels.
               "ai_feedback": ("", ""),
+              "reward": (human, files["preference_heldout"]), "dpo": (human, files["preference_heldout"]),
+              "ppo": (files["sft"], ""), "grpo": (files["sft"], ""),
               "rlaif": (os.path.join(dirs["ai_feedback"], "preferences.jsonl"), files["preference_heldout"])}
-    parents = {"sft": "pretrain", "reward": "sft", "dpo": "sft", "ppo": "sft", "grpo": "sft", "rlaif": "sft"}
+    parents = {"sft": "pretrain", "judge": "pretrain", "reward": "sft", "dpo": "sft", "ppo": "sft",
+               "grpo": "sft", "rlaif": "sft"}
     for name in STAGES:
         c = config[name]
         c.data.train, c.data.eval = inputs[name]
@@ -47,11 +73,14 @@ def run_stages(config, workdir: str, files: dict) -> dict:
         if name in ("ppo", "grpo"):
             c.reward.checkpoint = dirs["reward"]
         if name == "ai_feedback":
-            # The judge is the pre-trained model: it saw review text, never an oracle label.
-            c.policy_checkpoint, c.judge_checkpoint = dirs["sft"], dirs["pretrain"]
+            # The judge learned from review text of the web (right `judge_accuracy` of the
+            # time), never from an oracle label or a comparison of the human-style data.
+            c.policy_checkpoint, c.judge_checkpoint = dirs["sft"], dirs["judge"]
         if not _done(dirs[name], None if name == "ai_feedback" else c.train.steps):
             print(f"== {name}")
             stages.run(c, dirs[name])
+        if name == "ai_feedback":
+            human_feedback(w, workdir, files, dirs[name], config.seed)
     return dirs
 
 
@@ -81,15 +110,16 @@ def evaluate_all(config, workdir: str, files: dict, dirs: dict) -> dict:
     heldout_acc = [m["eval/accuracy"] for m in rm_metrics if "eval/accuracy" in m][-1]
     with open(os.path.join(dirs["ai_feedback"], "stats.json")) as f:
         aif = json.load(f)
-    human = [json.loads(line) for line in open(files["preference"])]
-    human_agree = [w.score(r["prompt"], r["chosen"]) > w.score(r["prompt"], r["rejected"]) for r in human
-                   if w.score(r["prompt"], r["chosen"]) != w.score(r["prompt"], r["rejected"])]
+    # On the same pairs of SFT samples as the AI labels (ties excluded by both).
+    human = [json.loads(line) for line in open(os.path.join(workdir, "human_feedback", "preferences.jsonl"))]
+    human_agree = [w.score(r["prompt"], r["chosen"]) > w.score(r["prompt"], r["rejected"]) for r in human]
     return {"methods": {k: methods[k] for k in METHODS if k in methods} | {
                 k: v for k, v in methods.items() if k not in METHODS},
             "reward_model": {"heldout_accuracy": heldout_acc},
             "ai_feedback": {k: aif.get(k) for k in ("agreement_with_oracle", "position_flip_rate", "n_pairs",
                                                     "n_dropped")} | {
-                "human_label_agreement_with_oracle": float(np.mean(human_agree))}}
+                "human_label_agreement_with_oracle": float(np.mean(human_agree)) if human else None,
+                "human_label_pairs": len(human)}}
 
 
 def report(results: dict, workdir: str) -> str:
@@ -141,7 +171,8 @@ def run(config, workdir: str) -> dict:
     print(table)
     print(f"reward model held-out accuracy: {results['reward_model']['heldout_accuracy']:.3f}")
     aif = results["ai_feedback"]
-    print(f"AI labels agree with the oracle on {aif['agreement_with_oracle']}, simulated human labels on "
-          f"{aif['human_label_agreement_with_oracle']:.3f} (position flips {aif['position_flip_rate']})")
+    print(f"on pairs of SFT samples, AI labels agree with the oracle on {aif['agreement_with_oracle']}, "
+          f"simulated human labels on {aif['human_label_agreement_with_oracle']} "
+          f"(judge position flips {aif['position_flip_rate']})")
     print(f"wrote {workdir}/results.json, report.md, oracle_reward.png")
     return results

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptx import checkpoint
+from ptx import checkpoint, sharding
 from ptx.model import ModelConfig, Transformer
 
 
@@ -35,7 +35,8 @@ class ModelReward:
             values = model.apply({"params": params}, tokens, positions, segment_ids, logits=False).values
             return jnp.take_along_axis(values, index[:, None], axis=1)[:, 0]
 
-        self._score = jax.jit(score)
+        # Replicated out: every process reads all the scores back to the host.
+        self._score = jax.jit(score, out_shardings=sharding.replicated(mesh))
 
     def __call__(self, seq, prompts, completions) -> np.ndarray:
         return np.asarray(self._score(self.params, seq["tokens"], seq["positions"],

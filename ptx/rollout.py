@@ -4,11 +4,16 @@ Layout: every rollout row is `[left-aligned prompt (P) | completion (N)]`, so
 completion token j sits at column P + j and is predicted by the logits at
 column P - 1 + j. All per-token RL arrays are `[batch, N]`, aligned with the
 completion, with `mask` 1 on generated tokens.
+
+With LoRA the trainable 'policy' tree holds adapters (and the value head when
+it sits on the policy, trained in full) and the frozen base is the reference
+itself: `policy_params` merges them, once per iteration for the rollout and
+inside the jitted update for the loss.
 """
 import jax
 import jax.numpy as jnp
 
-from ptx import losses, sampler
+from ptx import lora, losses, sampler
 from ptx.model import Transformer
 
 
@@ -36,6 +41,18 @@ def build_sequences(prompt_tokens, prompt_lens, out: sampler.SampleOutput, *, pa
         "score_index": (width - 1 + content).astype(jnp.int32),
         "finish_reason": out.finish_reason,
     }
+
+
+def policy_params(params, frozen, lora_cfg=None):
+    """The policy's full parameter tree from the trainable tree {'policy': ..., 'critic'?: ...}.
+
+    Full finetuning (lora_cfg None or rank 0): params['policy'] itself. LoRA:
+    the frozen base `frozen` (the reference) with params['policy'] merged in;
+    adapted kernels and full leaves float32, the rest as the base stores them.
+    """
+    if lora_cfg is None or not lora_cfg.enabled:
+        return params["policy"]
+    return lora.apply(frozen, params["policy"], lora_cfg, dtype=jnp.float32)
 
 
 def response_forward(model, params, seq: dict, width: int):
@@ -69,8 +86,10 @@ def prepare(params, ref_params, seq: dict, scores, kl_coef, *, policy_model, cri
             width: int, rl_cfg) -> tuple[dict, dict]:
     """Everything the update needs from one rollout, in one jitted pass.
 
-    params: {'policy': ..., 'critic': ...} ('critic' absent when the value head
-    sits on the policy or there is no critic). scores: [b] float32 from the
+    params: {'policy': full policy params (with LoRA the merged tree of
+    `policy_params`), 'critic': ...} ('critic' absent when the value head sits
+    on the policy or there is no critic). ref_params: the reference (with
+    LoRA: the frozen base, adapters off). scores: [b] float32 from the
     reward source (any no-EOS penalty included). Returns (batch for the
     update, metrics).
     """
@@ -119,10 +138,15 @@ def prepare(params, ref_params, seq: dict, scores, kl_coef, *, policy_model, cri
     return batch, metrics
 
 
-def rl_loss_fn(params, batch, frozen=None, *, policy_model, critic_model, width: int, rl_cfg):
-    """Clipped surrogate (+ value loss, + KL term for GRPO, - entropy bonus) on a minibatch."""
+def rl_loss_fn(params, batch, frozen=None, *, policy_model, critic_model, width: int, rl_cfg, lora_cfg=None):
+    """Clipped surrogate (+ value loss, + KL term for GRPO, - entropy bonus) on a minibatch.
+
+    frozen: the reference parameters when `lora_cfg` is on (the base the
+    adapters merge into), else unused.
+    """
     mask = batch["mask"]
-    logps, entropy, values = response_forward(policy_model, params["policy"], batch, width)
+    policy = policy_params(params, frozen, lora_cfg)
+    logps, entropy, values = response_forward(policy_model, policy, batch, width)
     loss, metrics = losses.ppo_policy_loss(
         logps, batch["old_logps"], batch["advantages"], mask, clip_eps=rl_cfg.clip_eps,
         clip_eps_high=rl_cfg.clip_eps_high or None, aggregation=rl_cfg.aggregation)

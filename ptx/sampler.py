@@ -12,7 +12,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ptx.model import ModelConfig, Transformer, init_cache
+from ptx.losses import argmax
+from ptx.model import ModelConfig, Transformer, init_cache, unstack_cache, unstack_layers
 
 FINISH_EOS = 0
 FINISH_STOP = 1
@@ -37,7 +38,54 @@ class SampleOutput:
     logprobs: jax.Array
 
 
-def filter_logits(logits, *, temperature, top_k, top_p, min_p, rank: bool = True):
+def _order_keys(x):
+    """float32 [..., V] -> uint32 keys with the same order (-0.0 counts as +0.0; NaN unsupported)."""
+    u = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x), jnp.uint32)
+    return jnp.where(u >> 31 == 1, ~u, u | jnp.uint32(1 << 31))
+
+
+def _prefix_cut(keys, ids, weights, budget):
+    """The longest prefix of the order (-key, id) in which every token's weight before it is < budget.
+
+    keys: [..., 1, V] uint32 (from `_order_keys`); ids: [..., 1, V] int32 token ids;
+    weights: [..., n, V] float32 >= 0, one row per cut; budget: [..., n, 1] float32 > 0.
+    Two bisections instead of a sort: over keys for the cut value, then over ids
+    among the tokens tied at it (no iteration when the cut value is unique).
+    Returns (cut_key, cut_id), each [..., n, 1]: the prefix is
+    key > cut_key | (key == cut_key & id <= cut_id).
+    """
+    above = lambda x: jnp.sum(jnp.where(keys > x, weights, 0.0), axis=-1, keepdims=True)
+    shape = budget.shape
+    unconverged = lambda lh: jnp.any(lh[0] < lh[1])
+
+    def by_key(lh):  # the smallest key whose strictly-higher weight is < budget (above(max) = 0)
+        lo, hi = lh
+        mid = lo + (hi - lo) // 2
+        ok = above(mid) < budget
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    lo = jnp.broadcast_to(jnp.min(keys, axis=-1, keepdims=True), shape)
+    hi = jnp.broadcast_to(jnp.max(keys, axis=-1, keepdims=True), shape)
+    cut_key, _ = jax.lax.while_loop(unconverged, by_key, (lo, hi))
+    before = above(cut_key)
+    is_tied = keys == cut_key
+    tied = jnp.where(is_tied, weights, 0.0)
+
+    def by_id(lh):  # the largest id whose weight before it (ties by id) is < budget
+        lo, hi = lh
+        mid = hi - (hi - lo) // 2
+        ok = before + jnp.sum(jnp.where(ids < mid, tied, 0.0), axis=-1, keepdims=True) < budget
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    # The answer lies between the first tied id (nothing before it) and the last.
+    lo = jnp.min(jnp.where(is_tied, ids, keys.shape[-1]), axis=-1, keepdims=True)
+    hi = jnp.max(jnp.where(is_tied, ids, 0), axis=-1, keepdims=True)
+    cut_id, _ = jax.lax.while_loop(unconverged, by_id, (lo, hi))
+    return cut_key, cut_id
+
+
+def filter_logits(logits, *, temperature, top_k, top_p, min_p, use_top_k: bool = True,
+                  use_top_p: bool = True):
     """Temperature, then top-k / top-p / min-p truncation.
 
     logits: [..., V] any float dtype. Each setting is a scalar or an array
@@ -47,9 +95,11 @@ def filter_logits(logits, *, temperature, top_k, top_p, min_p, rank: bool = True
     All three filters are judged on the same temperature-scaled distribution
     and the kept set is their intersection; the most likely token is always
     kept. Ties are ordered by token id (lower id = more likely), which makes
-    every cut deterministic.
-    rank: static; False skips the sort over the vocabulary, valid only when
-      no row uses top-k or top-p (min-p and greedy are cuts on the value).
+    every cut deterministic: top-k keeps the first k tokens of the order
+    (-logit, id), top-p every token whose probability mass before it in that
+    order is < top_p. No sort: the cuts are found by bisection (`_prefix_cut`).
+    use_top_k, use_top_p: static; False skips that cut, valid only when no row
+      uses it (min-p and greedy are cheap cuts on the value).
     Returns [..., V] float32: logits / temperature on kept tokens, -inf elsewhere.
     """
     logits = logits.astype(jnp.float32)
@@ -61,38 +111,42 @@ def filter_logits(logits, *, temperature, top_k, top_p, min_p, rank: bool = True
     greedy = temperature <= 0
     scaled = logits / jnp.where(greedy, 1.0, temperature)
     ids = jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), scaled.shape)
-    if not rank:
-        probs = jax.nn.softmax(scaled, axis=-1)
-        keep = probs >= min_p * jnp.max(probs, axis=-1, keepdims=True)
-        keep = jnp.where(greedy, ids == jnp.argmax(scaled, axis=-1)[..., None], keep)
-        return jnp.where(keep, scaled, -jnp.inf)
-    # One sort by (-logit, id): every filter keeps a prefix of this order, so
-    # the kept set is "rank < n" for one per-row count n.
-    neg_sorted, sorted_ids = jax.lax.sort((-scaled, ids), dimension=-1, num_keys=2)
-    probs = jax.nn.softmax(-neg_sorted, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    n_k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    # top_p >= 1 is exactly "off": float error in the cumsum must not drop the tail.
-    n_p = jnp.where(top_p >= 1, vocab, jnp.sum(mass_before < top_p, axis=-1, keepdims=True))
-    n_m = jnp.sum(probs >= min_p * probs[..., :1], axis=-1, keepdims=True)
-    n = jnp.maximum(jnp.where(greedy, 1, jnp.minimum(jnp.minimum(n_k, n_p), n_m)), 1)
-    cut_value = -jnp.take_along_axis(neg_sorted, n - 1, axis=-1)
-    cut_id = jnp.take_along_axis(sorted_ids, n - 1, axis=-1)
-    keep = (scaled > cut_value) | ((scaled == cut_value) & (ids <= cut_id))
+    probs = jax.nn.softmax(scaled, axis=-1)
+    top = ids == argmax(scaled)[..., None]  # the lowest id among ties
+    keep = probs >= min_p * jnp.max(probs, axis=-1, keepdims=True)
+    # One pair of bisections for both cuts: top-k weighs each token 1 with budget k,
+    # top-p weighs it by its probability with budget top_p. An off row gets any
+    # valid budget (> 0) and its cut is ignored.
+    cuts = []
+    if use_top_k:
+        on = top_k > 0
+        cuts.append((on, jnp.ones_like(probs), jnp.where(on, top_k, vocab).astype(jnp.float32)))
+    if use_top_p:
+        on = top_p < 1
+        cuts.append((on, probs, jnp.where(on, jnp.maximum(top_p, jnp.finfo(jnp.float32).tiny), 1.0)))
+    if cuts:
+        on, weights, budget = (jnp.stack(x, axis=-2) for x in zip(*cuts))
+        keys, ids_ = _order_keys(scaled)[..., None, :], ids[..., None, :]
+        cut_key, cut_id = _prefix_cut(keys, ids_, weights, budget)
+        prefix = (keys > cut_key) | ((keys == cut_key) & (ids_ <= cut_id))
+        keep &= jnp.all(prefix | ~on, axis=-2)
+    keep = jnp.where(greedy, top, keep | top)
     return jnp.where(keep, scaled, -jnp.inf)
 
 
-def sample_token(key, logits, *, temperature, top_k, top_p, min_p, rank: bool = True):
+def sample_token(key, logits, *, temperature, top_k, top_p, min_p, use_top_k: bool = True,
+                 use_top_p: bool = True):
     """One draw from the filtered distribution.
 
     key: one PRNG key for the whole call. logits: [..., V]. Settings as in
     `filter_logits`. Returns [...] int32 ids; rows with temperature 0 get the
     exact argmax (lowest id among ties).
     """
-    filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, rank=rank)
-    sampled = jax.random.categorical(key, filtered, axis=-1)
-    greedy = jnp.broadcast_to(jnp.asarray(temperature) <= 0, logits.shape[:-1])
-    return jnp.where(greedy, jnp.argmax(filtered, axis=-1), sampled).astype(jnp.int32)
+    filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                             use_top_k=use_top_k, use_top_p=use_top_p)
+    # jax.random.categorical's Gumbel-max draw, bit for bit, with the cheaper argmax. The
+    # noise is finite, so a greedy row (one finite logit left) draws exactly its argmax.
+    return argmax(filtered + jax.random.gumbel(key, filtered.shape, filtered.dtype))
 
 
 @flax.struct.dataclass
@@ -137,12 +191,13 @@ def decode(step_fn: Callable, state, first_logits, keys, *, max_new_tokens: int,
     row = lambda x, dt: jnp.broadcast_to(jnp.asarray(x, dt), (b,))
     settings = (row(temperature, jnp.float32), row(top_k, jnp.int32),
                 row(top_p, jnp.float32), row(min_p, jnp.float32))
-    draws = [jax.vmap(lambda key, logits, t, k, p, m, rank=rank: sample_token(
-        key, logits, temperature=t, top_k=k, top_p=p, min_p=m, rank=rank)) for rank in (False, True)]
-    # The vocabulary sort runs only when some row uses top-k or top-p: a batch-level
-    # cond, since under vmap a per-row cond would run both branches.
-    needs_rank = jnp.any(settings[1] > 0) | jnp.any(settings[2] < 1)
-    draw = lambda *a: jax.lax.cond(needs_rank, draws[1], draws[0], *a)
+    # The top-k / top-p cuts run only when some row uses them: a batch-level switch,
+    # since under vmap a per-row cond would run every branch.
+    draws = [jax.vmap(lambda key, logits, t, k, p, m, use_k=use_k, use_p=use_p: sample_token(
+        key, logits, temperature=t, top_k=k, top_p=p, min_p=m, use_top_k=use_k, use_top_p=use_p))
+        for use_k in (False, True) for use_p in (False, True)]
+    branch = 2 * jnp.any(settings[1] > 0).astype(jnp.int32) + jnp.any(settings[2] < 1).astype(jnp.int32)
+    draw = lambda *a: jax.lax.switch(branch, draws, *a)
     window = max((len(s) for s in stops), default=0)
 
     def record(c: _Carry, logits) -> _Carry:
@@ -212,14 +267,15 @@ def prefill(params, cfg: ModelConfig, prompt_tokens, prompt_lens, cache_length: 
     0..len-1), so all rows decode into the same cache slot at each step.
     cache_length: static, >= P.
     Returns (logits [b, V] float32 for the first new token, state) where state
-    = (cache, prompt_lens) is what `model_step_fn`'s step_fn consumes.
+    = (cache, prompt_lens) is what `model_step_fn`'s step_fn consumes (the
+    cache one array per layer: `unstack_cache`).
     """
     b = prompt_tokens.shape[0]
     tokens, positions, segment_ids = left_align(prompt_tokens, prompt_lens)
     out = Transformer(cfg).apply(
         {"params": params}, tokens, positions, segment_ids,
         cache=init_cache(cfg, b, cache_length), cache_index=0, logits="last")
-    return out.logits[:, -1].astype(jnp.float32), (out.cache, prompt_lens.astype(jnp.int32))
+    return out.logits[:, -1].astype(jnp.float32), (unstack_cache(out.cache), prompt_lens.astype(jnp.int32))
 
 
 def model_step_fn(params, cfg: ModelConfig, prompt_width: int) -> Callable:
@@ -227,12 +283,20 @@ def model_step_fn(params, cfg: ModelConfig, prompt_width: int) -> Callable:
 
     step_fn((cache, prompt_lens), tokens [b] int32, step) writes token `step`
     at cache slot P + step with position prompt_len + step and returns its
-    next-token logits [b, V] float32.
+    next-token logits [b, V] float32. The layers run unrolled on their own
+    weights, split from the stacks here, once (a copy of the layer weights for
+    the whole decode loop): slicing them inside the loop would copy every
+    layer's weights at every token.
     """
+    return layered_step_fn(unstack_layers(params), cfg, prompt_width)
+
+
+def layered_step_fn(layered, cfg: ModelConfig, prompt_width: int) -> Callable:
+    """`model_step_fn` on weights already split per layer (`ptx.model.unstack_layers`)."""
     def step_fn(state, tokens, step):
         cache, prompt_lens = state
-        out = Transformer(cfg).apply(
-            {"params": params}, tokens[:, None], (prompt_lens + step)[:, None],
+        out = Transformer(cfg, scan_layers=False).apply(
+            {"params": layered}, tokens[:, None], (prompt_lens + step)[:, None],
             jnp.ones_like(tokens)[:, None], cache=cache, cache_index=prompt_width + step)
         return out.logits[:, 0].astype(jnp.float32), (out.cache, prompt_lens)
 
@@ -241,18 +305,28 @@ def model_step_fn(params, cfg: ModelConfig, prompt_width: int) -> Callable:
 
 def generate(params, cfg: ModelConfig, prompt_tokens, prompt_lens, keys, *, max_new_tokens: int,
              temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, eos_id: int, pad_id: int = 0,
-             stop_sequences: tuple = (), keep_stop: bool = False) -> SampleOutput:
+             stop_sequences: tuple = (), keep_stop: bool = False, n_tokens: int | None = None) -> SampleOutput:
     """Sample continuations of right-padded prompts with the KV cache.
 
     prompt_tokens: [b, P] int32 right-padded; prompt_lens: [b] int32 in 1..P;
     keys: [b] PRNG keys (one per row). Settings: scalars or [b] arrays.
     max_new_tokens, eos_id, pad_id, stop_sequences, keep_stop are static (see
-    `decode`). Traceable; `make_generate_fn` is the place it is jitted.
+    `decode`). n_tokens: the tokenizer's size when the model's vocabulary is
+    larger (padded): ids from n_tokens on are never sampled. Traceable; `make_generate_fn` is the place it is jitted.
     """
     width = prompt_tokens.shape[1]
     # The last sampled token is never fed back, so max_new - 1 decode slots suffice.
     first_logits, state = prefill(params, cfg, prompt_tokens, prompt_lens, width + max_new_tokens - 1)
-    out, _ = decode(model_step_fn(params, cfg, width), state, first_logits, keys,
+    step_fn = model_step_fn(params, cfg, width)
+    if n_tokens is not None and n_tokens < cfg.vocab_size:
+        usable = jnp.arange(cfg.vocab_size) < n_tokens
+        first_logits = jnp.where(usable, first_logits, -jnp.inf)
+        model_step = step_fn
+
+        def step_fn(state, tokens, step):
+            logits, state = model_step(state, tokens, step)
+            return jnp.where(usable, logits, -jnp.inf), state
+    out, _ = decode(step_fn, state, first_logits, keys,
                     max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                     top_p=top_p, min_p=min_p, eos_id=eos_id, pad_id=pad_id,
                     stop_sequences=stop_sequences, keep_stop=keep_stop)
@@ -260,7 +334,7 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_lens, keys, *, max_
 
 
 def make_generate_fn(cfg: ModelConfig, *, max_new_tokens: int, eos_id: int, pad_id: int = 0,
-                     stop_sequences: tuple = (), keep_stop: bool = False) -> Callable:
+                     stop_sequences: tuple = (), keep_stop: bool = False, n_tokens: int | None = None) -> Callable:
     """`generate` jitted with its static arguments bound.
 
     Returns fn(params, prompt_tokens, prompt_lens, keys, temperature=1.0,
@@ -272,6 +346,6 @@ def make_generate_fn(cfg: ModelConfig, *, max_new_tokens: int, eos_id: int, pad_
         return generate(params, cfg, prompt_tokens, prompt_lens, keys, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         eos_id=eos_id, pad_id=pad_id, stop_sequences=stop_sequences,
-                        keep_stop=keep_stop)
+                        keep_stop=keep_stop, n_tokens=n_tokens)
 
     return jax.jit(fn)

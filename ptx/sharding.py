@@ -8,10 +8,15 @@ import re
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")
+# Activation layouts the model constrains to when a mesh is set (`constrain`).
+RESIDUAL = P(BATCH, None, None)  # [batch, seq, d_model]: d_model whole on every device
+EMBED_LOOKUP = P("tensor", None)  # [vocab, d_model] as the token lookup reads it
+KV_CACHE = P(None, BATCH, "tensor", None, None)  # [layers, batch, kv_heads, length, head_dim]
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
@@ -111,6 +116,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def constrain(x: jax.Array, spec: P) -> jax.Array:
+    """`x` laid out as `spec` on the mesh of `jax.set_mesh`, inside a jitted function.
+
+    Axes a dimension does not divide are dropped (as for parameters). Without a
+    mesh (one device, or a caller that placed its inputs itself) `x` is
+    returned as it is, so the model runs unchanged outside a run loop.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, _fit(spec, x.shape, mesh))
+
+
 def put_batch(batch: dict, mesh: Mesh) -> dict:
     """Host numpy batch (this process's rows) -> global arrays sharded over the batch axes."""
     sharding = batch_sharding(mesh)
@@ -121,3 +139,16 @@ def put_batch(batch: dict, mesh: Mesh) -> dict:
     n = jax.process_count()
     return {k: jax.make_array_from_process_local_data(sharding, v, (len(v) * n,) + v.shape[1:])
             for k, v in batch.items()}
+
+
+def put_global(batch: dict, mesh: Mesh) -> dict:
+    """Host numpy batch with all rows, the same on every process -> global arrays sharded
+    over the batch axes; each process copies only the rows its own devices hold."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+            for k, v in batch.items()}
+
+
+def gather(tree):
+    """Global arrays -> host numpy arrays with every row, on every process."""
+    return multihost_utils.process_allgather(tree, tiled=True)

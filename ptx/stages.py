@@ -4,10 +4,16 @@ import jax
 
 def run(config, workdir: str):
     stage = config.stage
-    if jax.process_count() > 1 and stage not in ("sft", "reward", "dpo"):
-        # Their rollouts and sampling feed process-local rows to global arrays.
-        raise NotImplementedError(f"stage {stage!r} runs in one process; multi-process runs "
-                                  f"(distributed.*) support sft, reward and dpo")
+    # The stages whose host reads and file writes are multi-process safe. Not yet: the judge
+    # (ai_feedback, reward.source=judge) puts whole chunks as one process's rows, best-of-N
+    # writes its files from every process, the quickstart's evaluation reads batch-sharded
+    # arrays on the host.
+    multi = stage in ("sft", "reward", "dpo", "sample") or (
+        stage in ("ppo", "grpo") and config.reward.source != "judge")
+    if jax.process_count() > 1 and not multi:
+        what = f"stage {stage!r}" + (" with reward.source=judge" if stage in ("ppo", "grpo") else "")
+        raise NotImplementedError(f"{what} runs in one process; multi-process runs (distributed.*) "
+                                  f"support sft, reward, dpo, ppo, grpo and sample")
     if stage in ("sft", "reward", "dpo"):
         from ptx import train
 
@@ -24,6 +30,10 @@ def run(config, workdir: str):
         from ptx import best_of_n
 
         return best_of_n.run(config, workdir)
+    if stage == "merge":
+        from ptx import lora
+
+        return lora.run(config, workdir)
     if stage == "ai_feedback":
         from ptx import judge
 

@@ -174,9 +174,14 @@ def tokens_in(batch: dict) -> int:
 
 def run(config, workdir: str, devices=None) -> dict:
     """Train one supervised stage; returns the final logged metrics."""
-    workdir = os.path.abspath(workdir)
-    write_config(config, workdir)
     mesh = sharding.make_mesh(config.mesh, devices)
+    # Set as the context, so that the model constrains its activations to it (sharding.constrain).
+    with jax.set_mesh(mesh):
+        return _run(config, os.path.abspath(workdir), mesh)
+
+
+def _run(config, workdir: str, mesh) -> dict:
+    write_config(config, workdir)
     train_path, eval_path = data_paths(config, workdir)
     rows, stats = data.load_rows(train_path, config.data.kind, on_bad_row=config.data.on_bad_row,
                                  template=template(config))
@@ -217,6 +222,8 @@ def run(config, workdir: str, devices=None) -> dict:
     # policy. init_state's jit writes new buffers, so donating the state never frees it.
     init = (initial_params(config, cfg, mesh, param_shardings)
             if latest is None or lcfg.enabled or dpo_ref else None)
+    if lcfg.enabled:
+        init = lora.frozen_base(init, lcfg)  # the DPO reference below is these same arrays
     base = init if lcfg.enabled else None
     if dpo_ref:
         frozen, frozen_shardings = init, param_shardings

@@ -1,6 +1,9 @@
 """Test set-up: 8 host CPU devices so mesh code runs as on a pod slice."""
+import json
 import os
 import sys
+
+import pytest
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -14,3 +17,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "ptx-jax-tests"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+@pytest.fixture(scope="session")
+def quickstart(tmp_path_factory):
+    """The quickstart shortened to a few steps per stage, run once per session:
+    (workdir, results.json as written)."""
+    from configs import quickstart as quickstart_config
+    from ptx import pipeline
+
+    workdir = tmp_path_factory.mktemp("quickstart")
+    pipeline.run(quickstart_config.get_config("tiny"), str(workdir))
+    with open(workdir / "results.json") as f:
+        return str(workdir), json.load(f)

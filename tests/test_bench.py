@@ -1,5 +1,6 @@
 """ptx.bench: a tiny run reports every benchmark with finite numbers, MFU is FLOP/s over the
-peak, --compare prints new / old ratios, and the analytic FLOP count matches XLA's."""
+peak, training entries report the memory of what they train, --compare prints new / old
+ratios, and the analytic FLOP count matches XLA's."""
 import json
 import math
 
@@ -7,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from ptx import bench
-from ptx.model import ModelConfig, Transformer, flops_per_token
+from ptx import bench, bench_peer
+from ptx.model import ModelConfig, Transformer, count_params, flops_per_token, init_params
 
 TINY = ["--d_model", "64", "--n_layers", "2", "--vocab", "256", "--batch", "4", "--seq", "32",
         "--repeats", "1", "--decode_batches", "2", "--layers_compile", "0", "--matmul_n", "256",
@@ -23,20 +24,27 @@ def tiny_run(tmp_path_factory):
     return out, json.loads(out.read_text()), returned
 
 
+def init_params_abstract(cfg):
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+
+
 def positive_finite(x):
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
 def test_tiny_suite_reports_every_benchmark_with_positive_finite_numbers(tiny_run):
     _, data, returned = tiny_run
-    names = [*bench.TRAIN, "prefill", "decode_b2", "grpo_iteration"]
+    names = [*bench.TRAIN, "prefill", "decode_b2", "grpo_iteration", "ppo_iteration"]
     for name in names:
         for key in REQUIRED:
             assert positive_finite(data[name][key]), (name, key, data[name].get(key))
     assert positive_finite(data["decode_b2"]["decode_per_token_vs_forward"])
     assert positive_finite(data["decode_b2"]["generate_tokens_per_s"])
-    assert positive_finite(data["grpo_iteration"]["rollout_tokens_per_s"])
-    assert positive_finite(data["grpo_iteration"]["update_tokens_per_s"])
+    for name in ("grpo_iteration", "ppo_iteration"):
+        assert positive_finite(data[name]["rollout_tokens_per_s"]), name
+        assert positive_finite(data[name]["update_tokens_per_s"]), name
+    for name in bench.TRAIN:
+        assert positive_finite(data[name]["param_mb"]) and positive_finite(data[name]["opt_state_mb"]), name
     assert positive_finite(data["matmul_peak_flops"]) and isinstance(data["device"], str)
     assert data["config"]["d_model"] == 64 and data["config"]["n_layers"] == 2
     assert data["config"]["vocab_size"] == 256 and data["config"]["batch"] == 4
@@ -49,7 +57,7 @@ def test_mfu_is_achieved_flops_over_the_peak_and_flops_are_analytic(tiny_run):
     if data["platform"] == "cpu":
         assert data["peak_flops"] == data["matmul_peak_flops"]
     for name, e in data.items():
-        if bench.is_benchmark(e):
+        if bench_peer.is_benchmark(e):
             assert e["mfu"] == pytest.approx(e["flops_per_s"] / data["peak_flops"], rel=1e-9), name
     cfg = ModelConfig(**{k: v for k, v in data["config"].items() if k in ModelConfig.__dataclass_fields__})
     fwd, head, tokens = flops_per_token(cfg, 32), 2 * 64 * 256, 4 * 32
@@ -59,11 +67,48 @@ def test_mfu_is_achieved_flops_over_the_peak_and_flops_are_analytic(tiny_run):
                 "reward_step": (3 * (fwd - head) * 2 * tokens, 2 * tokens),
                 "dpo_step": ((3 + 1) * fwd * 2 * tokens, 2 * tokens),
                 "dpo_step_precomputed_ref": (3 * fwd * 2 * tokens, 2 * tokens),
-                "ppo_update": (3 * (fwd + fwd - head) * tokens, tokens)}
+                "ppo_update": (3 * (fwd + fwd - head) * tokens, tokens),
+                # LoRA forms the merged weight's gradient: the FLOPs of full finetuning.
+                "lora_sft_step": (3 * fwd * tokens, tokens),
+                "lora_dpo_step": ((3 + 1) * fwd * 2 * tokens, 2 * tokens)}
     for name, (flops, step_tokens) in expected.items():
         e = data[name]
         assert e["tokens_per_s"] * e["step_s"] == pytest.approx(step_tokens, rel=1e-9), name
         assert e["flops_per_s"] * e["step_s"] == pytest.approx(flops, rel=1e-9), name
+    # A PPO iteration (prompt 16 + 16 new tokens, batch 4, 4 epochs of one minibatch of 4): the
+    # rollout (prefill + decode, then policy, reference and critic forwards) and 4 updates of
+    # policy + critic; the critic never computes the LM head.
+    e, t = data["ppo_iteration"], 32
+    fwd_t = flops_per_token(cfg, t)
+    rollout = flops_per_token(cfg, t - 1) * 4 * (t - 1) + (3 * fwd_t - head) * 4 * t
+    assert e["updates"] == 4
+    assert e["flops_per_s"] * e["step_s"] == pytest.approx(rollout + 4 * 3 * (2 * fwd_t - head) * 4 * t, rel=1e-9)
+    assert e["step_s"] == pytest.approx(e["rollout_s"] + e["update_s"], rel=1e-9)
+    assert e["update_tokens_per_s"] == pytest.approx(4 * 4 * t / e["update_s"], rel=1e-9)
+
+
+def test_training_entries_report_the_memory_of_what_they_train(tiny_run):
+    _, data, _ = tiny_run
+    cfg = ModelConfig(**{k: v for k, v in data["config"].items() if k in ModelConfig.__dataclass_fields__})
+    full_mb = 4 * count_params(init_params_abstract(cfg)) / 2**20  # float32 parameters
+    # Full finetuning: the whole tree and its AdamW moments (2 x, plus scalar counters); DPO's
+    # reference is a second, frozen copy.
+    for name in ("sft_step", "dpo_step"):
+        e = data[name]
+        assert e["param_mb"] == pytest.approx(full_mb, rel=1e-9), name
+        assert e["opt_state_mb"] == pytest.approx(2 * full_mb, rel=1e-3), name
+    assert data["sft_step"]["frozen_mb"] == 0 and data["dpo_step"]["frozen_mb"] == pytest.approx(full_mb)
+    # LoRA (rank 8 by default): A [in, r] and B [r, out] per adapted kernel and layer; the base
+    # (also DPO's reference, no second copy) is frozen.
+    d, ff, q, kv, r = cfg.d_model, cfg.d_ff, cfg.n_heads * cfg.head_size, cfg.n_kv_heads * cfg.head_size, 8
+    adapter_mb = 4 * cfg.n_layers * r * (2 * (d + q) + 2 * (d + kv) + 3 * (d + ff)) / 2**20
+    for name in ("lora_sft_step", "lora_dpo_step"):
+        e = data[name]
+        assert e["param_mb"] == pytest.approx(adapter_mb, rel=1e-9), name
+        assert e["opt_state_mb"] == pytest.approx(2 * adapter_mb, rel=1e-3), name
+        assert e["frozen_mb"] == pytest.approx(full_mb, rel=1e-9), name
+        full = data["sft_step"]
+        assert e["param_mb"] + e["opt_state_mb"] < 0.25 * (full["param_mb"] + full["opt_state_mb"])
 
 
 def test_compare_prints_new_over_old_ratios(tiny_run, tmp_path, capsys):
@@ -80,13 +125,13 @@ def test_compare_prints_new_over_old_ratios(tiny_run, tmp_path, capsys):
 
 
 def test_published_peak_is_looked_up_by_device_kind():
-    assert bench.published_peak("NVIDIA H100 80GB HBM3") == 989e12
-    assert bench.published_peak("NVIDIA H200") == 989e12
-    assert bench.published_peak("NVIDIA A100-SXM4-40GB") == 312e12
-    assert bench.published_peak("TPU v5 lite") == 197e12
-    assert bench.published_peak("TPU v5p") == 459e12
-    assert bench.published_peak("TPU v6 lite") == 918e12
-    assert bench.published_peak("cpu") is None
+    assert bench_peer.published_peak("NVIDIA H100 80GB HBM3") == 989e12
+    assert bench_peer.published_peak("NVIDIA H200") == 989e12
+    assert bench_peer.published_peak("NVIDIA A100-SXM4-40GB") == 312e12
+    assert bench_peer.published_peak("TPU v5 lite") == 197e12
+    assert bench_peer.published_peak("TPU v5p") == 459e12
+    assert bench_peer.published_peak("TPU v6 lite") == 918e12
+    assert bench_peer.published_peak("cpu") is None
 
 
 def test_flops_per_token_matches_xla_cost_analysis():

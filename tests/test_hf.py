@@ -294,12 +294,12 @@ def test_load_model_refuses_a_sliding_window_shorter_than_max_len(tmp_path):
         hf.load_model(str(tmp_path))
 
 
-def test_sft_stage_starts_from_an_hf_dir(tmp_path):
-    """init.hf_dir: the stage reads architecture, weights and tokenizer from the directory."""
-    from configs import sft as sft_config
-    from ptx import checkpoint, train, world
+def world_and_hf_base(tmp_path):
+    """The embedded world's files and a small model saved as a Hugging Face directory
+    (tmp_path / 'hf', with a tokenizer trained on the world): (files, params)."""
+    from ptx import world
 
-    files = world.World(world.WorldConfig(n_pretrain=50, n_sft=40, n_pref=10, n_heldout=8)).write(
+    files = world.World(world.WorldConfig(n_pretrain=50, n_sft=40, n_pref=40, n_heldout=8)).write(
         str(tmp_path / "world"))
     tok = train_tokenizer([json.loads(line)["text"] for line in open(files["pretrain"])],
                           vocab_size=512, path=str(tmp_path / "tok.model"))
@@ -307,6 +307,15 @@ def test_sft_stage_starts_from_an_hf_dir(tmp_path):
                       tie_embeddings=False)
     params = init_params(cfg, jax.random.PRNGKey(3))
     hf.save_params(params, cfg, str(tmp_path / "hf"), tokenizer=tok)
+    return files, params
+
+
+def test_sft_stage_starts_from_an_hf_dir(tmp_path):
+    """init.hf_dir: the stage reads architecture, weights and tokenizer from the directory."""
+    from configs import sft as sft_config
+    from ptx import checkpoint, train
+
+    files, params = world_and_hf_base(tmp_path)
     c = sft_config.get_config("tiny")
     c.data.train = files["sft"]
     c.init.hf_dir = str(tmp_path / "hf")
@@ -316,3 +325,25 @@ def test_sft_stage_starts_from_an_hf_dir(tmp_path):
     loaded, meta = checkpoint.load_params(str(tmp_path / "run"))
     assert meta["model"]["d_model"] == 32 and meta["model"]["tie_embeddings"] is False
     assert_same_params(jax.device_get(loaded), jax.device_get(params))
+
+
+def test_lora_reward_stage_on_an_hf_base_trains_and_its_checkpoint_loads_merged(tmp_path):
+    """Adapters on an HF trunk with a fresh full scalar head; loading merges into that HF base."""
+    from configs import reward as reward_config
+    from ptx import checkpoint, train
+
+    files, params = world_and_hf_base(tmp_path)
+    c = reward_config.get_config("tiny")
+    c.data.train = files["preference"]
+    c.init.hf_dir = str(tmp_path / "hf")
+    c.lora.rank = 4
+    # The head starts at zero, so the trunk's adapters get gradient from the second step on.
+    c.train.steps, c.train.eval_every, c.optim.lr = 3, 0, 1e-2
+    c.optim.warmup_steps, c.optim.schedule = 0, "constant"
+    train.run(c, str(tmp_path / "rm"))
+    loaded, meta = checkpoint.load_params(str(tmp_path / "rm"))
+    assert meta["model"]["scalar_head"] is True and meta["lora"]["base"]["hf_dir"] == str(tmp_path / "hf")
+    loaded = jax.device_get(loaded)
+    assert np.abs(loaded["scalar_head"]["kernel"]).max() > 0  # the head trained in full
+    np.testing.assert_array_equal(loaded["embed"]["embedding"], params["embed"]["embedding"])  # not adapted
+    assert np.abs(loaded["layers"]["attn"]["q"]["kernel"] - params["layers"]["attn"]["q"]["kernel"]).max() > 0

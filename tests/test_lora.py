@@ -1,4 +1,6 @@
-"""LoRA: exact start, adapters-only training, merge equals the unmerged adapter model, DPO, sharding."""
+"""LoRA: exact start, adapters-only training, merge equals the unmerged adapter model, DPO, sharding,
+a bfloat16 base, the RL stages and the merge command."""
+import dataclasses
 import functools
 import json
 import re
@@ -43,8 +45,8 @@ def pref_batch(seed, b=4, t=16):
     return batch
 
 
-def logits(params, batch):
-    return MODEL.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]).logits
+def logits(params, batch, model=MODEL):
+    return model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]).logits
 
 
 def host(tree):
@@ -141,7 +143,7 @@ def test_optimizer_state_holds_adapter_moments_only(base, trained):
     assert sum(x.size for x in arrays) == 2 * count_params(adapters)
 
 
-def unmerged_logits(base, adapters, lora_cfg, batch):
+def unmerged_logits(base, adapters, lora_cfg, batch, model=MODEL):
     """The adapter model as LoRA defines it: x @ W + scale * (x @ A) @ B at each adapted layer.
 
     A and B sit beside each adapted kernel as extra parameters (so nn.scan slices
@@ -164,14 +166,15 @@ def unmerged_logits(base, adapters, lora_cfg, batch):
         seen.add(mod.name)
         a, b = mod.get_variable("params", "lora_a"), mod.get_variable("params", "lora_b")
         x = args[0].astype(jnp.float32)
-        x = x.reshape(x.shape[:2] + (-1,))  # [batch, seq, in]
+        n_in = len(mod.axis) if isinstance(mod.axis, tuple) else 1  # the axes the kernel contracts
+        x = x.reshape(x.shape[:x.ndim - n_in] + (-1,))  # [..tokens.., in]
         hi = jax.lax.Precision.HIGHEST
         low = jnp.matmul(jnp.matmul(x, a, precision=hi), b, precision=hi) * lora_cfg.scale
         return (out.astype(jnp.float32) + low.reshape(out.shape)).astype(out.dtype)
 
     with nn.intercept_methods(interceptor):
-        out = logits(params, batch)
-    assert seen == {"q", "k", "v", "o", "gate", "up", "down", "lm_head"}, seen
+        out = logits(params, batch, model)
+    assert seen == adapted_module_names(adapters), seen
     return out
 
 
@@ -179,6 +182,7 @@ def test_merged_model_equals_the_unmerged_adapter_model_after_training(base, tra
     adapters = trained["state"].params
     batch = sft_batch(5)
     merged = np.asarray(logits(lora.merge(base, adapters, LORA), batch))
+    assert adapted_module_names(adapters) == {"q", "k", "v", "o", "gate", "up", "down", "lm_head"}
     unmerged = np.asarray(unmerged_logits(base, adapters, LORA, batch))
     np.testing.assert_allclose(merged, unmerged, rtol=1e-5, atol=1e-5)
     # The adapters are far from zero, so the comparison tests the merge.
@@ -247,9 +251,12 @@ def test_bad_config_is_an_error():
         lora.LoraConfig(rank=-1)
     with pytest.raises(ValueError, match="off"):
         lora.init({}, lora.LoraConfig(rank=0), jax.random.PRNGKey(0))
-    c = ml_collections.ConfigDict(dict(rank=8, alpha=16.0, dropout=0.0, targets=[r"q/kernel"]))
+    with pytest.raises(ValueError, match="lora.base_dtype"):
+        lora.LoraConfig(rank=4, base_dtype="float16")
+    c = ml_collections.ConfigDict(dict(rank=8, alpha=16.0, dropout=0.0, targets=[r"q/kernel"],
+                                       base_dtype="bfloat16"))
     cfg = lora.LoraConfig.from_config(c)
-    assert cfg.targets == (r"q/kernel",) and cfg.scale == 2.0 and hash(cfg)
+    assert cfg.targets == (r"q/kernel",) and cfg.scale == 2.0 and cfg.base_dtype == "bfloat16" and hash(cfg)
 
 
 def test_param_counts(base):
@@ -339,3 +346,242 @@ def test_lora_stages_train_adapters_only_and_their_checkpoints_load_merged(tmp_p
         first = [json.loads(line) for line in f if '"loss"' in line][0]
     np.testing.assert_allclose(first["loss"], np.log(2), atol=3e-7)
     assert first["rewards/margins"] == 0.0
+
+    # A bfloat16 base: the reference is that same rounded base, so step 0 is still log 2;
+    # the merged checkpoint is the rounded base plus the adapters.
+    d.lora.base_dtype, d.train.steps = "bfloat16", 2
+    train.run(d, str(tmp_path / "lora_dpo_bf16"))
+    with open(tmp_path / "lora_dpo_bf16" / "metrics.jsonl") as f:
+        logged = [json.loads(line) for line in f if '"loss"' in line]
+    np.testing.assert_allclose(logged[0]["loss"], np.log(2), atol=3e-7)
+    merged, _ = checkpoint.load_params(str(tmp_path / "lora_dpo_bf16"))
+    rounded = np.asarray(base["embed"]["embedding"].astype(jnp.bfloat16).astype(jnp.float32))
+    np.testing.assert_array_equal(merged["embed"]["embedding"], rounded)
+
+
+# ---------------------------------------------------------------- full leaves and a bfloat16 base
+
+def test_full_leaves_train_beside_the_adapters(base):
+    cfg = lora.LoraConfig(rank=2, full=(r"lm_head/kernel",))
+    adapters = lora.init(base, cfg, jax.random.PRNGKey(1))
+    head = adapters["lm_head"]["kernel"]
+    assert head.dtype == jnp.float32
+    np.testing.assert_array_equal(head, base["lm_head"]["kernel"])  # a copy of the base's leaf
+    trained = jax.tree_util.tree_map(lambda x: x, adapters)
+    trained["lm_head"]["kernel"] = head + 1.0
+    merged = lora.apply(base, trained, cfg)
+    np.testing.assert_array_equal(merged["lm_head"]["kernel"], np.asarray(base["lm_head"]["kernel"]) + 1.0)
+    # A base without the leaf (a reference without the value head) gets it added.
+    headless = {k: v for k, v in base.items() if k != "lm_head"}
+    np.testing.assert_array_equal(lora.apply(headless, trained, cfg)["lm_head"]["kernel"], head + 1.0)
+    specs = sharding.tree_specs(adapters, lora.sharding_rules(sharding.param_rules(CFG), adapters),
+                                sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), strict=True)
+    assert specs["lm_head"]["kernel"] == P("fsdp", "tensor")  # the base rule itself
+    with pytest.raises(ValueError, match="both adapted and trained in full"):
+        lora.init(base, lora.LoraConfig(rank=2, targets=(r"lm_head/kernel",), full=(r"lm_head/kernel",)),
+                  jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="lora.full regex"):
+        lora.init(base, lora.LoraConfig(rank=2, full=(r"scalar_head/kernel",)), jax.random.PRNGKey(0))
+
+
+def test_bfloat16_base_halves_its_memory_trains_and_merges_into_the_model_it_trained(base):
+    cfg = dataclasses.replace(LORA, base_dtype="bfloat16")
+    assert lora.frozen_base(base, LORA) is base  # float32 wanted: no copy
+    stored = lora.frozen_base(base, cfg)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(stored))
+    assert lora.frozen_base(stored, cfg) is stored
+    adapters0 = lora.init(base, cfg, jax.random.PRNGKey(1))
+    full_bytes = lora.param_counts(base, adapters0)["frozen_bytes"]
+    assert lora.param_counts(stored, adapters0)["frozen_bytes"] * 2 == full_bytes
+
+    tx = optax.adamw(1e-2)
+    step = make_step(lora.loss_fn(functools.partial(steps.sft_loss_fn, MODEL), cfg), tx)
+    state, batch, history = steps.init_state(adapters0, tx), sft_batch(0), []
+    for _ in range(4):
+        state, m = step(state, batch, {"base": stored, "ref": None})
+        history.append(float(m["loss"]))
+    assert history[-1] < history[0] - 0.05, history
+    # The step at step 0 sees the bfloat16-rounded base exactly, in float32.
+    rounded = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), stored)
+    evaluate = jax.jit(functools.partial(steps.eval_step, loss_fn=lora.loss_fn(
+        functools.partial(steps.sft_loss_fn, MODEL), cfg)))
+    plain = jax.jit(lambda p, b: steps.sft_loss_fn(MODEL, p, b)[0])
+    ref, unrounded = float(plain(rounded, batch)), float(plain(base, batch))
+    got = float(evaluate(adapters0, batch, {"base": stored, "ref": None})["loss"])
+    assert abs(got - ref) < 1e-6 < 1e-5 < abs(ref - unrounded), (got, ref, unrounded)
+    # Merging into the float32 source gives exactly what the step trained: the bfloat16 base plus the update.
+    merged = lora.merge(base, state.params, cfg)
+    step_view = lora.apply(stored, state.params, cfg, dtype=jnp.float32)
+    as_f32 = lambda x: np.asarray(x, np.float32)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(as_f32(a), as_f32(b)), merged, step_view)
+    assert merged["layers"]["attn"]["q"]["kernel"].dtype == jnp.float32
+    # A float32 base that reaches a bfloat16 step is an error, not a silently different model.
+    with pytest.raises(ValueError, match="lora.frozen_base"):
+        step(state, batch, {"base": base, "ref": None})
+
+
+# ---------------------------------------------------------------- RL, merge command (through the stages)
+
+def raw_state(workdir):
+    """The newest checkpoint's saved train state as host arrays (no target tree: what is on disk)."""
+    import orbax.checkpoint as ocp
+
+    from ptx import checkpoint
+
+    directory, step = checkpoint.resolve(str(workdir))
+    with ocp.PyTreeCheckpointer() as reader:
+        return host(reader.restore(f"{directory}/{step}/state"))
+
+
+def adapted_module_names(adapters):
+    return {p.split("/")[-3] for p in flax.traverse_util.flatten_dict(adapters, sep="/") if p.endswith("kernel/a")}
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory):
+    from configs import sft as sft_config
+    from ptx import train
+
+    d = tmp_path_factory.mktemp("sft")
+    c = sft_config.get_config("tiny")
+    c.train.steps, c.train.eval_every = 6, 0
+    train.run(c, str(d))
+    return str(d)
+
+
+def letter_share(prompt: str, completion: str) -> float:
+    """A dense reward that varies between samples, so the advantages are not all zero."""
+    return sum(ch.isalpha() for ch in completion) / max(len(completion), 1)
+
+
+def rl_lora_config(kind, sft_dir, base_dtype="float32"):
+    from configs import grpo as grpo_config
+    from configs import ppo as ppo_config
+
+    c = (ppo_config if kind == "ppo" else grpo_config).get_config("tiny")
+    c.init.checkpoint = sft_dir
+    c.reward.source, c.reward.function = "function", "test_lora:letter_share"
+    c.rl.critic = "policy"
+    c.lora.rank, c.lora.base_dtype = 4, base_dtype
+    c.train.steps, c.train.ckpt_every = 1, 0
+    return c
+
+
+@pytest.mark.parametrize("kind,base_dtype", [("ppo", "float32"), ("grpo", "float32"), ("ppo", "bfloat16")])
+def test_rl_lora_first_minibatch_ratio_is_one_and_kl_is_zero_against_the_base(sft_dir, kind, base_dtype):
+    from ptx import checkpoint, rl, rollout, sampler
+
+    c = rl_lora_config(kind, sft_dir, base_dtype)
+    mesh = sharding.make_mesh(c.mesh)
+    policy_cfg, _, params, ref = rl.build_models(c, mesh)
+    lcfg = rl.lora_config(c)
+    # The trainable tree: adapters (+ the value head of PPO, in full); the reference: the SFT weights.
+    flat = flax.traverse_util.flatten_dict(params["policy"], sep="/")
+    assert all(p.endswith(("/a", "/b")) for p in flat if not p.startswith("scalar_head"))
+    assert ("scalar_head/kernel" in flat) == (kind == "ppo") and "critic" not in params
+    sft, _ = checkpoint.load_params(sft_dir)
+    jax.tree_util.tree_map(lambda r, s: np.testing.assert_array_equal(
+        np.asarray(r, np.float32), np.asarray(jnp.asarray(s).astype(base_dtype), np.float32)), ref, sft)
+    assert {x.dtype for x in jax.tree_util.tree_leaves(ref)} == {jnp.dtype(base_dtype)}
+
+    policy = jax.jit(lambda p, f: rollout.policy_params(p, f, lcfg))(params, ref)
+    model = Transformer(policy_cfg)
+    prompts = np.array([[2, 40, 41, 42], [2, 43, 44, 0]], np.int32).repeat(4, axis=0)
+    lens = np.array([4, 3], np.int32).repeat(4)
+    out = sampler.make_generate_fn(policy_cfg, max_new_tokens=8, eos_id=3)(
+        policy, prompts, lens, jax.random.split(jax.random.PRNGKey(0), 8))
+    seq = rollout.build_sequences(prompts, lens, out, pad_id=0)
+    scores = np.linspace(0, 1, 8).astype(np.float32)
+    batch, m = rollout.prepare(dict(params, policy=policy), ref, seq, scores, 0.1, policy_model=model,
+                               critic_model=None, width=4, rl_cfg=c.rl)
+    assert float(m["objective/kl"]) == 0.0
+    np.testing.assert_array_equal(batch["ref_logps"], batch["old_logps"])
+    first = jax.tree_util.tree_map(lambda x: x[:4], batch)
+    loss_fn = jax.jit(lambda p, b, f: rollout.rl_loss_fn(p, b, f, policy_model=model, critic_model=None, width=4,
+                                                         rl_cfg=c.rl, lora_cfg=lcfg))
+    _, metrics = loss_fn(params, first, ref)
+    np.testing.assert_allclose(metrics["val/ratio"], 1.0, atol=1e-6)
+    assert float(metrics["policy/clipfrac"]) == 0.0
+    if kind == "grpo":
+        np.testing.assert_allclose(metrics["loss/kl"], 0.0, atol=1e-7)
+
+
+def test_rl_lora_iteration_trains_adapters_and_value_head_only_and_loads_merged(sft_dir, tmp_path):
+    from ptx import checkpoint, inference, rl
+
+    c = rl_lora_config("ppo", sft_dir)
+    c.optim.lr = 1e-2
+    rl.run(c, str(tmp_path))
+    saved = raw_state(tmp_path)
+    trained = saved["params"]["policy"]
+    assert set(saved["params"]) == {"policy"}
+    flat = flax.traverse_util.flatten_dict(trained, sep="/")
+    kernels = lora.targeted(checkpoint.load_params(sft_dir)[0], lora.LoraConfig.from_config(c.lora))
+    assert set(flat) == {f"{k}/{ab}" for k in kernels for ab in "ab"} | {"scalar_head/kernel"}
+    # B and the value head start at zero; both moved. AdamW moments of these leaves only.
+    assert all(np.any(v) for p, v in flat.items() if p.endswith("/b") or p.startswith("scalar_head"))
+    moments = [x for x in jax.tree_util.tree_leaves(saved["opt_state"]) if np.ndim(x) > 0]
+    assert sum(x.size for x in moments) == 2 * sum(x.size for x in flat.values())
+    assert {x.shape for x in moments} == {x.shape for x in flat.values()}
+
+    meta = checkpoint.read_meta(str(tmp_path))
+    assert meta["lora"]["base"]["checkpoint"] == sft_dir and meta["params_key"] == "policy"
+    loaded, _ = checkpoint.load_params(str(tmp_path))
+    base, _ = checkpoint.load_params(sft_dir)
+    scale = c.lora.alpha / c.lora.rank
+    for path, w in flax.traverse_util.flatten_dict(base, sep="/").items():
+        got = np.asarray(flax.traverse_util.flatten_dict(loaded, sep="/")[path])
+        if path + "/a" in flat:  # W + alpha / r * A @ B, by hand
+            a, b = flat[path + "/a"].astype(np.float64), flat[path + "/b"].astype(np.float64)
+            want = np.asarray(w, np.float64) + scale * np.matmul(a, b).reshape(w.shape)
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+            assert np.abs(got - np.asarray(w)).max() > 0
+        else:
+            np.testing.assert_array_equal(got, np.asarray(w))  # not adapted: the base's, unchanged
+    np.testing.assert_array_equal(loaded["scalar_head"]["kernel"], flat["scalar_head/kernel"])
+    # Sampling and evaluation load the same merged weights.
+    policy = inference.load_policy(str(tmp_path), sharding.make_mesh(c.mesh))
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
+                           policy.params, loaded)
+
+
+def test_merge_command_writes_a_full_checkpoint_whose_logits_equal_the_adapter_model(sft_dir, tmp_path):
+    from configs import merge as merge_config
+    from configs import sft as sft_config
+    from ptx import checkpoint, hf, stages, train
+
+    c = sft_config.get_config("tiny")
+    c.init.checkpoint, c.lora.rank, c.optim.lr = sft_dir, 4, 1e-2
+    c.train.steps, c.train.eval_every = 4, 0
+    train.run(c, str(tmp_path / "lora"))
+
+    m = merge_config.get_config()
+    m.checkpoint, m.out, m.hf_out = str(tmp_path / "lora"), str(tmp_path / "full"), str(tmp_path / "hf")
+    out = stages.run(m, str(tmp_path / "merge"))  # what `python -m ptx.main --config=configs/merge.py` runs
+    assert out == str(tmp_path / "full")
+    meta = checkpoint.read_meta(out)
+    assert "lora" not in meta and meta["merged_from"]["checkpoint"] == str(tmp_path / "lora")
+    merged, _ = checkpoint.load_params(out)
+
+    cfg = ModelConfig(**meta["model"])
+    base, _ = checkpoint.load_params(sft_dir)
+    adapters = raw_state(tmp_path / "lora")["params"]
+    batch = sft_batch(11, t=24)
+    model = Transformer(cfg)
+    got = np.asarray(logits(merged, batch, model))
+    want = np.asarray(unmerged_logits(base, adapters, train.lora_config(c), batch, model))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert np.abs(want - np.asarray(logits(base, batch, model))).max() > 1e-2  # the adapters matter
+
+    # Any stage reads it as init.checkpoint; the Hugging Face export holds the same weights.
+    c2 = sft_config.get_config("tiny")
+    c2.init.checkpoint = out
+    _, again = train.load_source(c2, sharding.make_mesh(c2.mesh))
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), again, merged)
+    exported, hf_cfg = hf.load_params(str(tmp_path / "hf"))
+    assert hf_cfg.n_layers == cfg.n_layers and not hf_cfg.scalar_head
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), exported, merged)
+    assert (tmp_path / "full" / "tokenizer.model").exists()
+    m.out = str(tmp_path / "lora")  # the LoRA workdir itself already holds that step: an error, not a no-op
+    with pytest.raises(FileExistsError, match="already holds step"):
+        stages.run(m, str(tmp_path / "merge"))

@@ -66,6 +66,14 @@ def test_sft_loss_matches_numpy_softmax_cross_entropy():
     assert metrics["num_tokens"] == mask.sum()
 
 
+def test_argmax_equals_numpy_with_the_lowest_index_among_ties():
+    rng = np.random.default_rng(4)
+    x = rng.integers(-3, 3, size=(50, 9)).astype(np.float32)  # many tied maxima
+    x[0] = -np.inf
+    x[1, 4] = np.inf
+    np.testing.assert_array_equal(jitted(losses.argmax)(x), x.argmax(-1))
+
+
 def test_sft_loss_of_empty_mask_is_zero_not_nan():
     logits, targets, mask = jnp.zeros((2, 3, 5)), jnp.zeros((2, 3), jnp.int32), jnp.zeros((2, 3))
     loss, metrics = jitted(losses.sft_loss)(logits, targets, mask)

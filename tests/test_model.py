@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from ptx import sharding
-from ptx.model import ModelConfig, Transformer, count_params, init_cache, init_params
+from ptx.model import (ModelConfig, Transformer, count_params, init_cache, init_params, unstack_cache,
+                       unstack_layers)
 
 CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64,
                   qkv_bias=True, tie_embeddings=False, scalar_head=True)
@@ -78,6 +79,31 @@ def test_cached_decode_equals_full_forward(params, forward):
         cache = out.cache
     np.testing.assert_allclose(jnp.concatenate(logits, 1), full.logits, atol=1e-5)
     np.testing.assert_allclose(jnp.concatenate(values, 1), full.values, atol=1e-5)
+
+
+def test_per_layer_modules_on_unstacked_params_and_cache_equal_the_scanned_stack(params, forward):
+    """The decode step's layout (scan_layers=False): same function, layer weights and cache split."""
+    t = tokens(8, (2, 10))
+    full = forward(params, t, *default_pos_seg(2, 10))
+    layered = unstack_layers(params)
+    assert "layers" not in layered and layered["layers_2"]["attn"]["q"]["kernel"].shape == (32, 4, 8)
+    np.testing.assert_array_equal(layered["layers_1"]["up"]["kernel"], params["layers"]["up"]["kernel"][1])
+    model = Transformer(CFG, scan_layers=False)
+    out = model.apply({"params": layered}, t, *default_pos_seg(2, 10))
+    np.testing.assert_allclose(out.logits, full.logits, atol=1e-5)
+    # Prefill with the scanned stack, then decode on the per-layer cache, written in place.
+    prefill = Transformer(CFG).apply({"params": params}, t[:, :4], default_pos_seg(2, 4)[0],
+                                     cache=init_cache(CFG, 2, 16), cache_index=0)
+    cache = unstack_cache(prefill.cache)
+    assert len(cache["k"]) == CFG.n_layers and cache["k"][0].shape == (2, 2, 16, 8)
+    step = jax.jit(lambda p, x, pos, c, i: model.apply({"params": p}, x, pos, jnp.ones_like(x), cache=c,
+                                                        cache_index=i), donate_argnums=3)
+    logits = [prefill.logits]
+    for i in range(4, 10):
+        out = step(layered, t[:, i:i + 1], jnp.full((2, 1), i), cache, i)
+        logits.append(out.logits)
+        cache = out.cache
+    np.testing.assert_allclose(jnp.concatenate(logits, 1), full.logits, atol=1e-5)
 
 
 def test_padding_left_of_a_row_does_not_change_its_logits(params, forward):

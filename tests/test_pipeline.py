@@ -39,23 +39,22 @@ def test_summary_counts_refusals_and_accuracy_by_kind():
     assert s["correct_refusal_rate"] == 0.5 and s["over_refusal_rate"] == 0.5 and s["mean_length"] == 6
 
 
-@pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("quickstart")
-    results = pipeline.run(quickstart_config.get_config("tiny"), str(workdir))
-    return str(workdir), results
-
-
 def test_shortened_quickstart_runs_end_to_end_and_writes_its_report(quickstart):
-    workdir, results = quickstart
-    with open(os.path.join(workdir, "results.json")) as f:
-        on_disk = json.load(f)
+    workdir, on_disk = quickstart
     for method in ("base", "sft", "dpo", "ppo", "grpo", "rlaif", "best_of_2", "best_of_4"):
         assert 0.0 <= on_disk["methods"][method]["oracle_reward"] <= 1.0
     assert 0.0 <= on_disk["reward_model"]["heldout_accuracy"] <= 1.0
     aif = on_disk["ai_feedback"]
     assert aif["n_pairs"] > 0 and 0.0 <= aif["position_flip_rate"] <= 1.0
-    assert 0.8 < aif["human_label_agreement_with_oracle"] <= 1.0
+    with open(os.path.join(workdir, "human_feedback", "preferences.jsonl")) as f:
+        human = [json.loads(line) for line in f]
+    assert aif["human_label_pairs"] == len(human)
+    assert aif["human_label_agreement_with_oracle"] is None if not human else (
+        0.5 < aif["human_label_agreement_with_oracle"] <= 1.0)
+    with open(os.path.join(workdir, "human_feedback", "train.jsonl")) as f:
+        train_rows = [json.loads(line) for line in f]
+    with open(os.path.join(workdir, "world", "preference.jsonl")) as f:
+        assert train_rows == [json.loads(line) for line in f] + human
     assert on_disk["methods"]["sft"]["kl_to_sft"] == 0.0
     assert os.path.exists(os.path.join(workdir, "report.md"))
     assert os.path.exists(os.path.join(workdir, "oracle_reward.png"))
@@ -89,3 +88,11 @@ def test_sample_and_best_of_n_commands_write_their_files(quickstart, tmp_path):
     fn = rewards.import_function("ptx.world:oracle_reward")
     for cand in cands[:10]:
         assert cand["score"] == pytest.approx(fn(cand["prompt"], cand["completion"]))
+
+
+def test_quickstart_seed_arg_reseeds_every_stage_and_the_evaluation_but_not_the_world():
+    c = quickstart_config.get_config("tiny,seed=7")
+    stages = [k for k, v in c.items() if hasattr(v, "get") and "seed" in v and k not in ("world", "eval")]
+    assert set(stages) >= set(pipeline.STAGES)
+    assert all(c[k].seed == 7 for k in stages) and c.eval.seed == 7 + 1234 and c.world.seed == 0
+    assert quickstart_config.get_config("tiny").sft.seed == 0

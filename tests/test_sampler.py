@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from scipy import stats
 
-from ptx import sampler
+from ptx import sampler, sharding, train
 from ptx.model import ModelConfig, Transformer, init_params
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
@@ -182,6 +182,68 @@ def test_filter_under_vmap_equals_batched_call(filt):
                                np.where(np.isfinite(batched), scaled, 0), rtol=1e-6)
 
 
+def sorted_filter(logits, temperature, top_k, top_p, min_p):
+    """The filter written with one sort by (-logit, id): the reference for the sort-free one."""
+    logits = jnp.asarray(logits, jnp.float32)
+    vocab = logits.shape[-1]
+    setting = lambda x, dt: jnp.asarray(x, dt)[..., None]
+    temperature, top_k = setting(temperature, jnp.float32), setting(top_k, jnp.int32)
+    top_p, min_p = setting(top_p, jnp.float32), setting(min_p, jnp.float32)
+    greedy = temperature <= 0
+    scaled = logits / jnp.where(greedy, 1.0, temperature)
+    ids = jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), scaled.shape)
+    neg_sorted, sorted_ids = jax.lax.sort((-scaled, ids), dimension=-1, num_keys=2)
+    probs = jax.nn.softmax(-neg_sorted, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    n_k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    n_p = jnp.where(top_p >= 1, vocab, jnp.sum(mass_before < top_p, axis=-1, keepdims=True))
+    n_m = jnp.sum(probs >= min_p * probs[..., :1], axis=-1, keepdims=True)
+    n = jnp.maximum(jnp.where(greedy, 1, jnp.minimum(jnp.minimum(n_k, n_p), n_m)), 1)
+    cut_value = -jnp.take_along_axis(neg_sorted, n - 1, axis=-1)
+    cut_id = jnp.take_along_axis(sorted_ids, n - 1, axis=-1)
+    keep = (scaled > cut_value) | ((scaled == cut_value) & (ids <= cut_id))
+    return jnp.where(keep, scaled, -jnp.inf)
+
+
+def test_sort_free_filter_equals_sorted_reference_on_random_logits_with_ties(filt):
+    rng = np.random.default_rng(7)
+    rows, vocab = 4096, 97
+    # Few distinct values, so most cuts fall inside a run of tied tokens; some
+    # rows also hold -inf (masked tokens) and -0.0 next to 0.0.
+    logits = (rng.integers(-6, 7, (rows, vocab)) / rng.choice([1.0, 2.0, 4.0], (rows, 1))).astype(np.float32)
+    logits[rng.random((rows, vocab)) < 0.05] = -np.inf
+    logits[rng.random((rows, vocab)) < 0.02] = -0.0
+    logits[: rows // 4] += rng.normal(0, 0.5, (rows // 4, vocab)).astype(np.float32)  # some rows without ties
+    temperature = rng.choice([0.0, 0.5, 0.7, 1.0, 1.5], rows).astype(np.float32)
+    top_k = np.where(rng.random(rows) < 0.5, rng.integers(0, vocab + 5, rows), 0).astype(np.int32)
+    top_p = np.where(rng.random(rows) < 0.7, rng.choice([0.0, 1e-9, 0.3, 0.5, 0.9, 0.99, 1.0, 1.5], rows),
+                     rng.random(rows)).astype(np.float32)
+    min_p = np.where(rng.random(rows) < 0.3, rng.random(rows), 0.0).astype(np.float32)
+    got = np.asarray(filt(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p))
+    want = np.asarray(jax.jit(sorted_filter)(logits, temperature, top_k, top_p, min_p))
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+    np.testing.assert_array_equal(got, want)
+    # The settings exercise every cut: none, down to one token, and cuts through a run of ties.
+    kept = np.isfinite(got)
+    assert (kept.sum(-1) == 1).any() and (kept.sum(-1) == np.isfinite(logits).sum(-1)).any()
+    lowest_kept = np.where(kept, got, np.inf).min(-1, keepdims=True)
+    scaled = np.where(np.isfinite(want), want, logits / np.where(temperature > 0, temperature, 1.0)[:, None])
+    split_ties = ((scaled == lowest_kept) & ~kept).any(-1)
+    assert split_ties.sum() > rows // 10
+
+
+def test_sort_free_filter_matches_exact_distribution_on_a_large_vocabulary(filt):
+    rng = np.random.default_rng(11)
+    vocab = 8192
+    logits = np.round(rng.normal(0, 3, (8, vocab)), 1).astype(np.float32)  # many ties
+    settings = [(1.0, 0, 0.9, 0.0), (0.8, 50, 1.0, 0.0), (1.0, 0, 0.5, 0.0), (1.2, 1000, 0.95, 0.01),
+                (1.0, vocab + 1, 1.0, 0.0), (0.0, 0, 1.0, 0.0), (1.0, 1, 0.2, 0.0), (1.0, 3, 0.999, 0.5)]
+    got = np.asarray(filt(logits, **row_settings(*zip(*settings))))
+    for r, setting in enumerate(settings):
+        want = reference_distribution(logits[r], *setting) > 0
+        np.testing.assert_array_equal(np.isfinite(got[r]), want, err_msg=str(setting))
+
+
 # ---------------------------------------------------------------- decode loop (scripted logits)
 
 STOPS = ((5, 6, 7), (6, 7), (9,), (8, 1))
@@ -291,6 +353,26 @@ def test_greedy_generate_equals_iterated_argmax_of_full_forward(params, prompts,
     assert {sampler.FINISH_EOS, sampler.FINISH_LENGTH} <= set(np.asarray(out.finish_reason).tolist())
 
 
+def test_ids_beyond_the_tokenizer_are_never_sampled_and_greedy_takes_the_best_usable(params, prompts, keys,
+                                                                                        forward):
+    """A model vocabulary padded beyond the tokenizer's pieces (n_tokens < vocab_size)."""
+    n_tokens, b = 40, len(PROMPT_LENS)
+    gen = sampler.make_generate_fn(CFG, max_new_tokens=MAX_NEW, eos_id=EOS, pad_id=PAD, n_tokens=n_tokens)
+    hot = gen(params, prompts, PROMPT_LENS, keys, **row_settings(np.full(b, 3.0), np.zeros(b), np.ones(b),
+                                                                 np.zeros(b)))
+    assert np.asarray(hot.tokens).max() < n_tokens
+    out = gen(params, prompts, PROMPT_LENS, keys, **row_settings(np.zeros(b), np.zeros(b), np.ones(b),
+                                                                 np.zeros(b)))
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    full = forward_logits(forward, params, prompts, PROMPT_LENS, tokens, lengths)
+    for r in range(b):
+        np.testing.assert_array_equal(tokens[r, :lengths[r]], full[r, :lengths[r], :n_tokens].argmax(-1))
+    # Unpadded, a temperature-3 draw does reach the ids the tokenizer lacks.
+    free = sampler.make_generate_fn(CFG, max_new_tokens=MAX_NEW, eos_id=EOS, pad_id=PAD)(
+        params, prompts, PROMPT_LENS, keys, **row_settings(np.full(b, 3.0), np.zeros(b), np.ones(b), np.zeros(b)))
+    assert np.asarray(free.tokens).max() >= n_tokens
+
+
 MIXED = row_settings([1.0, 0.7, 1.5, 1.0], [0, 5, 0, 0], [1.0, 1.0, 0.9, 1.0], [0.0, 0.0, 0.0, 0.1])
 
 
@@ -325,3 +407,22 @@ def test_generate_on_batch_sharded_mesh_equals_unsharded(params, prompts, keys, 
     plain = generate_fn(params, prompts, PROMPT_LENS, keys, **MIXED)
     np.testing.assert_array_equal(sharded.tokens, plain.tokens)
     np.testing.assert_array_equal(sharded.lengths, plain.lengths)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 4), (2, 2, 2), (1, 8, 1)])
+def test_generate_under_a_tensor_parallel_mesh_equals_unsharded(params, prompts, generate_fn, shape):
+    # As the run loops sample: parameters laid out by the rules, rows split over the data
+    # axes, and the mesh set so the model constrains its activations and KV cache.
+    mesh = sharding.make_mesh(dict(zip(sharding.AXES, shape)))
+    rows = np.arange(8) % len(PROMPT_LENS)
+    batch = {"t": prompts[rows], "n": PROMPT_LENS[rows], "k": jax.random.split(jax.random.key(7), 8),
+             **{k: v[rows] for k, v in MIXED.items()}}
+    plain = generate_fn(params, batch["t"], batch["n"], batch["k"], **{k: batch[k] for k in MIXED})
+    with jax.set_mesh(mesh):
+        placed = sharding.put_batch(batch, mesh)
+        out = generate_fn(jax.device_put(params, train.param_shardings_for(CFG, mesh)), placed["t"], placed["n"],
+                          placed["k"], **{k: placed[k] for k in MIXED})
+    np.testing.assert_array_equal(out.tokens, plain.tokens)
+    np.testing.assert_array_equal(out.lengths, plain.lengths)
+    np.testing.assert_allclose(out.logprobs, plain.logprobs, rtol=1e-5, atol=1e-5)
+    assert {sampler.FINISH_EOS, sampler.FINISH_LENGTH} <= set(np.asarray(out.finish_reason).tolist())

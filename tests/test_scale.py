@@ -1,5 +1,6 @@
-"""Scale out: two processes train like one, checkpoints move between meshes, state
-shardings follow the rules, and the launcher's Cloud TPU and SLURM commands."""
+"""Scale out: two processes train, run GRPO and sample like one, PPO runs alike on every
+mesh, checkpoints move between meshes, state shardings follow the rules, activations
+are constrained under a mesh, and the launcher's Cloud TPU and SLURM commands."""
 import json
 import os
 import shlex
@@ -14,12 +15,18 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from configs import best_of_n as best_of_n_config
+from configs import grpo as grpo_config
+from configs import ppo as ppo_config
+from configs import reward as reward_config
+from configs import sample as sample_config
 from configs import sft as sft_config
-from ptx import checkpoint, distributed, optim, sharding, steps, train
-from ptx.model import ModelConfig, init_params
+from ptx import checkpoint, distributed, inference, optim, rl, sharding, stages, steps, train
+from ptx.model import ModelConfig, Transformer, init_cache, init_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240  # per subprocess; a hung coordinator must fail the test, not stall the suite
+REWARD_FN = "tests.test_rl:letter_share"  # dense and known; subprocesses import it too
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +107,21 @@ def finish(procs, logs):
         pytest.fail(f"exit codes {codes or 'timeout'}\n{tails}")
 
 
+def run_processes(args, workdir, *, processes: int, devices: int):
+    """`python -m ptx.main ARGS --workdir=WORKDIR` as `processes` processes on 127.0.0.1 with
+    `devices` host CPU devices each; their logs go to WORKDIR.<i>.log."""
+    port = free_port()
+    logs = [f"{workdir}.{i}.log" for i in range(processes)]
+    procs = []
+    for i, log in enumerate(logs):
+        joined = [f"--config.distributed.coordinator=127.0.0.1:{port}",
+                  f"--config.distributed.num_processes={processes}",
+                  f"--config.distributed.process_id={i}"] if processes > 1 else []
+        with open(log, "w") as f:
+            procs.append(start(args + [f"--workdir={workdir}"] + joined, devices, f))
+    finish(procs, logs)
+
+
 def test_two_processes_end_with_the_same_parameters_as_one_process_with_four_devices(sft_file, tmp_path):
     # fsdp spans both processes (each holds half of every sharded parameter, so the
     # checkpoint is complete only if both wrote their part); tensor stays within one.
@@ -108,19 +130,8 @@ def test_two_processes_end_with_the_same_parameters_as_one_process_with_four_dev
             "--config.train.ckpt_every=2", "--config.train.eval_every=0",
             "--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
     multi, single = tmp_path / "two", tmp_path / "one"
-    port = free_port()
-    logs = [str(tmp_path / f"process{i}.log") for i in range(2)]
-    procs = []
-    for i, log in enumerate(logs):
-        with open(log, "w") as f:
-            procs.append(start(args + [f"--workdir={multi}", f"--config.distributed.coordinator=127.0.0.1:{port}",
-                                       "--config.distributed.num_processes=2",
-                                       f"--config.distributed.process_id={i}"], 2, f))
-    finish(procs, logs)
-    log = str(tmp_path / "single.log")
-    with open(log, "w") as f:
-        proc = start(args + [f"--workdir={single}"], 4, f)
-    finish([proc], [log])
+    run_processes(args, multi, processes=2, devices=2)
+    run_processes(args, single, processes=1, devices=4)
 
     assert_trees_close(host_params(multi), host_params(single), rtol=0, atol=1e-6)
     assert checkpoint.resolve(str(multi))[1] == 4
@@ -131,6 +142,135 @@ def test_two_processes_end_with_the_same_parameters_as_one_process_with_four_dev
     np.testing.assert_allclose([r["loss"] for r in rows[1:]] + [rows[-1]["eval/loss"]],
                                [r["loss"] for r in ref[1:]] + [ref[-1]["eval/loss"]], rtol=1e-5)
     assert json.load(open(multi / "config.json"))["distributed"]["num_processes"] == 2
+
+
+def assert_rl_metrics_close(rows, ref, *, rtol, atol, label=""):
+    """The same logged samples (so the same sampled tokens, texts and scores) and close metrics."""
+    assert [r["step"] for r in rows] == [r["step"] for r in ref], label
+    assert [r for r in rows if "samples" in r] == [r for r in ref if "samples" in r], label
+    for row, expected in zip(rows, ref):
+        for k in expected.keys() - {"step", "samples", "tokens_per_s"}:
+            # A clip fraction counts ties (a value or ratio at its old value) that float
+            # rounding breaks either way: a few of the 256 tokens may flip.
+            tol = 0.02 if k.endswith("clipfrac") else atol
+            np.testing.assert_allclose(row[k], expected[k], rtol=rtol, atol=tol, err_msg=f"{label} {k}")
+
+
+@pytest.fixture(scope="module")
+def rl_models(tmp_path_factory):
+    """A tiny SFT policy and a reward model trained on top of it (the PPO critic too)."""
+    d = tmp_path_factory.mktemp("rl")
+    rng = np.random.default_rng(1)
+    with open(d / "pref.jsonl", "w") as f:
+        for _ in range(32):
+            a, b = rng.integers(0, 10, 2)
+            f.write(json.dumps({"prompt": f"What is {a} + {b}?", "chosen": f"{a} + {b} = {a + b}.",
+                                "rejected": f"{a} + {b} = {a + b + 1}. Sorry."}) + "\n")
+    # On the embedded world: its corpus gives the tokenizer every piece of the model's vocabulary.
+    c = sft_config.get_config("tiny")
+    c.train.steps, c.train.eval_every = 10, 0
+    train.run(c, str(d / "sft"))
+    r = reward_config.get_config("tiny")
+    r.data.train, r.init.checkpoint, r.train.steps, r.train.eval_every = str(d / "pref.jsonl"), str(d / "sft"), 4, 0
+    train.run(r, str(d / "rm"))
+    return {"sft": str(d / "sft"), "rm": str(d / "rm"), "prompts": str(d / "sft" / "world" / "sft.jsonl")}
+
+
+def test_two_processes_run_grpo_and_sample_like_one_process_with_four_devices(rl_models, sft_file, tmp_path):
+    # Every process samples, decodes and scores the whole rollout but puts only its own
+    # rows on the mesh; fsdp spans the processes, tensor stays within one.
+    args = ["--config=configs/grpo.py:tiny", f"--config.data.train={rl_models['prompts']}",
+            f"--config.init.checkpoint={rl_models['sft']}", "--config.reward.source=function",
+            f"--config.reward.function={REWARD_FN}", "--config.train.steps=2",
+            "--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
+    multi, single = tmp_path / "two", tmp_path / "one"
+    run_processes(args, multi, processes=2, devices=2)
+    run_processes(args, single, processes=1, devices=4)
+
+    params = host_params(multi)
+    assert_trees_close(params, host_params(single), rtol=0, atol=1e-6)
+    moved = jax.tree_util.tree_map(lambda a, b: np.abs(a - b).max(), params, host_params(rl_models["sft"]))
+    assert max(jax.tree_util.tree_leaves(moved)) > 1e-4  # the policy learned something
+    rows, ref = read_metrics(multi), read_metrics(single)
+    # Process 1 writes nothing: one metrics row and one samples row per iteration.
+    assert [r["step"] for r in rows] == [r["step"] for r in ref] == [1, 1, 2, 2]
+    assert len(os.listdir(multi / "tb")) == 1
+    assert_rl_metrics_close(rows, ref, rtol=1e-5, atol=1e-6)
+
+    # The sample stage in two processes writes what one process with all 8 devices writes.
+    sample_args = ["--config=configs/sample.py:tiny", f"--config.checkpoint={multi}", f"--config.prompts={sft_file}"]
+    run_processes(sample_args, tmp_path / "sample2", processes=2, devices=2)
+    c = sample_config.get_config("tiny")
+    c.checkpoint, c.prompts = str(multi), sft_file
+    inference.run(c, str(tmp_path / "sample8"))
+    samples = (tmp_path / "sample2" / "samples.jsonl").read_text()
+    assert samples == (tmp_path / "sample8" / "samples.jsonl").read_text()
+    assert len(samples.splitlines()) == 64
+
+
+def test_stages_not_yet_safe_in_several_processes_refuse_to_start(monkeypatch, tmp_path):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    judged = grpo_config.get_config("tiny")
+    judged.reward.source = "judge"
+    for c in [best_of_n_config.get_config("tiny"), judged]:
+        with pytest.raises(NotImplementedError, match="runs in one process"):
+            stages.run(c, str(tmp_path))
+    assert not os.listdir(tmp_path)
+
+
+# Every mesh alike.
+
+def ppo(rl_models, mesh):
+    c = ppo_config.get_config("tiny")
+    c.data.train = rl_models["prompts"]
+    # The critic starts from the reward model, so the update trains two parameter trees.
+    c.init.checkpoint, c.reward.checkpoint, c.rl.critic = rl_models["sft"], rl_models["rm"], "reward"
+    c.train.steps, c.train.ckpt_every = 2, 0
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+    return c
+
+
+def test_ppo_gives_the_same_samples_metrics_and_parameters_on_every_mesh_as_on_one_device(rl_models, tmp_path):
+    rl.run(ppo(rl_models, (1, 1, 1)), str(tmp_path / "one"), devices=jax.devices()[:1])
+    ref, ref_params = read_metrics(tmp_path / "one"), host_params(tmp_path / "one")
+    assert ref[0]["objective/scores"] != 0 and ref[0]["loss/value"] > 0
+    for mesh in [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]:
+        workdir = tmp_path / "x".join(map(str, mesh))
+        rl.run(ppo(rl_models, mesh), str(workdir))
+        assert_rl_metrics_close(read_metrics(workdir), ref, rtol=1e-4, atol=1e-5, label=mesh)
+        assert_trees_close(host_params(workdir), ref_params, atol=2e-5)
+
+
+def constraints(jaxpr) -> list:
+    """(operand shape, PartitionSpec) of every sharding constraint, nested jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "sharding_constraint":
+            found.append((eqn.invars[0].aval.shape, eqn.params["sharding"].spec))
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if hasattr(inner, "eqns"):
+                found += constraints(inner)
+    return found
+
+
+def test_the_model_constrains_activations_and_kv_cache_under_a_mesh_and_not_without():
+    cfg = ModelConfig(**dict(sft_config.get_config("tiny").model))  # d 64, 2 kv heads of 16, 2 layers
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    tokens = jax.ShapeDtypeStruct((8, 4), np.int32)
+    cache = jax.eval_shape(lambda: init_cache(cfg, 8, 6))
+    forward = lambda p, t, c: Transformer(cfg).apply({"params": p}, t, cache=c)
+    found = lambda: sorted(constraints(jax.make_jaxpr(forward)(params, tokens, cache).jaxpr), key=str)
+    assert found() == []
+    batch = ("data", "fsdp")
+    for mesh, kv_heads in [((2, 2, 2), "tensor"), ((1, 2, 4), None)]:  # 2 kv heads do not split 4 ways
+        with jax.set_mesh(sharding.make_mesh(dict(zip(sharding.AXES, mesh)))):
+            expected = [((512, 64), P("tensor", None)),  # the embedding table, FSDP-gathered for the lookup
+                        ((8, 4, 64), P(batch, None, None)),  # the looked-up rows
+                        ((8, 4, 64), P(batch, None, None)),  # the residual stream after each (scanned) block
+                        ((2, 8, 2, 6, 16), P(None, batch, kv_heads, None, None)),  # keys
+                        ((2, 8, 2, 6, 16), P(None, batch, kv_heads, None, None))]  # values
+            assert found() == sorted(expected, key=str), mesh
 
 
 # Checkpoints across meshes.

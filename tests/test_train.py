@@ -121,7 +121,7 @@ def test_eight_devices_give_the_same_loss_and_parameters_as_one(files, tmp_path,
 
     train.run(config((1, 1, 1)), str(tmp_path / "one"), devices=jax.devices()[:1])
     ref_params, ref_loss = final_params(tmp_path / "one"), read_metrics(tmp_path / "one")[-1]["loss"]
-    for mesh in [(8, 1, 1), (2, 2, 2), (1, 2, 4)]:
+    for mesh in [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]:
         name = "x".join(map(str, mesh))
         train.run(config(mesh), str(tmp_path / name))
         np.testing.assert_allclose(read_metrics(tmp_path / name)[-1]["loss"], ref_loss, rtol=1e-5)

@@ -175,6 +175,42 @@ def test_noiseless_and_heldout_preference_labels_agree_with_oracle(world, data):
                for r in data["preference_heldout"])
 
 
+def test_mismatch_and_off_topic_answers_are_right_answers_to_other_requests(world, data):
+    """What small models do wrong: answer a similar request, or a request of another kind."""
+    rng = random.Random(1)
+    statements = {s.format(c=c, v=world.facts[c, a]) for (c, a) in world.facts for s in [world_lib._FACTS[a][1]]}
+    for row in data["heldout"]:
+        p, kind = row["prompt"], row["kind"]
+        for style in ("mismatch", "off_topic"):
+            if style not in world.bad_styles(p):
+                continue
+            answer = world.bad_response(p, rng, style)
+            assert world.score(p, answer) == 0.0, (p, style, answer)
+            if style == "mismatch" and kind == "arithmetic":
+                a, op, b, c = answer.rstrip(".").replace("=", "").split()
+                assert int(c) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+            elif style == "mismatch" and kind == "reverse":
+                w, _, _, r = answer.rstrip(".").split()
+                assert r == w[::-1] and w not in p.split()
+            elif style == "mismatch":
+                assert answer in statements
+            else:
+                assert answer in {world.good_response(q) for k in KINDS if k not in (kind, "harmful")
+                                  for q in world._prompts[k]["train"]}
+
+
+def test_review_data_is_sft_rows_with_verdicts_of_judge_accuracy(world):
+    rows = world.review_data()
+    assert len(rows) == world.config.n_reviews
+    right = 0
+    for r in rows:
+        prompt, a, b = (line.split(": ", 1)[1] for line in r["prompt"].split("\n")[:3])
+        assert r["prompt"] == world_lib.judge_prompt(prompt, a, b) and r["completion"] in JUDGE_OPTIONS
+        right += r["completion"] == ("A" if world.score(prompt, a) > world.score(prompt, b) else "B")
+    acc, n = world.config.judge_accuracy, len(rows)
+    assert abs(right / n - acc) < 4 * math.sqrt(acc * (1 - acc) / n)
+
+
 def test_review_text_verdicts_match_judge_accuracy(world, data):
     reviews = [r["text"] for r in data["pretrain"] if r["text"].startswith("Request: ")]
     assert len(reviews) > 100
@@ -197,13 +233,14 @@ def test_pretrain_states_heldout_knowledge_as_plain_text(world, data):
 
 
 def test_write_produces_jsonl_files_with_schema_fields(tmp_path):
-    cfg = WorldConfig(seed=1, n_pretrain=50, n_sft=40, n_pref=30, n_heldout=20)
+    cfg = WorldConfig(seed=1, n_pretrain=50, n_sft=40, n_pref=30, n_heldout=20, n_reviews=10)
     paths = World(cfg).write(str(tmp_path / "world"))
     fields = {"pretrain": {"text"}, "sft": {"prompt", "completion"},
               "preference": {"prompt", "chosen", "rejected"},
               "preference_heldout": {"prompt", "chosen", "rejected"},
-              "heldout": {"prompt", "kind", "answer"}}
-    sizes = {"pretrain": 50, "sft": 40, "preference": 30, "preference_heldout": 20, "heldout": 20}
+              "heldout": {"prompt", "kind", "answer"}, "reviews": {"prompt", "completion"}}
+    sizes = {"pretrain": 50, "sft": 40, "preference": 30, "preference_heldout": 20, "heldout": 20,
+             "reviews": 10}
     assert set(paths) == set(fields)
     for name, path in paths.items():
         assert path.endswith(f"{name}.jsonl")
@@ -219,3 +256,27 @@ def test_oracle_reward_uses_the_default_world():
     prompt = w.heldout_prompts()[120]["prompt"]
     assert world_lib.oracle_reward(prompt, w.good_response(prompt)) == 1.0
     assert world_lib.make_reward_fn(w)(prompt, "") == 0.0
+
+
+def test_human_labels_drop_ties_follow_bradley_terry_and_are_deterministic(world):
+    rng = random.Random(5)
+    prompts = [world._train_prompt(rng) for _ in range(4000)]
+    rows = []
+    for p in prompts:
+        x, y = world._response(p, rng, 0.5), world._response(p, rng, 0.5)
+        rows.append({"prompt": p, "chosen": x, "rejected": y})
+    labelled = world.human_labels(rows, seed=0)
+    assert labelled == world.human_labels(rows, seed=0) != world.human_labels(rows, seed=1)
+    unequal = [r for r in rows if world.score(r["prompt"], r["chosen"]) != world.score(r["prompt"], r["rejected"])]
+    assert len(labelled) == len(unequal) < len(rows)
+    # Each label is right with probability sigmoid(|score gap| / label_noise).
+    right = [world.score(r["prompt"], r["chosen"]) > world.score(r["prompt"], r["rejected"]) for r in labelled]
+    expected = [1 / (1 + math.exp(-abs(world.score(r["prompt"], r["chosen"])
+                                       - world.score(r["prompt"], r["rejected"])) / world.config.label_noise))
+                for r in labelled]
+    n = len(right)
+    var = sum(p * (1 - p) for p in expected)
+    assert abs(sum(right) - sum(expected)) < 4 * math.sqrt(var) + 1
+    noiseless = World(dataclasses.replace(SMALL, label_noise=0.0))
+    assert all(noiseless.score(r["prompt"], r["chosen"]) > noiseless.score(r["prompt"], r["rejected"])
+               for r in noiseless.human_labels(rows, seed=0)) and n > 1000
