@@ -1,0 +1,248 @@
+"""What the experiment scripts share: the finished quickstart workdir they
+reuse, stage variants trained beside it, oracle evaluation on its held-out
+prompts, and the table / JSON / PNG each script writes.
+
+A variant is a workdir whose stage directories are symlinks to the
+quickstart's, except for the stages it changes: `pipeline.run_stages` skips
+the linked (finished) stages and trains only the changed ones, wired to the
+quickstart's world files and checkpoints exactly as the quickstart wires them.
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import os
+
+import ml_collections
+import numpy as np
+
+from configs import quickstart as quickstart_config
+from ptx import data, evaluate, inference, pipeline, rewards, sharding, train, world
+
+
+def parse_args(name: str, argv, seeds=(0,), runs: str = None) -> argparse.Namespace:
+    """The flags every script takes. seeds: the script's default list; runs: where its
+    workdirs go by default, relative to the quickstart's parent (default experiments/NAME)."""
+    p = argparse.ArgumentParser(prog=f"python -m experiments.{name}")
+    p.add_argument("--quickstart", default="runs/quickstart", help="a finished quickstart workdir")
+    p.add_argument("--out", default=f"experiments/results/{name}", help="table.md, results.json and the PNG")
+    runs = runs or os.path.join("experiments", name)
+    p.add_argument("--runs", default=None, help=f"workdirs of the trained variants (default: <quickstart>/../{runs})")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
+    p.add_argument("--tiny", action="store_true", help="the quickstart's :tiny config and minimal grids")
+    args = p.parse_args(argv)
+    args.quickstart = os.path.abspath(args.quickstart)
+    args.runs = os.path.abspath(args.runs or os.path.join(os.path.dirname(args.quickstart), runs))
+    # Orbax logs every checkpoint at INFO; a script's own output is its table.
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+    return args
+
+
+@dataclasses.dataclass
+class Quickstart:
+    """A finished quickstart workdir: `config` is what its stages ran with, `files` its world
+    data sets, `results` its results.json."""
+
+    path: str
+    config: ml_collections.ConfigDict
+    files: dict  # world data set name (pretrain, sft, preference, heldout, ...) -> path
+    results: dict
+
+    def stage(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+
+def _overlay(dst: ml_collections.ConfigDict, src: dict):
+    """Set dst's fields from a config.json dict; keys dst lacks (fields removed since) are skipped."""
+    for key, value in src.items():
+        if key not in dst:
+            continue
+        if isinstance(dst[key], ml_collections.ConfigDict):
+            _overlay(dst[key], value)
+        else:
+            dst[key] = value  # a JSON list becomes a tuple again where the field is one
+
+
+def load_quickstart(path: str, tiny: bool) -> Quickstart:
+    """configs/quickstart.py (`:tiny` when tiny) overlaid with the workdir's config.json, then each
+    stage's own config.json: should the quickstart config have changed since a stage ran, the
+    variants still start from what that stage actually ran with."""
+    path = os.path.abspath(path)
+    if not os.path.exists(os.path.join(path, "results.json")):
+        raise FileNotFoundError(f"{path} is not a finished quickstart (no results.json); "
+                                f"run ./launch.sh quickstart first")
+    with open(os.path.join(path, "results.json")) as f:
+        results = json.load(f)
+    config = quickstart_config.get_config("tiny" if tiny else None)
+    with open(os.path.join(path, "config.json")) as f:
+        _overlay(config, json.load(f))
+    for stage in pipeline.STAGES:
+        own = os.path.join(path, stage, "config.json")
+        if os.path.exists(own):
+            with open(own) as f:
+                _overlay(config[stage], json.load(f))
+    world_dir = os.path.join(path, "world")
+    files = {os.path.splitext(f)[0]: os.path.join(world_dir, f) for f in sorted(os.listdir(world_dir))
+             if f.endswith(".jsonl")}
+    return Quickstart(path, config, files, results)
+
+
+def link_stages(qs: Quickstart, workdir: str, trained=()):
+    """Symlink `<workdir>/<stage>` to the quickstart's for every stage not in `trained`
+    (a path already there stays); unlink a stage of `trained` that an earlier call linked."""
+    os.makedirs(workdir, exist_ok=True)
+    for stage in pipeline.STAGES:
+        link = os.path.join(workdir, stage)
+        if stage in trained:
+            if os.path.islink(link):
+                os.unlink(link)
+        elif not os.path.lexists(link):
+            if not os.path.isdir(qs.stage(stage)):
+                raise FileNotFoundError(f"the quickstart {qs.path} has no {stage!r} stage; rerun it")
+            os.symlink(qs.stage(stage), link)
+
+
+def train_variant(qs: Quickstart, workdir: str, chain: dict) -> str:
+    """Train the quickstart with some stages changed, in `workdir`; returns workdir.
+
+    chain: stage -> {dotted field: value} overrides of config.<stage>, e.g.
+    {'dpo': {'dpo.beta': 1.0, 'seed': 1}}. The chain's stages are taken in
+    pipeline order and each depends on the ones before it (as pretrain ->
+    ai_feedback -> rlaif do): up to the first stage whose overrides change
+    something, stages are the quickstart's own runs; from it on, every stage
+    of the chain trains in workdir. Stages outside the chain are the
+    quickstart's. `<workdir>/<stage>` holds each stage either way, a
+    quickstart one as a symlink. A finished variant is not trained again.
+    """
+    unknown = set(chain) - set(pipeline.STAGES)
+    if unknown:
+        raise ValueError(f"no quickstart stage {sorted(unknown)}; stages: {pipeline.STAGES}")
+    config = copy.deepcopy(qs.config)
+    trained = set()
+    for stage in [s for s in pipeline.STAGES if s in chain]:
+        before = config[stage].to_json_best_effort()
+        config[stage].update_from_flattened_dict(chain[stage])
+        if trained or config[stage].to_json_best_effort() != before:
+            trained.add(stage)
+    link_stages(qs, workdir, trained)
+    pipeline.run_stages(config, workdir, qs.files)
+    return workdir
+
+
+def run_grid(qs: Quickstart, evaluator, runs_dir: str, variants: dict, seeds, stage: str) -> dict:
+    """Train every variant for every seed and evaluate its `stage`.
+
+    variants: name -> chain (see train_variant); each stage of a chain also
+    gets seed=S, in the workdir `<runs_dir>/<name>_seed<S>`. Returns name ->
+    [Evaluator result, one per seed].
+    """
+    out = {}
+    for name, chain in variants.items():
+        out[name] = []
+        for seed in seeds:
+            print(f"== {name}, seed {seed}")
+            chain_s = {s: dict(overrides, seed=seed) for s, overrides in chain.items()}
+            workdir = train_variant(qs, os.path.join(runs_dir, f"{name}_seed{seed}"), chain_s)
+            out[name].append(evaluator(os.path.join(workdir, stage)))
+    return out
+
+
+class Evaluator:
+    """The quickstart's held-out prompts, its SFT policy (sampler and KL reference), its reward
+    model and the world's oracle, set up once as `pipeline.evaluate_all` does; `__call__` then
+    grades a policy like every method of the quickstart table."""
+
+    def __init__(self, qs: Quickstart):
+        config = qs.config
+        self.mesh = sharding.make_mesh(config.mesh)
+        self.world = world.World(world.WorldConfig(seed=config.world.seed))
+        self.sft = inference.load_policy(qs.stage("sft"), self.mesh)
+        rows, _ = data.load_rows(qs.files["heldout"], "prompt", template=train.template(config.sft))
+        self.arrays, _ = data.encode_prompts(rows, self.sft.tok, max_prompt_len=config.sft.data.max_prompt_len)
+        self.prompts = [r["prompt"] for r in rows]
+        e = config.eval
+        self.seed = e.seed
+        self.sampler = inference.Sampler(self.sft, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens)
+        self.settings = dict(temperature=e.temperature, top_k=0, top_p=1.0, min_p=0.0)
+        self.kl_fn = evaluate.make_kl_fn(self.sft.cfg, self.arrays["prompt_tokens"].shape[1])
+        self.rm = rewards.ModelReward(qs.stage("reward"), self.mesh)
+
+    def __call__(self, stage_dir: str = None) -> dict:
+        """`evaluate.evaluate_policy` of the policy in stage_dir (None: SFT) on one sample per
+        held-out prompt, plus 'rm_score': the reward model's mean score of those samples."""
+        params = self.sft.params if stage_dir is None else inference.load_policy(stage_dir, self.mesh).params
+        sampler = _Recorder(self.sampler)
+        out = evaluate.evaluate_policy(sampler, params, self.sft.params, self.arrays, self.prompts, self.world.grade,
+                                       seed=self.seed, settings=self.settings, kl_fn=self.kl_fn)
+        # A reward model reads the token batch `seq`, not the texts.
+        scores = [self.rm(c["seq"], None, None)[:c["rows"]] for c in sampler.chunks]
+        out["rm_score"] = float(np.concatenate(scores).mean())
+        return out
+
+
+class _Recorder:
+    """An inference.Sampler that keeps the chunks of its last call, so that the reward model
+    scores the very samples `evaluate.evaluate_policy` graded without sampling them again."""
+
+    def __init__(self, sampler: inference.Sampler):
+        self.sampler, self.chunks = sampler, None
+
+    def __call__(self, *args, **kwargs):
+        self.chunks = self.sampler(*args, **kwargs)
+        return self.chunks
+
+    def texts(self, chunks) -> list[str]:
+        return self.sampler.texts(chunks)
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single value) of floats."""
+    v = np.asarray(values, np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def over_seeds(runs: list[dict], keys) -> dict:
+    """runs: one result dict per seed -> {key: {'mean', 'std', 'values'}} for each key."""
+    out = {}
+    for key in keys:
+        values = [r[key] for r in runs]
+        m, s = mean_std(values)
+        out[key] = {"mean": m, "std": s, "values": values}
+    return out
+
+
+def pm(stat: dict, digits: int = 3) -> str:
+    """{'mean', 'std', 'values'} -> '0.412 ± 0.013' ('0.412' from one seed)."""
+    if len(stat["values"]) == 1:
+        return f"{stat['mean']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_outputs(out: str, name: str, title: str, table: str, results: dict, fig):
+    """<out>/table.md (title, table, figure link), results.json and <name>.png."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(f"# {title}\n\n{table}\n\n![{name}]({name}.png)\n")
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2, default=lambda x: float(np.asarray(x)))
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, f"{name}.png"), dpi=120)
+    pyplot().close(fig)
+    print(f"{table}\nwrote {out}/table.md, results.json, {name}.png")
