@@ -95,6 +95,11 @@ def load_params(path: str, shardings=None):
         lambda a, s: ocp.ArrayRestoreArgs(sharding=s, dtype=a.dtype), abstract, shardings)
     target = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return _restore_params(directory, step, meta, target, restore_args), meta
+
+
+def _restore_params(directory, step, meta, target, restore_args):
+    """The params (RL checkpoints: the policy's) of the state saved at `step`, as `target` lays them out."""
     # RL checkpoints hold {'policy': ..., 'critic': ...}; meta names the policy's key.
     key = meta.get("params_key")
     if key:
@@ -103,7 +108,7 @@ def load_params(path: str, shardings=None):
         restored = reader.restore(os.path.join(directory, str(step), "state"), args=ocp.args.PyTreeRestore(
             item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
     params = restored["params"]
-    return (params[key] if key else params), meta
+    return params[key] if key else params
 
 
 def _load_lora(directory, step, meta, cfg, abstract, shardings):
@@ -132,14 +137,7 @@ def _load_lora(directory, step, meta, cfg, abstract, shardings):
              else jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
     restore_args = jax.tree_util.tree_map(lambda a: ocp.ArrayRestoreArgs(sharding=place, dtype=a.dtype),
                                           adapters_abstract)
-    # RL checkpoints hold {'policy': adapters, 'critic': ...}; meta names the policy's key.
-    key = meta.get("params_key")
-    if key:
-        adapters_abstract, restore_args = {key: adapters_abstract}, {key: restore_args}
-    with ocp.PyTreeCheckpointer() as reader:
-        restored = reader.restore(os.path.join(directory, str(step), "state"), args=ocp.args.PyTreeRestore(
-            item={"params": adapters_abstract}, restore_args={"params": restore_args}, partial_restore=True))
-    adapters = restored["params"][key] if key else restored["params"]
+    adapters = _restore_params(directory, step, meta, adapters_abstract, restore_args)
     return lora.merge(base, adapters, lcfg)
 
 
