@@ -108,6 +108,12 @@ case "$NODES$GPUS" in *[!0-9]*) die "--nodes and --gpus-per-node take whole numb
 
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}"
+# N forced host devices share one thread pool; collectives can block two threads per
+# device, so give the pool 2N (a smaller one can deadlock into XLA's rendezvous abort).
+host_devices=$(sed -n 's/.*--xla_force_host_platform_device_count=\([0-9]*\).*/\1/p' <<<"${XLA_FLAGS:-}")
+if [ -n "$host_devices" ] && [ -z "${PJRT_NPROC:-}" ] && [ $((2 * host_devices)) -gt "$(nproc)" ]; then
+  export PJRT_NPROC=$((2 * host_devices))
+fi
 
 cmd="${1:-}"
 [ $# -gt 0 ] && shift

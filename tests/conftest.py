@@ -9,6 +9,10 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# All host devices share one thread pool (8 threads on a 2-core machine). A device can
+# block two of them at once in collectives (one inside the layer scan, one outside), so 8
+# devices could starve each other into XLA's 40 s rendezvous abort (seen about 1 run in 4).
+os.environ.setdefault("PJRT_NPROC", "16")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
