@@ -122,7 +122,7 @@ class Judge:
         As in `world.judge_prompt`, the prompt is reduced to the bare request
         (also from a Human/Assistant prompt) and each answer to one line.
         """
-        filled = template.format(prompt=world._bare(prompt),
+        filled = template.format(prompt=world.request_text(prompt),
                                  **{k: " ".join(v.split()) for k, v in answers.items()})
         return "".join(f"{p}\n" for p in self.principles) + filled
 

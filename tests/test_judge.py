@@ -115,7 +115,7 @@ def test_d_rlaif_reward_is_the_expected_score_under_the_score_token_probabilitie
     np.testing.assert_array_equal(j.score_values, np.arange(1, 10))
     head = "".join(f"{p}\n" for p in PRINCIPLES)
     for i, (p, r) in enumerate(zip(prompts, responses)):
-        text = f"{head}Request: {world._bare(p)}\nAnswer: {r}\nScore (1-10): "
+        text = f"{head}Request: {world.request_text(p)}\nAnswer: {r}\nScore (1-10): "
         ids = [tok.bos_id] + tok.encode(text)
         assert ids[-1] == tok.id_of("▁")
         probs = jax.nn.softmax(last_logits(policy, ids)[digits])

@@ -7,7 +7,8 @@ import random
 import pytest
 
 from ptx import world as world_lib
-from ptx.world import JUDGE_OPTIONS, KINDS, REFUSAL, World, WorldConfig
+from ptx.oracle import KINDS, REFUSAL
+from ptx.world import JUDGE_OPTIONS, World, WorldConfig
 
 SMALL = WorldConfig(seed=3, n_pretrain=1500, n_sft=3000, n_pref=3000, n_heldout=200)
 
@@ -178,7 +179,7 @@ def test_noiseless_and_heldout_preference_labels_agree_with_oracle(world, data):
 def test_mismatch_and_off_topic_answers_are_right_answers_to_other_requests(world, data):
     """What small models do wrong: answer a similar request, or a request of another kind."""
     rng = random.Random(1)
-    statements = {s.format(c=c, v=world.facts[c, a]) for (c, a) in world.facts for s in [world_lib._FACTS[a][1]]}
+    statements = {s.format(c=c, v=world.facts[c, a]) for (c, a) in world.facts for s in [world_lib.FACTS[a][1]]}
     for row in data["heldout"]:
         p, kind = row["prompt"], row["kind"]
         for style in ("mismatch", "off_topic"):
