@@ -43,7 +43,9 @@ def get_config(arg=None):
     c.judge = stage(sft, 150, 32, 5e-4, **{"optim.warmup_steps": 10, "data.max_len": 128,
                                           "data.max_prompt_len": 124, "tokenizer.user_prefix": "",
                                           "tokenizer.assistant_prefix": ""})
-    c.reward = stage(reward, 300, 32, 5e-4, **{"optim.warmup_steps": 10, "data.max_len": 64})
+    # 900 steps (4 epochs): at 300 the model scored answers without reading the request
+    # (a true fact about another country scored like the right one), and best-of-16 chased it.
+    c.reward = stage(reward, 900, 32, 5e-4, **{"optim.warmup_steps": 10, "data.max_len": 64})
     c.dpo = stage(dpo, 150, 32, 5e-5, **{"optim.warmup_steps": 10, "data.max_len": 64,
                                         "dpo.beta": 0.3})
     rl_batch = {"rl.rollout_batch": 8, "rl.minibatch_size": 8} if tiny else {}

@@ -262,8 +262,9 @@ def _run(config, workdir: str, mesh) -> dict:
     it = data.BatchIterator(arrays, config.train.batch_size, seed=config.seed,
                             process_index=jax.process_index(), process_count=jax.process_count())
     start = int(jax.device_get(state.step))
+    # Pre-training is the SFT stage on text; its bar says which of the two runs.
     writer = metrics.MetricWriter(workdir, total_steps=config.train.steps, start_step=start,
-                                  desc=config.stage)
+                                  desc="pretrain" if config.data.kind == "text" else config.stage)
     writer.write(start, {"data/rows": stats["rows"], "data/skipped": stats.get("skipped", 0),
                          **{f"data/{k}": v for k, v in enc_stats.items() if isinstance(v, (int, float))}})
     history, tokens, last = [], 0, {}
