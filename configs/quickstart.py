@@ -20,7 +20,7 @@ def get_config(arg=None):
     c = common.base_config("quickstart", size)
     c.seed = int(common.parse_arg(arg).get("seed", 0))  # every stage's seed; the world's stays
     c.world.sizes = common.ml_collections.ConfigDict(
-        dict(n_pretrain=6000, n_sft=3000, n_pref=6000, n_heldout=200, n_reviews=3000) if not tiny else
+        dict(n_pretrain=6000, n_sft=3000, n_pref=20000, n_heldout=200, n_reviews=3000) if not tiny else
         dict(n_pretrain=600, n_sft=300, n_pref=300, n_heldout=40, n_reviews=100))
 
     def stage(module, steps, batch, lr, **extra):
@@ -43,8 +43,9 @@ def get_config(arg=None):
     c.judge = stage(sft, 150, 32, 5e-4, **{"optim.warmup_steps": 10, "data.max_len": 128,
                                           "data.max_prompt_len": 124, "tokenizer.user_prefix": "",
                                           "tokenizer.assistant_prefix": ""})
-    # 900 steps (4 epochs): at 300 the model scored answers without reading the request
-    # (a true fact about another country scored like the right one), and best-of-16 chased it.
+    # 900 steps over ~21k comparisons: with 300 steps, or 900 over 6k (4 epochs, memorised), the
+    # model scored answers without reading the request (a true fact about another country scored
+    # like the right one) and best-of-16 chased those.
     c.reward = stage(reward, 900, 32, 5e-4, **{"optim.warmup_steps": 10, "data.max_len": 64})
     c.dpo = stage(dpo, 150, 32, 5e-5, **{"optim.warmup_steps": 10, "data.max_len": 64,
                                         "dpo.beta": 0.3})

@@ -235,6 +235,12 @@ def pyplot():
     return plt
 
 
+def over_seeds_title(what: str, seeds, spread: str = "") -> str:
+    """'what (3 seeds, mean ± std)': the figure title with its seed count."""
+    n = len(seeds)
+    return f"{what} ({n} seed{'s' * (n > 1)}{', ' + spread if spread else ''})"
+
+
 def write_outputs(out: str, name: str, title: str, table: str, results: dict, fig):
     """<out>/table.md (title, table, figure link), results.json and <name>.png."""
     os.makedirs(out, exist_ok=True)

@@ -75,7 +75,7 @@ def main(argv=None):
     bx.set_xticks(x, [r["loss_type"] for _, r in losses])
     bx.set_ylabel("oracle reward (held-out)")
     bx.set_title(f"DPO loss at beta={beta0:g}")
-    title = f"DPO: beta sweep and loss types ({len(args.seeds)} seed{'s' * (len(args.seeds) > 1)})"
+    title = common.over_seeds_title("DPO: beta sweep and loss types", args.seeds)
     common.write_outputs(args.out, "dpo_sweep", title, table, results, fig)
     return results
 

@@ -59,8 +59,7 @@ def main(argv=None):
         ax.legend(fontsize=8)
     axes[0].set_title("judged by the oracle (blue: RM reward, green: oracle reward)")
     axes[1].set_title("judged by the reward model")
-    n = len(args.seeds)
-    title = f"GRPO / RLOO with a learned or a verifiable reward ({n} seed{'s' * (n > 1)}, mean ± std)"
+    title = common.over_seeds_title("GRPO / RLOO with a learned or a verifiable reward", args.seeds, "mean ± std")
     common.write_outputs(args.out, "grpo_rewards", title, table, results, fig)
     return results
 

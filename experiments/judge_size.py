@@ -85,8 +85,7 @@ def main(argv=None):
         a.set_xscale("log")
         a.set_xticks(steps, [str(s) for s in steps])
         a.minorticks_off()
-    n = len(args.seeds)
-    title = f"RLAIF against the judge's review-text budget ({n} seed{'s' * (n > 1)}, mean ± std)"
+    title = common.over_seeds_title("RLAIF against the judge's review-text budget", args.seeds, "mean ± std")
     common.write_outputs(args.out, "judge_size", title, table, results, fig)
     return results
 

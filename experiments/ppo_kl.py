@@ -48,7 +48,7 @@ def main(argv=None):
         ax.set_ylabel(label)
     axes[0].set_title("PPO: oracle reward / KL frontier (labels: rl.kl_coef)")
     axes[1].set_title("PPO: what the reward model sees")
-    title = f"PPO KL-coefficient sweep ({len(args.seeds)} seed{'s' * (len(args.seeds) > 1)})"
+    title = common.over_seeds_title("PPO KL-coefficient sweep", args.seeds)
     common.write_outputs(args.out, "ppo_kl", title, table, results, fig)
     return results
 

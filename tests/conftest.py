@@ -34,3 +34,16 @@ def quickstart(tmp_path_factory):
     pipeline.run(quickstart_config.get_config("tiny"), str(workdir))
     with open(workdir / "results.json") as f:
         return str(workdir), json.load(f)
+
+
+@pytest.fixture(scope="session")
+def sft_dir(tmp_path_factory):
+    """A tiny SFT run on the embedded world (10 steps): the policy and base of RL and LoRA tests."""
+    from configs import sft as sft_config
+    from ptx import train
+
+    d = tmp_path_factory.mktemp("sft")
+    c = sft_config.get_config("tiny")
+    c.train.steps, c.train.eval_every = 10, 0
+    train.run(c, str(d))
+    return str(d)

@@ -437,18 +437,6 @@ def adapted_module_names(adapters):
     return {p.split("/")[-3] for p in flax.traverse_util.flatten_dict(adapters, sep="/") if p.endswith("kernel/a")}
 
 
-@pytest.fixture(scope="module")
-def sft_dir(tmp_path_factory):
-    from configs import sft as sft_config
-    from ptx import train
-
-    d = tmp_path_factory.mktemp("sft")
-    c = sft_config.get_config("tiny")
-    c.train.steps, c.train.eval_every = 6, 0
-    train.run(c, str(d))
-    return str(d)
-
-
 def letter_share(prompt: str, completion: str) -> float:
     """A dense reward that varies between samples, so the advantages are not all zero."""
     return sum(ch.isalpha() for ch in completion) / max(len(completion), 1)

@@ -8,22 +8,12 @@ import pytest
 
 from configs import grpo as grpo_config
 from configs import ppo as ppo_config
-from configs import sft as sft_config
-from ptx import rl, rl_losses, rollout, sampler, sharding, train
+from ptx import rl, rl_losses, rollout, sampler, sharding
 
 
 def letter_share(prompt: str, completion: str) -> float:
     """A dense, known reward: the share of letters among the completion's characters."""
     return sum(ch.isalpha() for ch in completion) / max(len(completion), 1)
-
-
-@pytest.fixture(scope="module")
-def sft_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sft")
-    c = sft_config.get_config("tiny")
-    c.train.steps, c.train.eval_every = 10, 0
-    train.run(c, str(d))
-    return str(d)
 
 
 def rl_cfg(kind, sft_dir, seed=0, steps=1):
