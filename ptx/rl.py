@@ -16,7 +16,7 @@ import os
 import jax
 import numpy as np
 
-from ptx import checkpoint, data, lora, metrics, optim, rewards, rl_losses, rollout, sampler, sharding, steps, train
+from ptx import checkpoint, data, lora, losses, metrics, optim, rewards, rollout, sampler, sharding, steps, train
 from ptx.model import ModelConfig, Transformer, init_params
 
 
@@ -200,8 +200,8 @@ def _run(config, workdir: str, mesh) -> dict:
             metrics.check_finite(scalars, it + 1)
             scalars.update({k: float(v) for k, v in roll_metrics.items()})
             if rl.adaptive_kl:
-                kl_coef = float(rl_losses.adaptive_kl_update(kl_coef, scalars["objective/kl"], target=rl.kl_target,
-                                                             horizon=rl.kl_horizon, n_steps=b))
+                kl_coef = float(losses.adaptive_kl_update(kl_coef, scalars["objective/kl"], target=rl.kl_target,
+                                                          horizon=rl.kl_horizon, n_steps=b))
             last = writer.write(it + 1, scalars, tokens=float(host["n"].sum()))
             writer.text(it + 1, "samples", [p + c for p, c in zip(prompts[:3], completions[:3])])
             ckpt.save(it + 1, state, dict(meta, kl_coef=kl_coef), force=it + 1 == config.train.steps)

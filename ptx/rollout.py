@@ -13,7 +13,7 @@ inside the jitted update for the loss.
 import jax
 import jax.numpy as jnp
 
-from ptx import lora, losses, rl_losses, sampler
+from ptx import lora, losses, sampler
 from ptx.model import Transformer
 
 
@@ -100,18 +100,18 @@ def prepare(params, ref_params, seq: dict, scores, kl_coef, *, policy_model, cri
     ref_logps, _, _ = response_forward(ref_model, ref_params, seq, width)
     if "critic" in params:
         values = response_values(critic_model, params["critic"], seq, width)
-    kl = rl_losses.kl_penalty(logps, ref_logps, rl_cfg.kl_estimator) * mask
+    kl = losses.kl_penalty(logps, ref_logps, rl_cfg.kl_estimator) * mask
     kl_seq = jnp.sum(kl, axis=1)
     if rl_cfg.advantage == "gae":
         rewards = -kl_coef * kl + last_token_rewards(scores, mask)
         if rl_cfg.whiten_rewards:
             rewards = losses.masked_whiten(rewards, mask, shift_mean=False) * mask
-        advantages, returns = rl_losses.gae(rewards, values * mask, mask, gamma=rl_cfg.gamma, lam=rl_cfg.lam)
+        advantages, returns = losses.gae(rewards, values * mask, mask, gamma=rl_cfg.gamma, lam=rl_cfg.lam)
     else:
         # Critic-free: one advantage per sequence, broadcast over its tokens. RLOO
         # folds the KL into the reward; GRPO keeps it as a loss term.
         seq_reward = scores if rl_cfg.kl_in_loss else scores - kl_coef * kl_seq
-        adv = rl_losses.group_advantages(seq_reward, rl_cfg.group_size, kind=rl_cfg.advantage)
+        adv = losses.group_advantages(seq_reward, rl_cfg.group_size, kind=rl_cfg.advantage)
         advantages = adv[:, None] * mask
         returns = values = jnp.zeros_like(mask)
     if rl_cfg.whiten_advantages:
@@ -147,12 +147,12 @@ def rl_loss_fn(params, batch, frozen=None, *, policy_model, critic_model, width:
     mask = batch["mask"]
     policy = policy_params(params, frozen, lora_cfg)
     logps, entropy, values = response_forward(policy_model, policy, batch, width)
-    loss, metrics = rl_losses.ppo_policy_loss(
+    loss, metrics = losses.ppo_policy_loss(
         logps, batch["old_logps"], batch["advantages"], mask, clip_eps=rl_cfg.clip_eps,
         clip_eps_high=rl_cfg.clip_eps_high or None, aggregation=rl_cfg.aggregation)
     metrics["loss/policy"] = loss
     if rl_cfg.kl_in_loss:
-        kl = rl_losses.aggregate(rl_losses.kl_penalty(logps, batch["ref_logps"], "k3"), mask, rl_cfg.aggregation)
+        kl = losses.aggregate(losses.kl_penalty(logps, batch["ref_logps"], "k3"), mask, rl_cfg.aggregation)
         loss = loss + jnp.mean(batch["kl_coef"]) * kl
         metrics["loss/kl"] = kl
     if rl_cfg.ent_coef:
@@ -160,8 +160,8 @@ def rl_loss_fn(params, batch, frozen=None, *, policy_model, critic_model, width:
     if rl_cfg.advantage == "gae":
         if "critic" in params:
             values = response_values(critic_model, params["critic"], batch, width)
-        v_loss, v_metrics = rl_losses.ppo_value_loss(values, batch["old_values"], batch["returns"], mask,
-                                                     clip_value=rl_cfg.clip_value)
+        v_loss, v_metrics = losses.ppo_value_loss(values, batch["old_values"], batch["returns"], mask,
+                                                  clip_value=rl_cfg.clip_value)
         loss = loss + rl_cfg.vf_coef * v_loss
         metrics.update(v_metrics)
     return loss, metrics

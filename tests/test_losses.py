@@ -1,4 +1,4 @@
-"""ptx.losses and ptx.rl_losses against independent float64 numpy / plain-Python references."""
+"""ptx.losses against independent float64 numpy / plain-Python references."""
 import functools
 import math
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from ptx import losses, rl_losses
+from ptx import losses
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -348,18 +348,18 @@ def test_kl_estimators_match_formulas():
     d = logp32.astype(np.float64) - ref32
     want = {"k1": d, "k2": 0.5 * d**2, "k3": np.exp(-d) + d - 1}
     for kind, value in want.items():
-        kl = jitted(rl_losses.kl_penalty, kind=kind)(logp32, ref32)
+        kl = jitted(losses.kl_penalty, kind=kind)(logp32, ref32)
         np.testing.assert_allclose(kl, value, **TOL, err_msg=kind)
 
 
 def test_k3_is_nonnegative_and_zero_when_policies_agree():
     d = jnp.linspace(-10.0, 10.0, 2001)
-    k3 = jitted(rl_losses.kl_penalty, kind="k3")
+    k3 = jitted(losses.kl_penalty, kind="k3")
     assert np.all(np.asarray(k3(d, jnp.zeros_like(d))) >= 0)
     x = jnp.array([-3.0, -0.5, -12.0])
     np.testing.assert_array_equal(k3(x, x), 0.0)
     with pytest.raises(ValueError):
-        jitted(rl_losses.kl_penalty, kind="k4")(x, x)
+        jitted(losses.kl_penalty, kind="k4")(x, x)
 
 
 # --------------------------------------------------------------------------
@@ -406,7 +406,7 @@ def test_gae_matches_python_loop_on_ragged_masks():
         ],
         np.float32,
     )
-    adv, ret = jitted(rl_losses.gae, gamma=0.97, lam=0.9)(rewards, values, mask)
+    adv, ret = jitted(losses.gae, gamma=0.97, lam=0.9)(rewards, values, mask)
     want_adv, want_ret = py_gae(rewards, values, mask, 0.97, 0.9)
     np.testing.assert_allclose(adv, want_adv, **TOL)
     np.testing.assert_allclose(ret, want_ret, **TOL)
@@ -419,7 +419,7 @@ def test_gae_of_padded_row_equals_textbook_gae_of_unpadded_sequence():
     values = rng.normal(size=(1, 10)).astype(np.float32)
     mask = np.zeros((1, 10), np.float32)
     mask[0, 3:8] = 1.0
-    adv, ret = jitted(rl_losses.gae, gamma=0.9, lam=0.8)(rewards, values, mask)
+    adv, ret = jitted(losses.gae, gamma=0.9, lam=0.8)(rewards, values, mask)
     r, v = rewards[0, 3:8].astype(np.float64), values[0, 3:8].astype(np.float64)
     want = textbook_gae(r, v, 0.9, 0.8)
     np.testing.assert_allclose(adv[0, 3:8], want, **TOL)
@@ -430,7 +430,7 @@ def test_gae_with_unit_gamma_and_lambda_is_reward_to_go_minus_value():
     rewards = jnp.array([[0.0, 0.0, 1.0, 99.0]])
     values = jnp.array([[0.5, 0.2, 0.7, 42.0]])
     mask = jnp.array([[1.0, 1.0, 1.0, 0.0]])
-    adv, ret = jitted(rl_losses.gae, gamma=1.0, lam=1.0)(rewards, values, mask)
+    adv, ret = jitted(losses.gae, gamma=1.0, lam=1.0)(rewards, values, mask)
     np.testing.assert_allclose(adv, [[0.5, 0.8, 0.3, 0.0]], **TOL)
     np.testing.assert_allclose(ret, [[1.0, 1.0, 1.0, 0.0]], **TOL)
 
@@ -450,7 +450,7 @@ def test_ppo_policy_loss_hand_cases_and_clipfrac():
     logps = (old + np.log(ratio)).astype(np.float32)
 
     logps, old, adv, mask = logps[None], old[None], adv[None], mask[None]
-    loss, m = jitted(rl_losses.ppo_policy_loss, clip_eps=0.2)(logps, old, adv, mask)
+    loss, m = jitted(losses.ppo_policy_loss, clip_eps=0.2)(logps, old, adv, mask)
     per_token = [-1.2, 0.8, -0.5, 1.5, -2.2]
     np.testing.assert_allclose(loss, np.mean(per_token), **TOL)
     np.testing.assert_allclose(m["loss/policy"], loss)
@@ -459,7 +459,7 @@ def test_ppo_policy_loss_hand_cases_and_clipfrac():
     np.testing.assert_allclose(m["policy/approxkl"], 0.5 * np.mean(np.log(ratio[:5]) ** 2), **TOL)
 
     # Clipped tokens give no gradient; unclipped ones d/dlogp (-A r) = -A r.
-    grad = jax.jit(jax.grad(lambda lp: rl_losses.ppo_policy_loss(lp, old, adv, mask)[0]))(logps)
+    grad = jax.jit(jax.grad(lambda lp: losses.ppo_policy_loss(lp, old, adv, mask)[0]))(logps)
     want = np.array([0.0, 0.0, -0.5, 1.5, -2.2, 0.0]) / 5
     np.testing.assert_allclose(grad[0], want, **TOL)
 
@@ -469,10 +469,10 @@ def test_ppo_clip_eps_high_widens_only_the_upper_bound():
     logps = np.log(np.array([[1.25, 0.75]], np.float32))
     adv = np.array([[1.0, -2.0]], np.float32)
     mask = np.ones((1, 2), np.float32)
-    loss, m = jitted(rl_losses.ppo_policy_loss, clip_eps=0.2)(logps, old, adv, mask)
+    loss, m = jitted(losses.ppo_policy_loss, clip_eps=0.2)(logps, old, adv, mask)
     np.testing.assert_allclose(loss, np.mean([-1.2, 1.6]), **TOL)
     np.testing.assert_allclose(m["policy/clipfrac"], 1.0)
-    clip_higher = jitted(rl_losses.ppo_policy_loss, clip_eps=0.2, clip_eps_high=0.28)
+    clip_higher = jitted(losses.ppo_policy_loss, clip_eps=0.2, clip_eps_high=0.28)
     loss, m = clip_higher(logps, old, adv, mask)
     np.testing.assert_allclose(loss, np.mean([-1.25, 1.6]), **TOL)
     np.testing.assert_allclose(m["policy/clipfrac"], 0.5)
@@ -482,7 +482,7 @@ def test_ppo_policy_loss_is_finite_with_inf_log_probs_in_padding():
     logps = jnp.array([[-1.0, 0.0]])
     old = jnp.array([[-1.2, -jnp.inf]])
     mask = jnp.array([[1.0, 0.0]])
-    fn = lambda lp: rl_losses.ppo_policy_loss(lp, old, jnp.ones((1, 2)), mask)[0]
+    fn = lambda lp: losses.ppo_policy_loss(lp, old, jnp.ones((1, 2)), mask)[0]
     assert np.isfinite(jax.jit(fn)(logps))
     assert np.all(np.isfinite(np.asarray(jax.jit(jax.grad(fn))(logps))))
 
@@ -494,7 +494,7 @@ def test_ppo_value_loss_hand_cases():
     # Clipped values [0.2, 0.1, 0.2, -0.2]; max of squared errors per token:
     # 0.64 (clipped), 0.81 (inside), 0.25 (clip helps, unclipped kept), 0.64 (clipped).
     mask = np.ones((1, 4), np.float32)
-    value_loss = jitted(rl_losses.ppo_value_loss, clip_value=0.2)
+    value_loss = jitted(losses.ppo_value_loss, clip_value=0.2)
     loss, m = value_loss(values, old, returns, mask)
     np.testing.assert_allclose(loss, 0.5 * np.mean([0.64, 0.81, 0.25, 0.64]), **TOL)
     np.testing.assert_allclose(m["loss/value"], loss)
@@ -520,12 +520,12 @@ def test_each_aggregation_matches_hand_computation_on_ragged_masks():
         "seq_mean_token_sum_norm": (3 / 4 + 21 / 4 + 0) / 3,  # divided by seq = 4, all rows
     }
     for kind, value in want.items():
-        np.testing.assert_allclose(jitted(rl_losses.aggregate, kind=kind)(x, mask), value, **TOL)
+        np.testing.assert_allclose(jitted(losses.aggregate, kind=kind)(x, mask), value, **TOL)
     with pytest.raises(ValueError):
-        jitted(rl_losses.aggregate, kind="sum")(x, mask)
+        jitted(losses.aggregate, kind="sum")(x, mask)
 
 
-@pytest.mark.parametrize("aggregation", rl_losses.AGGREGATIONS)
+@pytest.mark.parametrize("aggregation", losses.AGGREGATIONS)
 def test_ppo_policy_loss_uses_the_requested_aggregation(aggregation):
     rng = np.random.default_rng(12)
     old = rng.normal(-2, 0.3, size=(3, 5)).astype(np.float32)
@@ -534,8 +534,8 @@ def test_ppo_policy_loss_uses_the_requested_aggregation(aggregation):
     mask = ragged_mask(3, 5, rng)
     r = np.exp(logps.astype(np.float64) - old)
     per_token = np.maximum(-adv * r, -adv * np.clip(r, 0.8, 1.2))
-    want = jitted(rl_losses.aggregate, kind=aggregation)(per_token.astype(np.float32), mask)
-    fn = jitted(rl_losses.ppo_policy_loss, aggregation=aggregation)
+    want = jitted(losses.aggregate, kind=aggregation)(per_token.astype(np.float32), mask)
+    fn = jitted(losses.ppo_policy_loss, aggregation=aggregation)
     np.testing.assert_allclose(fn(logps, old, adv, mask)[0], want, **TOL)
 
 
@@ -543,7 +543,7 @@ def test_ppo_policy_loss_uses_the_requested_aggregation(aggregation):
 # Group advantages and the adaptive KL controller.
 
 
-@pytest.mark.parametrize("kind", rl_losses.GROUP_ADVANTAGE_KINDS)
+@pytest.mark.parametrize("kind", losses.GROUP_ADVANTAGE_KINDS)
 def test_group_advantages_match_numpy(kind):
     rewards = np.random.default_rng(13).normal(size=12).astype(np.float32)
     g = rewards.astype(np.float64).reshape(3, 4)
@@ -553,21 +553,21 @@ def test_group_advantages_match_numpy(kind):
         "dr_grpo": g - mean,
         "rloo": np.array([[row[i] - np.delete(row, i).mean() for i in range(4)] for row in g]),
     }[kind]
-    out = jitted(rl_losses.group_advantages, group_size=4, kind=kind)(rewards)
+    out = jitted(losses.group_advantages, group_size=4, kind=kind)(rewards)
     np.testing.assert_allclose(out, want.reshape(-1), **TOL)
 
 
-@pytest.mark.parametrize("kind", rl_losses.GROUP_ADVANTAGE_KINDS)
+@pytest.mark.parametrize("kind", losses.GROUP_ADVANTAGE_KINDS)
 def test_group_of_equal_rewards_has_zero_advantage(kind):
     rewards = jnp.array([1.0, 1.0, 1.0, 0.3, 0.3, 0.3])
-    out = jitted(rl_losses.group_advantages, group_size=3, kind=kind)(rewards)
+    out = jitted(losses.group_advantages, group_size=3, kind=kind)(rewards)
     np.testing.assert_array_equal(out, 0.0)
 
 
 def test_rloo_baseline_excludes_the_sample_itself():
     rewards = jnp.array([1.0, 2.0, 4.0, 0.0])
     moved = rewards.at[2].set(100.0)
-    rloo = jitted(rl_losses.group_advantages, group_size=4, kind="rloo")
+    rloo = jitted(losses.group_advantages, group_size=4, kind="rloo")
     base, base_moved = rewards - rloo(rewards), moved - rloo(moved)
     np.testing.assert_allclose(base[2], base_moved[2], **TOL)
     np.testing.assert_allclose(base, [2.0, 5 / 3, 1.0, 7 / 3], **TOL)
@@ -576,11 +576,11 @@ def test_rloo_baseline_excludes_the_sample_itself():
 
 def test_group_advantages_reject_bad_arguments():
     with pytest.raises(ValueError):
-        jitted(rl_losses.group_advantages, group_size=3, kind="ppo")(jnp.zeros(6))
+        jitted(losses.group_advantages, group_size=3, kind="ppo")(jnp.zeros(6))
     with pytest.raises(ValueError):
-        jitted(rl_losses.group_advantages, group_size=4)(jnp.zeros(6))
+        jitted(losses.group_advantages, group_size=4)(jnp.zeros(6))
     with pytest.raises(ValueError):
-        jitted(rl_losses.group_advantages, group_size=1, kind="rloo")(jnp.zeros(6))
+        jitted(losses.group_advantages, group_size=1, kind="rloo")(jnp.zeros(6))
 
 
 @pytest.mark.parametrize(
@@ -593,8 +593,8 @@ def test_group_advantages_reject_bad_arguments():
     ],
 )
 def test_adaptive_kl_controller_follows_ziegler_et_al(current_kl, mult):
-    new = rl_losses.adaptive_kl_update(0.2, current_kl, target=6.0, horizon=10000, n_steps=256)
+    new = losses.adaptive_kl_update(0.2, current_kl, target=6.0, horizon=10000, n_steps=256)
     np.testing.assert_allclose(new, 0.2 * mult, rtol=1e-6)
-    update = jitted(rl_losses.adaptive_kl_update, target=6.0, horizon=10000, n_steps=256)
+    update = jitted(losses.adaptive_kl_update, target=6.0, horizon=10000, n_steps=256)
     new = update(jnp.float32(0.2), jnp.float32(current_kl))
     np.testing.assert_allclose(new, 0.2 * mult, rtol=1e-6)

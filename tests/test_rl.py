@@ -8,7 +8,7 @@ import pytest
 
 from configs import grpo as grpo_config
 from configs import ppo as ppo_config
-from ptx import rl, rl_losses, rollout, sampler, sharding
+from ptx import losses, rl, rollout, sampler, sharding
 
 
 def letter_share(prompt: str, completion: str) -> float:
@@ -98,7 +98,7 @@ def test_ppo_resume_restores_the_kl_controller_and_continues(sft_dir, tmp_path):
     assert rows[:2] == first
     # Each coefficient is the controller's update of the previous one, across the resume too.
     for prev, cur in zip(rows, rows[1:]):
-        expected = rl_losses.adaptive_kl_update(prev["objective/kl_coef"], prev["objective/kl"], target=0.001,
-                                                horizon=10, n_steps=c.rl.rollout_batch)
+        expected = losses.adaptive_kl_update(prev["objective/kl_coef"], prev["objective/kl"], target=0.001,
+                                             horizon=10, n_steps=c.rl.rollout_batch)
         np.testing.assert_allclose(cur["objective/kl_coef"], float(expected), rtol=1e-6)
     assert rows[2]["objective/kl_coef"] != rows[0]["objective/kl_coef"]
