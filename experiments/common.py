@@ -235,10 +235,10 @@ def pyplot():
     return plt
 
 
-def over_seeds_title(what: str, seeds, spread: str = "") -> str:
+def over_seeds_title(what: str, seeds, detail: str = "") -> str:
     """'what (3 seeds, mean ± std)': the figure title with its seed count."""
     n = len(seeds)
-    return f"{what} ({n} seed{'s' * (n > 1)}{', ' + spread if spread else ''})"
+    return f"{what} ({n} seed{'s' * (n > 1)}{', ' + detail if detail else ''})"
 
 
 def write_outputs(out: str, name: str, title: str, table: str, results: dict, fig):
