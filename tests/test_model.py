@@ -115,11 +115,28 @@ def test_padding_left_of_a_row_does_not_change_its_logits(params, forward):
                                forward(params, t, *default_pos_seg(1, 6)).logits[0], atol=1e-5)
 
 
-def test_remat_and_unrolled_layers_give_the_same_logits(params):
+def test_layer_loop_remat_and_unrolled_scan_give_the_scans_logits_and_gradients(params):
     t = tokens(7, (2, 8))
-    ref = Transformer(CFG).apply({"params": params}, t).logits
-    for variant in (CFG.replace(remat="full"), CFG.replace(remat="dots", scan_unroll=3)):
-        np.testing.assert_allclose(Transformer(variant).apply({"params": params}, t).logits, ref, atol=1e-5)
+    scan = CFG.replace(layer_loop_max=0)
+
+    def has_scan(cfg):
+        return " scan[" in str(jax.make_jaxpr(lambda p: Transformer(cfg).apply({"params": p}, t))(params))
+
+    assert not has_scan(CFG) and has_scan(scan)  # CFG (3 layers) runs the Python layer loop
+
+    def run(cfg):
+        def loss(p):
+            out = Transformer(cfg).apply({"params": p}, t)
+            return jnp.sum(jnp.sin(out.logits)) + jnp.sum(out.values ** 2), out.logits
+        return jax.grad(loss, has_aux=True)(params)
+
+    ref_grads, ref = run(scan)
+    for variant in (CFG, CFG.replace(remat="full"), CFG.replace(remat="dots"),
+                    scan.replace(remat="full"), scan.replace(remat="dots", scan_unroll=3)):
+        grads, logits = run(variant)
+        np.testing.assert_allclose(logits, ref, atol=1e-5)
+        jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * np.abs(r).max()),
+                     grads, ref_grads)
 
 
 def test_bad_model_config_is_a_clear_error():
