@@ -297,7 +297,7 @@ class Transformer(nn.Module):
         rotary = rope_tables(positions, cfg.head_size, cfg.rope_theta)
         loop = cache is None and cfg.n_layers <= cfg.layer_loop_max and not self.is_initializing()
         if self.scan_layers and loop:
-            block = _block_cls(cfg)(cfg)
+            block = _block_cls(cfg)(cfg, parent=None)  # applied to each slice, owns no parameters
             for layer_params in split_layers(self.variables["params"]["layers"]):
                 (x, _), _ = block.apply({"params": layer_params}, (x, None), None,
                                         positions, rotary, segment_ids, k_pos, k_seg, cache_index)
