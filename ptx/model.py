@@ -182,7 +182,8 @@ class Attention(nn.Module):
     def __call__(self, x, positions, rotary, segment_ids, kv, layer, k_pos, k_seg, cache_index):
         """rotary: `rope_tables` of positions. kv: None (keys are this chunk's), the whole
         cache (k, v) [L, b, kvh, S, hd] carried through the layer scan with `layer` this
-        layer's index, or (layer None) this layer's own (k, v) [b, kvh, S, hd]. The new rows are written at cache_index, in place."""
+        layer's index, or (layer None) this layer's own (k, v) [b, kvh, S, hd]. The new
+        rows are written at cache_index, in place."""
         cfg = self.cfg
         h, kvh = cfg.n_heads, cfg.n_kv_heads
         b, t = x.shape[:2]
