@@ -33,25 +33,33 @@ def stage_config(workdir, stage: str) -> dict:
         return json.load(f)
 
 
-def test_best_of_n_picks_the_rm_argmax_and_reports_the_kl_bound(quickstart, tmp_path):
-    results, runs = run(best_of_n, "best_of_n", quickstart, tmp_path)
+def test_best_of_n_picks_the_rm_argmax_and_reports_the_kl_bound_per_seed(quickstart, tmp_path):
+    results, runs = run(best_of_n, "best_of_n", quickstart, tmp_path, "--seeds", "0", "1")
     ns = [int(n) for n in results["best_of"]]
     cands = [json.loads(line) for line in open(runs / "candidates.jsonl")]
     n_max, prompts = results["samples_per_prompt"], results["n_prompts"]
-    assert ns == list(best_of_n.TINY_NS) and len(cands) == prompts * n_max
-    rm = np.array([c["rm_score"] for c in cands]).reshape(prompts, n_max)
-    oracle = np.array([c["oracle_reward"] for c in cands]).reshape(prompts, n_max)
+    assert ns == list(best_of_n.TINY_NS) and len(cands) == 2 * prompts * n_max
+    assert [c["seed"] for c in cands] == [0] * (prompts * n_max) + [1] * (prompts * n_max)
+    rm = np.array([c["rm_score"] for c in cands]).reshape(2, prompts, n_max)
+    oracle = np.array([c["oracle_reward"] for c in cands]).reshape(2, prompts, n_max)
+    texts = np.array([c["completion"] for c in cands]).reshape(2, prompts, n_max)
+    assert (texts[0] != texts[1]).any()  # each seed draws its own samples
     w = world.World(world.WorldConfig(seed=0))
     assert all(c["oracle_reward"] == w.score(c["prompt"], c["completion"]) for c in cands[:50])
     rows = [results["best_of"][str(n)] for n in ns]
-    assert rows[0]["rm_score"] == pytest.approx(rm[:, 0].mean())  # best-of-1 is one plain sample
+    assert rows[0]["rm_score"] == pytest.approx(rm[:, :, 0].mean())  # best-of-1 is one plain sample
     assert results["all_samples"]["rm_score"] == pytest.approx(rm.mean())
     for n, r in zip(ns, rows):
         assert r["kl_bound"] == pytest.approx(math.log(n) - (n - 1) / n)
-        pick = rm[:, :n].argmax(1)
-        assert r["rm_score"] == pytest.approx(rm[:, :n].max(1).mean())
-        assert r["oracle_reward"] == pytest.approx(oracle[np.arange(prompts), pick].mean())
-        assert r["oracle_ceiling"] == pytest.approx(oracle[:, :n].max(1).mean())
+        for s in range(2):
+            pick = rm[s, :, :n].argmax(1)
+            assert r["over_seeds"]["rm_score"]["values"][s] == pytest.approx(rm[s, :, :n].max(1).mean())
+            assert r["over_seeds"]["oracle_reward"]["values"][s] == pytest.approx(
+                oracle[s, np.arange(prompts), pick].mean())
+        for key in ("rm_score", "oracle_reward"):
+            assert r[key] == pytest.approx(np.mean(r["over_seeds"][key]["values"]))
+            assert r["over_seeds"][key]["std"] == pytest.approx(np.std(r["over_seeds"][key]["values"], ddof=1))
+        assert r["oracle_ceiling"] == pytest.approx(oracle[:, :, :n].max(2).mean())
         assert r["oracle_ceiling"] >= r["oracle_reward"]
     for a, b in zip(rows, rows[1:]):
         assert a["rm_score"] <= b["rm_score"] and a["oracle_ceiling"] <= b["oracle_ceiling"]
