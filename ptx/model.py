@@ -64,6 +64,8 @@ class ModelConfig:
                 raise ValueError(f"model.{field}={getattr(self, field)!r}; expected one of {sorted(_DTYPES)}")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"model.remat={self.remat!r}; expected none, full or dots")
+        if self.layer_loop_max < 0:
+            raise ValueError(f"model.layer_loop_max={self.layer_loop_max}; expected >= 0 (0 = always scan)")
 
 
 @flax.struct.dataclass

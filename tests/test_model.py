@@ -144,6 +144,8 @@ def test_bad_model_config_is_a_clear_error():
         ModelConfig(n_heads=4, n_kv_heads=3)
     with pytest.raises(ValueError, match="dtype"):
         ModelConfig(dtype="float64")
+    with pytest.raises(ValueError, match="layer_loop_max"):
+        ModelConfig(layer_loop_max=-1)
 
 
 def test_every_parameter_matches_exactly_one_sharding_rule(params):
