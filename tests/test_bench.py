@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from ptx import bench, bench_peer
+from ptx import bench, bench_peer, bench_suite
 from ptx.model import ModelConfig, Transformer, count_params, flops_per_token, init_params
 
 TINY = ["--d_model", "64", "--n_layers", "2", "--vocab", "256", "--batch", "4", "--seq", "32",
@@ -138,7 +138,7 @@ def test_flops_per_token_matches_xla_cost_analysis():
     # Unrolled layers: XLA's cost analysis counts a while-loop body once, not per trip.
     cfg = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192,
                       scan_unroll=2)
-    params = bench.random_params(cfg, 0)
+    params = bench_suite.random_params(cfg, 0)
     tokens = jnp.zeros((4, 32), jnp.int32)
     fwd = jax.jit(lambda p, t: Transformer(cfg).apply({"params": p}, t).logits)
     cost = fwd.lower(params, tokens).compile().cost_analysis()

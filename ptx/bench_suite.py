@@ -1,0 +1,327 @@
+"""The benchmarks of `python -m ptx.bench`: synthetic inputs (random weights and
+token rows of the benchmarked shapes) and `Suite`, one method per benchmark, each
+returning a `bench_peer.entry` (tokens/s, FLOP/s, compile time, peak memory).
+"""
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import common
+from configs import dpo as dpo_configs
+from configs import grpo as grpo_configs
+from configs import ppo as ppo_configs
+from configs import reward as reward_configs
+from configs import sft as sft_configs
+from ptx import lora, optim, rollout, sampler, sharding, steps
+from ptx.bench_peer import compile_timed, entry, mb, median_time
+from ptx.model import ModelConfig, Transformer, flops_per_token, init_params, unstack_layers
+
+
+# ---------------------------------------------------------------- inputs
+
+def random_params(cfg: ModelConfig, seed: int):
+    """Host arrays shaped as `init_params`: N(0, 0.02) weights, unit norm scales, zero biases.
+
+    Drawn with numpy so no init program is compiled per benchmark; values only
+    need to be realistic in scale.
+    """
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, s):
+        name = sharding.path_str(path)
+        if name.endswith("scale") or name.endswith("bias"):
+            return np.full(s.shape, 1.0 if name.endswith("scale") else 0.0, s.dtype)
+        return (0.02 * rng.standard_normal(s.shape, np.float32)).astype(s.dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0))))
+
+
+def lm_rows(rng, b, t, vocab, prefix=""):
+    """Random full rows: inputs / targets / positions / segment_ids [b, t] int32, loss_mask f32."""
+    tok = rng.integers(1, vocab, (b, t + 1)).astype(np.int32)
+    return {prefix + "inputs": tok[:, :-1], prefix + "targets": tok[:, 1:],
+            prefix + "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+            prefix + "segment_ids": np.ones((b, t), np.int32),
+            prefix + "loss_mask": np.ones((b, t), np.float32)}
+
+
+def pair_rows(rng, b, t, vocab, precomputed_ref=False):
+    batch = {**lm_rows(rng, b, t, vocab, "chosen_"), **lm_rows(rng, b, t, vocab, "rejected_"),
+             "prob_chosen": np.ones((b,), np.float32)}
+    if precomputed_ref:
+        batch["ref_chosen_logps"] = -rng.uniform(50, 100, b).astype(np.float32)
+        batch["ref_rejected_logps"] = -rng.uniform(50, 100, b).astype(np.float32)
+    return batch
+
+
+def rl_rows(rng, b, width, n, vocab):
+    """What `rollout.prepare` hands the update: prompt width `width`, n completion tokens."""
+    tok = rng.integers(1, vocab, (b, width + n)).astype(np.int32)
+    f = lambda: rng.normal(size=(b, n)).astype(np.float32)
+    return {"tokens": tok, "positions": np.tile(np.arange(width + n, dtype=np.int32), (b, 1)),
+            "segment_ids": np.ones((b, width + n), np.int32), "completion": tok[:, width:],
+            "mask": np.ones((b, n), np.float32), "old_logps": -np.abs(f()), "ref_logps": -np.abs(f()),
+            "old_values": f(), "advantages": f(), "returns": f(), "kl_coef": np.full((b,), 0.05, np.float32)}
+
+
+# ---------------------------------------------------------------- the suite
+
+class Suite:
+    def __init__(self, args, cfg: ModelConfig, peak: float):
+        self.args, self.cfg, self.peak = args, cfg, peak
+        devices = jax.local_devices()[:args.devices] if args.devices else jax.local_devices()
+        self.mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
+        self.rng = np.random.default_rng(0)
+        self.width = args.prompt_len or args.seq // 2
+        self.new = args.new_tokens or max(args.seq - self.width, 2)
+        self.fwd = flops_per_token(cfg, args.seq)  # per token, LM head included
+        self.head = 2 * cfg.d_model * cfg.vocab_size
+        self._params = None
+        level = args.backend_opt_level
+        self.compile = functools.partial(compile_timed, options={"xla_backend_optimization_level": level}
+                                         if level >= 0 else None)
+        self.tx, self.lr_fn = optim.make_optimizer(common.base_config("bench").optim, total_steps=1000)
+
+    def time(self, run, repeats=None) -> float:
+        return median_time(run, repeats or self.args.repeats, budget_s=self.args.budget_s)
+
+    def params(self):
+        """One policy on the default device (decode, GRPO); training steps make their own, sharded."""
+        if self._params is None:
+            self._params = jax.device_put(random_params(self.cfg, 0))
+        return self._params
+
+    def _shardings(self, tree, cfg=None):
+        """Parameter shardings; on the bench's data-parallel mesh every rule replicates (adapters too)."""
+        rules = sharding.param_rules((cfg or self.cfg).replace(scalar_head=True))  # a superset: unused rules are fine
+        return sharding.named(self.mesh, sharding.tree_specs(tree, rules, self.mesh, strict=False))
+
+    def put(self, params):
+        return jax.device_put(params, self._shardings(params))
+
+    def _step(self, loss_fn, state_sh, frozen_sh):
+        return steps.compile_step(
+            lambda s, b, f: steps.train_step(s, b, f, loss_fn=loss_fn, tx=self.tx, lr_fn=self.lr_fn, accum_steps=1),
+            in_shardings=(state_sh, sharding.batch_sharding(self.mesh), frozen_sh),
+            out_shardings=(state_sh, sharding.replicated(self.mesh)), donate_state=True)
+
+    def train(self, loss_fn, params, batch: dict, flops: float, frozen=None, tokens=None):
+        """Times one `steps.train_step` from `params` (host arrays, the trained tree); frozen: device
+        arrays the step reads but does not train. param_mb / opt_state_mb / frozen_mb: their sizes."""
+        state_sh = self._shardings(jax.eval_shape(lambda p: steps.init_state(p, self.tx), params))
+        state = jax.device_put(steps.init_state(jax.device_put(params, state_sh.params), self.tx), state_sh)
+        frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
+        batch = sharding.put_batch(batch, self.mesh)
+        compiled, compile_s = self.compile(self._step(loss_fn, state_sh, frozen_sh), state, batch, frozen)
+        sizes = {f"{k}_mb": mb(t) for k, t in (("param", state.params), ("opt_state", state.opt_state),
+                                                  ("frozen", frozen))}
+        box = [state]
+
+        def run():
+            box[0], metrics = compiled(box[0], batch, frozen)
+            return box[0], metrics
+
+        s = self.time(run)
+        tokens = tokens or sum(v.size for k, v in batch.items() if k.endswith("inputs"))
+        return entry(s, tokens, flops, self.peak, compile_s, compiled, **sizes)
+
+    def sft_step(self):
+        a, cfg = self.args, self.cfg
+        loss_fn = steps.make_loss_fn("sft", Transformer(cfg), sft_configs.get_config())
+        return self.train(loss_fn, random_params(cfg, 0), lm_rows(self.rng, a.batch, a.seq, cfg.vocab_size),
+                          3 * self.fwd * a.batch * a.seq)
+
+    def reward_step(self):
+        a, cfg = self.args, self.cfg.replace(scalar_head=True)
+        loss_fn = steps.make_loss_fn("reward", Transformer(cfg), reward_configs.get_config())
+        return self.train(loss_fn, random_params(cfg, 0), pair_rows(self.rng, a.batch, a.seq, cfg.vocab_size),
+                          3 * (self.fwd - self.head) * 2 * a.batch * a.seq)
+
+    def dpo_step(self):
+        a, cfg = self.args, self.cfg
+        loss_fn = steps.make_loss_fn("dpo", Transformer(cfg), dpo_configs.get_config())
+        return self.train(loss_fn, random_params(cfg, 0), pair_rows(self.rng, a.batch, a.seq, cfg.vocab_size),
+                          (3 + 1) * self.fwd * 2 * a.batch * a.seq, frozen=self.put(random_params(cfg, 1)))
+
+    def dpo_step_precomputed_ref(self):
+        a, cfg = self.args, self.cfg
+        loss_fn = steps.make_loss_fn("dpo", Transformer(cfg), dpo_configs.get_config())
+        return self.train(loss_fn, random_params(cfg, 0), pair_rows(self.rng, a.batch, a.seq, cfg.vocab_size, True),
+                          3 * self.fwd * 2 * a.batch * a.seq)
+
+    def _lora(self, stage: str, batch: dict, flops: float):
+        """`stage`'s step over rank `--lora_rank` adapters on a frozen base in `--lora_base_dtype`; the
+        DPO reference is that base, adapters off. The base's weight gradient is still formed (the
+        adapters merge into it), so the FLOPs are full finetuning's: LoRA saves memory, not compute."""
+        lcfg = lora.LoraConfig(rank=self.args.lora_rank, base_dtype=self.args.lora_base_dtype)
+        base = lora.frozen_base(self.put(random_params(self.cfg, 0)), lcfg)
+        adapters = jax.device_get(lora.init(base, lcfg, jax.random.PRNGKey(1)))
+        config = {"sft": sft_configs, "dpo": dpo_configs}[stage].get_config()
+        loss_fn = lora.loss_fn(steps.make_loss_fn(stage, Transformer(self.cfg), config), lcfg)
+        frozen = {"base": base, "ref": base if stage == "dpo" else None}
+        return self.train(loss_fn, adapters, batch, flops, frozen=frozen)
+
+    def lora_sft_step(self):
+        a = self.args
+        return self._lora("sft", lm_rows(self.rng, a.batch, a.seq, self.cfg.vocab_size), 3 * self.fwd * a.batch * a.seq)
+
+    def lora_dpo_step(self):
+        a = self.args
+        return self._lora("dpo", pair_rows(self.rng, a.batch, a.seq, self.cfg.vocab_size),
+                          (3 + 1) * self.fwd * 2 * a.batch * a.seq)
+
+    def ppo_update(self):
+        """Clipped surrogate + value loss; the critic is a second trunk with a scalar head."""
+        a, cfg = self.args, self.cfg
+        critic = cfg.replace(scalar_head=True)
+        rl = ppo_configs.get_config().rl
+        width = min(self.width, a.seq - 1)
+        loss_fn = lambda p, b, f: rollout.rl_loss_fn(p, b, f, policy_model=Transformer(cfg),
+                                                     critic_model=Transformer(critic), width=width, rl_cfg=rl)
+        batch = rl_rows(self.rng, a.batch, width, a.seq - width, cfg.vocab_size)
+        params = {"policy": random_params(cfg, 0), "critic": random_params(critic, 1)}
+        return self.train(loss_fn, params, batch, 3 * (2 * self.fwd - self.head) * a.batch * a.seq,
+                          tokens=a.batch * a.seq)
+
+    # ------------------------------------------------------------ sampling
+
+    def _prompts(self, b):
+        tokens = jnp.asarray(self.rng.integers(1, self.cfg.vocab_size, (b, self.width)), jnp.int32)
+        return tokens, jnp.full((b,), self.width, jnp.int32), jax.random.split(jax.random.PRNGKey(1), b)
+
+    def _prefill(self, b):
+        """(median s, compile s, compiled, args) of one prefill of b prompts into the decode cache."""
+        cache_len = self.width + self.new - 1
+        fn = jax.jit(lambda p, t, n: sampler.prefill(p, self.cfg, t, n, cache_len))
+        tokens, lens, _ = self._prompts(b)
+        compiled, compile_s = self.compile(fn, self.params(), tokens, lens)
+        return self.time(lambda: compiled(self.params(), tokens, lens)), compile_s, compiled
+
+    def prefill(self):
+        b, cache_len = self.args.batch, self.width + self.new - 1
+        s, compile_s, compiled = self._prefill(b)
+        # Every prompt token attends the whole cache; only the last column reaches the LM head.
+        flops = (flops_per_token(self.cfg, cache_len) - self.head) * b * self.width + self.head * b
+        return entry(s, b * self.width, flops, self.peak, compile_s, compiled)
+
+    def decode(self, b):
+        """`make_generate_fn` with eos off (every row samples new_tokens, --top_p) minus the prefill.
+
+        decode_per_token_vs_forward = decode time per loop step / one jitted
+        cached forward of the batch at one position (the model call of a step,
+        no sampling, dispatch included). loop_forward_ms: the same forward in a
+        fori_loop of new_tokens - 1 greedy steps, so step - loop forward is what
+        sampling and the loop's bookkeeping cost.
+        """
+        params, cfg, n, width = self.params(), self.cfg, self.new, self.width
+        tokens, lens, keys = self._prompts(b)
+        settings = (jnp.float32(1.0), jnp.int32(0), jnp.float32(self.args.top_p))
+        gen = sampler.make_generate_fn(cfg, max_new_tokens=n, eos_id=-1)
+        compiled, compile_s = self.compile(gen, params, tokens, lens, keys, *settings)
+        gen_s = self.time(lambda: compiled(params, tokens, lens, keys, *settings))
+        pre_s, _, pre = self._prefill(b)
+        last, i = tokens[:, -1], jnp.int32(0)
+
+        # Split per layer once, outside the timed calls, as generate does before its loop.
+        layered = jax.jit(unstack_layers)(params)
+
+        def greedy_steps(p, state, tok):
+            step_fn = sampler.layered_step_fn(p, cfg, width)
+
+            def body(j, carry):
+                logits, st = step_fn(carry[0], carry[1], j)
+                return st, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+            return jax.lax.fori_loop(0, n - 1, body, (state, tok))
+
+        one = jax.jit(lambda p, st, tok, j: sampler.layered_step_fn(p, cfg, width)(st, tok, j), donate_argnums=1)
+        loop = jax.jit(greedy_steps, donate_argnums=1)
+        state = pre(params, tokens, lens)[1]
+        one, _ = self.compile(one, layered, state, last, i)
+        loop, _ = self.compile(loop, layered, state, last)
+        box = [state]
+
+        def one_forward():
+            logits, box[0] = one(layered, box[0], last, i)
+            return logits
+
+        def loop_forward():
+            box[0], out = loop(layered, box[0], last)
+            return out
+
+        fwd_s = self.time(one_forward, max(self.args.repeats, 10))
+        loop_s = self.time(loop_forward) / max(n - 1, 1)
+        decode_s = max(gen_s - pre_s, 1e-9)
+        step_s = decode_s / max(n - 1, 1)  # the loop calls the model n - 1 times
+        flops = flops_per_token(cfg, width + n - 1) * b * (n - 1)
+        return entry(decode_s, b * n, flops, self.peak, compile_s, compiled, generate_s=gen_s, prefill_s=pre_s,
+                     generate_tokens_per_s=b * n / gen_s, decode_step_ms=1e3 * step_s, forward_ms=1e3 * fwd_s,
+                     loop_forward_ms=1e3 * loop_s, decode_per_token_vs_forward=step_s / fwd_s)
+
+    def _rl_iteration(self, rl, critic: bool, minibatch: int, updates: int):
+        """Rollout (generate -> build -> prepare with the reference and the critic, if any), then
+        `updates` minibatch steps of policy (+ critic): one timed, times `updates`."""
+        a, cfg, width, n = self.args, self.cfg, self.width, self.new
+        rl.group_size = math.gcd(a.batch, rl.group_size)  # the batch must hold whole groups
+        model, critic_cfg = Transformer(cfg), cfg.replace(scalar_head=True)
+        critic_model = Transformer(critic_cfg) if critic else None
+        ref = self.params()
+        params = {"policy": jax.tree_util.tree_map(jnp.copy, ref)}
+        if critic:
+            params["critic"] = jax.device_put(random_params(critic_cfg, 2))
+        tokens, lens, keys = self._prompts(a.batch)
+        settings = (jnp.float32(rl.temperature), jnp.int32(rl.top_k), jnp.float32(rl.top_p))
+        scores = jnp.asarray(self.rng.normal(size=a.batch), jnp.float32)
+        gen = sampler.make_generate_fn(cfg, max_new_tokens=n, eos_id=-1)
+        build = jax.jit(lambda t, l, out: rollout.build_sequences(t, l, out, pad_id=0))
+        prep = jax.jit(lambda p, r, seq, s, k: rollout.prepare(
+            p, r, seq, s, k, policy_model=model, critic_model=critic_model, width=width, rl_cfg=rl))
+        g, gen_compile_s = self.compile(gen, params["policy"], tokens, lens, keys, *settings)
+        seq = build(tokens, lens, g(params["policy"], tokens, lens, keys, *settings))
+        p, prep_compile_s = self.compile(prep, params, ref, seq, scores, jnp.float32(rl.kl_coef))
+
+        def roll():
+            out = g(params["policy"], tokens, lens, keys, *settings)
+            return p(params, ref, build(tokens, lens, out), scores, jnp.float32(rl.kl_coef))[0]
+
+        rollout_s = self.time(roll)
+        batch = jax.device_get(roll())
+        loss_fn = lambda q, b, f: rollout.rl_loss_fn(q, b, f, policy_model=model, critic_model=critic_model,
+                                                     width=width, rl_cfg=rl)
+        trained = {"policy": random_params(cfg, 0), **({"critic": random_params(critic_cfg, 1)} if critic else {})}
+        t = width + n
+        upd = self.train(loss_fn, trained, {k: v[:minibatch] for k, v in batch.items()}, 0.0, tokens=minibatch * t)
+        fwd, critic_fwd = flops_per_token(cfg, t), critic * (flops_per_token(cfg, t) - self.head)  # no LM head
+        flops = (flops_per_token(cfg, t - 1) * a.batch * (t - 1)  # prefill + decode
+                 + (2 * fwd + critic_fwd) * a.batch * t  # prepare: policy, reference, critic
+                 + 3 * (fwd + critic_fwd) * updates * minibatch * t)  # the updates
+        update_s = updates * upd["step_s"]
+        return entry(rollout_s + update_s, a.batch * n, flops, self.peak, gen_compile_s + prep_compile_s
+                     + upd["compile_s"], rollout_tokens_per_s=a.batch * n / rollout_s, rollout_s=rollout_s,
+                     update_tokens_per_s=upd["tokens_per_s"], update_s=update_s, updates=updates)
+
+    def grpo_iteration(self):
+        """A GRPO iteration: no critic, one update on the whole rollout batch."""
+        return self._rl_iteration(grpo_configs.get_config().rl, False, self.args.batch, 1)
+
+    def ppo_iteration(self):
+        """A PPO iteration with a critic (a second trunk with a scalar head): rl.num_epochs passes of
+        rl.minibatch_size updates, as configs/ppo.py runs them."""
+        rl = ppo_configs.get_config().rl
+        minibatch = math.gcd(self.args.batch, rl.minibatch_size)
+        return self._rl_iteration(rl, True, minibatch, rl.num_epochs * (self.args.batch // minibatch))
+
+    def compile_at_depth(self, n_layers: int) -> float:
+        """Seconds to lower and compile the SFT step at `n_layers` (abstract inputs: nothing allocated)."""
+        a, cfg = self.args, self.cfg.replace(n_layers=n_layers)
+        abstract = jax.eval_shape(lambda: steps.init_state(init_params(cfg, jax.random.PRNGKey(0)), self.tx))
+        state_sh = self._shardings(abstract, cfg)
+        spec = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+        state = jax.tree_util.tree_map(spec, abstract, state_sh)
+        batch_sh = sharding.batch_sharding(self.mesh)
+        batch = {k: spec(v, batch_sh) for k, v in lm_rows(self.rng, a.batch, a.seq, cfg.vocab_size).items()}
+        loss_fn = steps.make_loss_fn("sft", Transformer(cfg), sft_configs.get_config())
+        return self.compile(self._step(loss_fn, state_sh, None), state, batch, None)[1]
