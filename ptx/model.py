@@ -105,9 +105,8 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> dict:
 def unstack_layers(params: dict) -> dict:
     """Parameters of `Transformer(cfg)` -> those of `Transformer(cfg, scan_layers=False)`:
     'layers' [n_layers, ...] becomes 'layers_0' ... (one copy of the layer weights)."""
-    n = jax.tree_util.tree_leaves(params["layers"])[0].shape[0]
     out = {k: v for k, v in params.items() if k != "layers"}
-    out.update({f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], params["layers"]) for i in range(n)})
+    out.update({f"layers_{i}": layer for i, layer in enumerate(split_layers(params["layers"]))})
     return out
 
 
@@ -256,8 +255,8 @@ class Transformer(nn.Module):
     'layers' [n_layers, ...] and scans one Block over them, or, without a KV
     cache and for at most `cfg.layer_loop_max` layers, runs the Block on each
     layer's slice in a Python loop (`split_layers`); False runs 'layers_0' ...
-    'layers_{n-1}' one after another with a per-layer KV cache (`unstack_layers`, `unstack_cache`):
-    the decode step, where slicing a layer's weights and cache out of the stacks
+    'layers_{n-1}' one after another with a per-layer KV cache (`unstack_layers`,
+    `unstack_cache`): the decode step, where slicing a layer's weights and cache out of the stacks
     would copy them on every token.
     """
 
