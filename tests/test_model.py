@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from ptx import sharding
-from ptx.model import (ModelConfig, Transformer, count_params, init_cache, init_params, unstack_cache,
+from ptx.model import (ModelConfig, Transformer, count_params, init_cache, init_params, rope_tables, unstack_cache,
                        unstack_layers)
 
 CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64,
@@ -137,6 +137,20 @@ def test_layer_loop_remat_and_unrolled_scan_give_the_scans_logits_and_gradients(
         np.testing.assert_allclose(logits, ref, atol=1e-5)
         jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * np.abs(r).max()),
                      grads, ref_grads)
+
+
+def test_rotary_tables_match_the_closed_form_and_are_evaluated_once_per_step(params):
+    pos = jnp.array([[0, 1, 5, 127, 1000, 4096]], jnp.int32)
+    sin, cos = rope_tables(pos, 8, 10000.0)
+    angle = np.asarray(pos, np.float64)[..., None] * 10000.0 ** (-np.arange(0, 8, 2) / 8)
+    np.testing.assert_allclose(sin[:, :, 0], np.sin(angle), atol=2e-4)
+    np.testing.assert_allclose(cos[:, :, 0], np.cos(angle), atol=2e-4)
+    # Every layer's q and k, forward and backward, read the same two tables: XLA must
+    # not copy sin / cos into each rotary fusion.
+    t = tokens(8, (2, 8))
+    grad = jax.grad(lambda p: jnp.sum(Transformer(CFG).apply({"params": p}, t).logits ** 2))
+    hlo = jax.jit(grad).lower(params).compile().as_text()
+    assert hlo.count(" sine(") == 1 and hlo.count(" cosine(") == 1
 
 
 def test_bad_model_config_is_a_clear_error():
