@@ -1,6 +1,6 @@
 """LoRA: low-rank adapters in their own pytree beside the frozen base parameters.
 
-Each targeted kernel W (a DenseGeneral kernel of ptx.model) gets two
+Each targeted kernel W (a `ptx.model.Dense` kernel) gets two
 factors, A: [L, in, r] and B: [L, r, out] (no L axis for an unstacked kernel
 such as `lm_head/kernel`), where `in` / `out` are the products of W's input
 / output axes: `layers/attn/q/kernel` [L, d, heads, hd] has in = d and
@@ -52,7 +52,7 @@ from ptx.sharding import path_str
 DEFAULT_TARGETS = (r"layers/attn/(q|k|v|o)/kernel", r"layers/(gate|up|down)/kernel")
 # nn.scan's module name in ptx.model: parameters under it carry a leading layer axis.
 STACKED = "layers"
-# Number of input axes of a DenseGeneral kernel (after the layer axis): the
+# Number of input axes of a Dense kernel (after the layer axis): the
 # attention output projection reads [heads, head_dim]; every other kernel one axis.
 INPUT_AXES = ((r"attn/o/kernel", 2),)
 BASE_DTYPES = ("float32", "bfloat16")

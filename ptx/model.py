@@ -7,6 +7,7 @@ full forward and the KV-cache forward: a cache only changes where keys and
 values come from.
 """
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -176,11 +177,39 @@ class RMSNorm(nn.Module):
         return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-def _dense(features, axis, cfg, name, use_bias=False):
-    return nn.DenseGeneral(
-        features, axis=axis, use_bias=use_bias, dtype=_DTYPES[cfg.dtype],
-        param_dtype=_DTYPES[cfg.param_dtype], name=name,
-        kernel_init=nn.initializers.normal(0.02))
+class Dense(nn.Module):
+    """A linear layer over the last `in_axes` axes of x, with the parameters of
+    `nn.DenseGeneral` (kernel [*in, *features], bias [*features], the same init),
+    computed as one 2-D matmul on the kernel flattened to [prod(in), prod(features)].
+
+    DenseGeneral contracts the multi-axis attention kernels ([d, heads, hd],
+    [heads, hd, d]) as they are, and XLA's CPU backend then copies a transposed
+    kernel for the backward pass, per layer and step; the flattened kernel is a
+    free reshape and its gradients are plain matmuls, as the MLP's are.
+    """
+    features: tuple
+    in_axes: int
+    use_bias: bool
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        lead, in_shape = x.shape[:-self.in_axes], x.shape[-self.in_axes:]
+        n_in, n_out = math.prod(in_shape), math.prod(self.features)
+        normal = nn.initializers.normal(0.02)
+        kernel = self.param("kernel", lambda rng, shape, dt: normal(rng, (n_in, n_out), dt).reshape(shape),
+                            in_shape + self.features, self.param_dtype)
+        y = x.reshape(lead + (n_in,)).astype(self.dtype) @ kernel.reshape(n_in, n_out).astype(self.dtype)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, self.features,
+                               self.param_dtype).reshape(n_out).astype(self.dtype)
+        return y.reshape(lead + self.features)
+
+
+def _dense(features, in_axes, cfg, name, use_bias=False):
+    features = features if isinstance(features, tuple) else (features,)
+    return Dense(features, in_axes, use_bias, _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype], name=name)
 
 
 class Attention(nn.Module):
@@ -197,9 +226,9 @@ class Attention(nn.Module):
         b, t = x.shape[:2]
         # Projections on [b * t, d] (see Block): one token axis for the weight gradients.
         x2 = x.reshape(b * t, x.shape[-1])
-        q = _dense((h, cfg.head_size), -1, cfg, "q", cfg.qkv_bias)(x2).reshape(b, t, h, cfg.head_size)
-        k = _dense((kvh, cfg.head_size), -1, cfg, "k", cfg.qkv_bias)(x2).reshape(b, t, kvh, cfg.head_size)
-        v = _dense((kvh, cfg.head_size), -1, cfg, "v", cfg.qkv_bias)(x2).reshape(b, t, kvh, cfg.head_size)
+        q = _dense((h, cfg.head_size), 1, cfg, "q", cfg.qkv_bias)(x2).reshape(b, t, h, cfg.head_size)
+        k = _dense((kvh, cfg.head_size), 1, cfg, "k", cfg.qkv_bias)(x2).reshape(b, t, kvh, cfg.head_size)
+        v = _dense((kvh, cfg.head_size), 1, cfg, "v", cfg.qkv_bias)(x2).reshape(b, t, kvh, cfg.head_size)
         q = rope(q, rotary)
         k = rope(k, rotary)
         if kv is None:
@@ -223,7 +252,7 @@ class Attention(nn.Module):
         scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         out = jnp.einsum(f"bkgts,{spec}->btkgd", probs, values.astype(q.dtype)).reshape(b * t, h, cfg.head_size)
-        return _dense(cfg.d_model, (-2, -1), cfg, "o")(out).reshape(b, t, cfg.d_model), kv
+        return _dense(cfg.d_model, 2, cfg, "o")(out).reshape(b, t, cfg.d_model), kv
 
 
 class Block(nn.Module):
@@ -241,9 +270,9 @@ class Block(nn.Module):
         # The MLP on [b * t, d]: with one token axis, each weight gradient is a plain
         # matmul; with two, XLA's CPU backend copies a transposed [ff, b * t] operand.
         y = RMSNorm(cfg.norm_eps, dt, pdt, name="mlp_norm")(x).reshape(-1, cfg.d_model)
-        gate = _dense(cfg.d_ff, -1, cfg, "gate")(y)
-        up = _dense(cfg.d_ff, -1, cfg, "up")(y)
-        x = x + _dense(cfg.d_model, -1, cfg, "down")(nn.silu(gate) * up).reshape(x.shape)
+        gate = _dense(cfg.d_ff, 1, cfg, "gate")(y)
+        up = _dense(cfg.d_ff, 1, cfg, "up")(y)
+        x = x + _dense(cfg.d_model, 1, cfg, "down")(nn.silu(gate) * up).reshape(x.shape)
         # The residual stream between blocks: batch over the data axes, d_model whole.
         return (sharding.constrain(x, sharding.RESIDUAL), kv), None
 
@@ -335,7 +364,7 @@ class Transformer(nn.Module):
             if cfg.tie_embeddings:
                 out_logits = embed.attend(flat)
             else:
-                out_logits = _dense(cfg.vocab_size, -1, cfg, "lm_head")(flat)
+                out_logits = _dense(cfg.vocab_size, 1, cfg, "lm_head")(flat)
             out_logits = out_logits.reshape(head_in.shape[:2] + (cfg.vocab_size,))
         values = None
         if cfg.scalar_head:

@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from ptx import lora, sharding, steps
-from ptx.model import ModelConfig, Transformer, count_params, init_params
+from ptx.model import Dense, ModelConfig, Transformer, count_params, init_params
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                   tie_embeddings=False)
@@ -160,14 +160,13 @@ def unmerged_logits(base, adapters, lora_cfg, batch, model=MODEL):
     def interceptor(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
         mod = context.module
-        if not (isinstance(mod, nn.DenseGeneral) and context.method_name == "__call__"
+        if not (isinstance(mod, Dense) and context.method_name == "__call__"
                 and mod.has_variable("params", "lora_a")):
             return out
         seen.add(mod.name)
         a, b = mod.get_variable("params", "lora_a"), mod.get_variable("params", "lora_b")
         x = args[0].astype(jnp.float32)
-        n_in = len(mod.axis) if isinstance(mod.axis, tuple) else 1  # the axes the kernel contracts
-        x = x.reshape(x.shape[:x.ndim - n_in] + (-1,))  # [..tokens.., in]
+        x = x.reshape(x.shape[:x.ndim - mod.in_axes] + (-1,))  # [..tokens.., in]
         hi = jax.lax.Precision.HIGHEST
         low = jnp.matmul(jnp.matmul(x, a, precision=hi), b, precision=hi) * lora_cfg.scale
         return (out.astype(jnp.float32) + low.reshape(out.shape)).astype(out.dtype)

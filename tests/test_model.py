@@ -1,12 +1,13 @@
 """The transformer: shapes, causality, packing isolation, cached = full forward, sharding rules."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ptx import sharding
-from ptx.model import (ModelConfig, Transformer, count_params, init_cache, init_params, rope_tables, unstack_cache,
-                       unstack_layers)
+from ptx.model import (Dense, ModelConfig, Transformer, count_params, init_cache, init_params, rope_tables,
+                       unstack_cache, unstack_layers)
 
 CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64,
                   qkv_bias=True, tie_embeddings=False, scalar_head=True)
@@ -151,6 +152,19 @@ def test_rotary_tables_match_the_closed_form_and_are_evaluated_once_per_step(par
     grad = jax.grad(lambda p: jnp.sum(Transformer(CFG).apply({"params": p}, t).logits ** 2))
     hlo = jax.jit(grad).lower(params).compile().as_text()
     assert hlo.count(" sine(") == 1 and hlo.count(" cosine(") == 1
+
+
+def test_dense_has_flax_dense_generals_parameters_and_outputs():
+    rng = np.random.default_rng(0)
+    for in_axes, features, x_shape in ((1, (4, 8), (3, 5, 16)), (2, (16,), (3, 5, 4, 8))):
+        x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+        ours = Dense(features, in_axes, True, jnp.float32, jnp.float32)
+        ref = nn.DenseGeneral(features, axis=tuple(range(-in_axes, 0)), use_bias=True,
+                              kernel_init=nn.initializers.normal(0.02))
+        params = ours.init(jax.random.key(3), x)
+        jax.tree.map(np.testing.assert_array_equal, params, ref.init(jax.random.key(3), x))
+        params = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
+        np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-6)
 
 
 def test_bad_model_config_is_a_clear_error():
