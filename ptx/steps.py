@@ -132,13 +132,18 @@ def train_step(state: TrainState, batch, frozen, *, loss_fn: Callable, tx, lr_fn
         loss, metrics, grads = jax.tree_util.tree_map(lambda x: x / total, (loss, metrics, grads))
         if "num_tokens" in metrics:
             metrics["num_tokens"] = total
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     grad_norm = _global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-    new = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, state)
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, update_norm=_global_norm(updates),
+
+    def update(state):
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), _global_norm(updates)
+
+    # A conditional rather than a select between the new and the old state: a select
+    # reads both and writes the state once more (about 5 % of the SFT step on CPU).
+    new, update_norm = jax.lax.cond(finite, update, lambda s: (s, jnp.zeros((), jnp.float32)), state)
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, update_norm=update_norm,
                    lr=jnp.asarray(lr_fn(state.step), jnp.float32),
                    nonfinite=(~finite).astype(jnp.float32))
     return new, metrics

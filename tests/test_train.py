@@ -1,17 +1,20 @@
 """The training loop: learning, resume equality, NaN guard, multi-device equality, config errors."""
+import functools
 import json
 import os
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import dpo as dpo_config
 from configs import reward as reward_config
 from configs import sft as sft_config
-from ptx import checkpoint, data, metrics, train
+from ptx import checkpoint, data, metrics, steps, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,6 +95,22 @@ def test_gradient_accumulation_equals_one_big_batch(files, tmp_path):
     train.run(sft(files, **{"train.steps": 3}), str(tmp_path / "big"))
     train.run(sft(files, **{"train.steps": 3, "optim.accum_steps": 4}), str(tmp_path / "accum"))
     assert_trees_close(final_params(tmp_path / "big"), final_params(tmp_path / "accum"), atol=2e-6)
+
+
+def test_train_step_applies_a_finite_update_and_skips_a_nonfinite_one():
+    w = jnp.array([1.0, -2.0, 3.0])
+    tx = optax.sgd(0.1)
+    step = jax.jit(functools.partial(
+        steps.train_step, loss_fn=lambda p, batch, _: (batch["scale"] * jnp.sum(p["w"] ** 2), {}),
+        tx=tx, lr_fn=lambda _: 0.1, accum_steps=1))
+    good, m = step(steps.init_state({"w": w}, tx), {"scale": jnp.float32(1.0)}, None)
+    np.testing.assert_allclose(good.params["w"], w - 0.1 * 2 * w, rtol=1e-6)
+    np.testing.assert_allclose([m["grad_norm"], m["update_norm"]],
+                               [np.linalg.norm(2 * w), np.linalg.norm(0.2 * w)], rtol=1e-6)
+    assert int(good.step) == 1 and float(m["nonfinite"]) == 0
+    bad, m = step(good, {"scale": jnp.float32(np.nan)}, None)
+    np.testing.assert_array_equal(bad.params["w"], good.params["w"])
+    assert int(bad.step) == 1 and float(m["nonfinite"]) == 1 and float(m["update_norm"]) == 0
 
 
 def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(files, tmp_path):
