@@ -292,8 +292,8 @@ class Transformer(nn.Module):
     cache and for at most `cfg.layer_loop_max` layers, runs the Block on each
     layer's slice in a Python loop (`split_layers`); False runs 'layers_0' ...
     'layers_{n-1}' one after another with a per-layer KV cache (`unstack_layers`,
-    `unstack_cache`): the decode step, where slicing a layer's weights and cache out of the stacks
-    would copy them on every token.
+    `unstack_cache`): the decode step, where slicing a layer's weights and cache
+    out of the stacks would copy them on every token.
     """
 
     cfg: ModelConfig
