@@ -3,7 +3,7 @@
 #   ./launch.sh setup                 create .venv from requirements.txt (PTX_JAX_EXTRA=tpu|cuda12 adds jax[extra])
 #   ./launch.sh quickstart [flags]    the embedded default, end to end, into runs/quickstart
 #   ./launch.sh test [pytest args]    the test suite
-#   ./launch.sh bench [flags]         the benchmark suite (see ptx/bench.py)
+#   ./launch.sh bench [flags]         the benchmark suite (see bench/main.py)
 #   ./launch.sh CONFIG [flags]        one config locally, e.g. configs/sft.py:tiny --workdir=runs/sft
 #   ./launch.sh --tpu NAME --zone Z [--project P] CONFIG [flags]
 #                                     copy the repo to every worker of a Cloud TPU VM and run there
@@ -143,7 +143,7 @@ case "$cmd" in
     exec "$PY" -m pytest -q tests "$@" ;;
   bench)
     setup
-    exec "$PY" -m ptx.bench "$@" ;;
+    exec "$PY" -m bench.main "$@" ;;
   ""|-h|--help)
     sed -n '2,/^[^#]/{/^#/p}' "$0" ;;
   *)

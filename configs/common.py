@@ -4,6 +4,8 @@ A stage config calls `base_config(stage, arg)` and then sets what is its own.
 `arg` is the text after the colon in `--config=configs/sft.py:tiny`: a comma
 separated list of switches (`tiny`, `size=small`).
 """
+import dataclasses
+
 import ml_collections
 
 # Named sizes; any field can still be overridden (--config.model.n_layers=6).
@@ -36,6 +38,14 @@ def model_config(size: str) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown model size {size!r}; presets: {sorted(MODEL_PRESETS)}")
     fields = ModelConfig(**MODEL_PRESETS[size]).__dict__
     return ml_collections.ConfigDict(dict(fields))
+
+
+def world_sizes() -> ml_collections.ConfigDict:
+    """The embedded world's data set sizes (`n_*` fields of ptx.world.WorldConfig), its defaults."""
+    from ptx.world import WorldConfig
+
+    return ml_collections.ConfigDict({f.name: f.default for f in dataclasses.fields(WorldConfig)
+                                      if f.name.startswith("n_")})
 
 
 def base_config(stage: str, arg=None) -> ml_collections.ConfigDict:
@@ -97,6 +107,7 @@ def base_config(stage: str, arg=None) -> ml_collections.ConfigDict:
 
     c.world = ml_collections.ConfigDict()
     c.world.seed = 0  # the embedded world used when data.train is empty
+    c.world.sizes = world_sizes()  # rows of each of its data sets
 
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 0  # 0 = full finetuning; > 0 = rank-r adapters on a frozen base (ptx/lora.py)

@@ -36,7 +36,7 @@ def main(argv=None):
             texts, scores = best_of_n.sample_and_score(
                 ev.sampler, ev.rm, ev.arrays["prompt_tokens"], ev.arrays["prompt_lens"], max(ns), ev.seed + seed,
                 ev.settings, ev.prompts)
-            oracle = np.array([[ev.world.score(p, t) for t in row] for p, row in zip(ev.prompts, texts)])
+            oracle = np.array([[ev.oracle.score(p, t) for t in row] for p, row in zip(ev.prompts, texts)])
             for i, prompt in enumerate(ev.prompts):
                 for j, text in enumerate(texts[i]):
                     f.write(json.dumps({"seed": seed, "prompt": prompt, "candidate": j, "completion": text,
@@ -44,7 +44,7 @@ def main(argv=None):
             rows = {}
             for n, r in best_of_n.select(scores, ns).items():
                 chosen = [texts[i][j] for i, j in enumerate(r["best_index"])]
-                out = evaluate.summarize([ev.world.grade(p, t) for p, t in zip(ev.prompts, chosen)],
+                out = evaluate.summarize([ev.oracle.grade(p, t) for p, t in zip(ev.prompts, chosen)],
                                          [len(tok.encode(t)) for t in chosen])
                 out.update(rm_score=r["best"], kl_bound=best_of_n.kl_bound(n),
                            oracle_ceiling=float(oracle[:, :n].max(1).mean()))

@@ -3,7 +3,7 @@ reuse, stage variants trained beside it, oracle evaluation on its held-out
 prompts, and the table / JSON / PNG each script writes.
 
 A variant is a workdir whose stage directories are symlinks to the
-quickstart's, except for the stages it changes: `pipeline.run_stages` skips
+quickstart's, except for the stages it changes: `quickstart.run_stages` skips
 the linked (finished) stages and trains only the changed ones, wired to the
 quickstart's world files and checkpoints exactly as the quickstart wires them.
 """
@@ -17,7 +17,8 @@ import ml_collections
 import numpy as np
 
 from configs import quickstart as quickstart_config
-from ptx import data, evaluate, inference, pipeline, rewards, sharding, train, world
+from ptx import evaluate, rewards, sharding
+from ptx.stages import quickstart
 
 
 def parse_args(name: str, argv, seeds=(0,), runs: str = None) -> argparse.Namespace:
@@ -78,7 +79,7 @@ def load_quickstart(path: str, tiny: bool) -> Quickstart:
     config = quickstart_config.get_config("tiny" if tiny else None)
     with open(os.path.join(path, "config.json")) as f:
         _overlay(config, json.load(f))
-    for stage in pipeline.STAGES:
+    for stage in quickstart.STAGES:
         own = os.path.join(path, stage, "config.json")
         if os.path.exists(own):
             with open(own) as f:
@@ -93,7 +94,7 @@ def link_stages(qs: Quickstart, workdir: str, trained=()):
     """Symlink `<workdir>/<stage>` to the quickstart's for every stage not in `trained`
     (a path already there stays); unlink a stage of `trained` that an earlier call linked."""
     os.makedirs(workdir, exist_ok=True)
-    for stage in pipeline.STAGES:
+    for stage in quickstart.STAGES:
         link = os.path.join(workdir, stage)
         if stage in trained:
             if os.path.islink(link):
@@ -116,18 +117,18 @@ def train_variant(qs: Quickstart, workdir: str, chain: dict) -> str:
     quickstart's. `<workdir>/<stage>` holds each stage either way, a
     quickstart one as a symlink. A finished variant is not trained again.
     """
-    unknown = set(chain) - set(pipeline.STAGES)
+    unknown = set(chain) - set(quickstart.STAGES)
     if unknown:
-        raise ValueError(f"no quickstart stage {sorted(unknown)}; stages: {pipeline.STAGES}")
+        raise ValueError(f"no quickstart stage {sorted(unknown)}; stages: {quickstart.STAGES}")
     config = copy.deepcopy(qs.config)
     trained = set()
-    for stage in [s for s in pipeline.STAGES if s in chain]:
+    for stage in [s for s in quickstart.STAGES if s in chain]:
         before = config[stage].to_json_best_effort()
         config[stage].update_from_flattened_dict(chain[stage])
         if trained or config[stage].to_json_best_effort() != before:
             trained.add(stage)
     link_stages(qs, workdir, trained)
-    pipeline.run_stages(config, workdir, qs.files)
+    quickstart.run_stages(config, workdir, qs.files)
     return workdir
 
 
@@ -149,52 +150,23 @@ def run_grid(qs: Quickstart, evaluator, runs_dir: str, variants: dict, seeds, st
     return out
 
 
-class Evaluator:
-    """The quickstart's held-out prompts, its SFT policy (sampler and KL reference), its reward
-    model and the world's oracle, set up once as `pipeline.evaluate_all` does; `__call__` then
-    grades a policy like every method of the quickstart table."""
+class Evaluator(evaluate.Evaluation):
+    """The quickstart's evaluation (`quickstart.evaluation`: held-out prompts, SFT policy, oracle)
+    with its reward model; `__call__` grades a policy like every method of the quickstart table."""
 
     def __init__(self, qs: Quickstart):
-        config = qs.config
-        self.mesh = sharding.make_mesh(config.mesh)
-        self.world = world.World(world.WorldConfig(seed=config.world.seed))
-        self.sft = inference.load_policy(qs.stage("sft"), self.mesh)
-        rows, _ = data.load_rows(qs.files["heldout"], "prompt", template=train.template(config.sft))
-        self.arrays, _ = data.encode_prompts(rows, self.sft.tok, max_prompt_len=config.sft.data.max_prompt_len)
-        self.prompts = [r["prompt"] for r in rows]
-        e = config.eval
-        self.seed = e.seed
-        self.sampler = inference.Sampler(self.sft, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens)
-        self.settings = dict(temperature=e.temperature, top_k=0, top_p=1.0, min_p=0.0)
-        self.kl_fn = evaluate.make_kl_fn(self.sft.cfg, self.arrays["prompt_tokens"].shape[1])
-        self.rm = rewards.ModelReward(qs.stage("reward"), self.mesh)
+        mesh = sharding.make_mesh(qs.config.mesh)
+        super().__init__(**quickstart.evaluation_args(qs.config, qs.files, qs.stage("sft"), mesh))
+        self.rm = rewards.ModelReward(qs.stage("reward"), mesh)
 
     def __call__(self, stage_dir: str = None) -> dict:
-        """`evaluate.evaluate_policy` of the policy in stage_dir (None: SFT) on one sample per
-        held-out prompt, plus 'rm_score': the reward model's mean score of those samples."""
-        params = self.sft.params if stage_dir is None else inference.load_policy(stage_dir, self.mesh).params
-        sampler = _Recorder(self.sampler)
-        out = evaluate.evaluate_policy(sampler, params, self.sft.params, self.arrays, self.prompts, self.world.grade,
-                                       seed=self.seed, settings=self.settings, kl_fn=self.kl_fn)
+        """`Evaluation.policy` of the policy in stage_dir (None: SFT) on one sample per held-out
+        prompt, plus 'rm_score': the reward model's mean score of those very samples."""
+        chunks = []
+        out = self.policy(self.params(stage_dir), chunks_out=chunks)
         # A reward model reads the token batch `seq`, not the texts.
-        scores = [self.rm(c["seq"], None, None)[:c["rows"]] for c in sampler.chunks]
-        out["rm_score"] = float(np.concatenate(scores).mean())
+        out["rm_score"] = float(np.concatenate([self.rm(c["seq"], None, None)[:c["rows"]] for c in chunks]).mean())
         return out
-
-
-class _Recorder:
-    """An inference.Sampler that keeps the chunks of its last call, so that the reward model
-    scores the very samples `evaluate.evaluate_policy` graded without sampling them again."""
-
-    def __init__(self, sampler: inference.Sampler):
-        self.sampler, self.chunks = sampler, None
-
-    def __call__(self, *args, **kwargs):
-        self.chunks = self.sampler(*args, **kwargs)
-        return self.chunks
-
-    def texts(self, chunks) -> list[str]:
-        return self.sampler.texts(chunks)
 
 
 def mean_std(values) -> tuple[float, float]:

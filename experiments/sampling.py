@@ -43,7 +43,7 @@ def main(argv=None):
         print(f"== temperature {t:g}, top-p {p:g}")
         chunks = ev.sampler(tokens, lens, ev.seed, temperature=t, top_k=0, top_p=p, min_p=0.0)
         texts = ev.sampler.texts(chunks)
-        grades = [ev.world.grade(q, a) for q, a in zip(prompts, texts)]
+        grades = [ev.oracle.grade(q, a) for q, a in zip(prompts, texts)]
         out = evaluate.summarize(grades, np.concatenate([c["lengths"] for c in chunks]))
         groups = [texts[i:i + k] for i in range(0, len(texts), k)]
         out.update(temperature=t, top_p=p, accuracy=float(np.mean([g["correct"] for g in grades])),

@@ -20,7 +20,7 @@ import sys
 import numpy as np
 
 from experiments import common
-from ptx import pipeline
+from ptx.stages import quickstart
 
 
 def with_seed(config, seed: int):
@@ -28,7 +28,7 @@ def with_seed(config, seed: int):
     c = copy.deepcopy(config)
     c.seed = seed
     # Each stage too: a stage config need not refer to the top-level seed.
-    for stage in pipeline.STAGES:
+    for stage in quickstart.STAGES:
         c[stage].seed = seed
     c.eval.seed = seed + 1234  # as configs/quickstart.py:seed=S sets it
     return c
@@ -59,7 +59,7 @@ def main(argv=None):
             config = with_seed(qs.config, seed)
             if config.to_json_best_effort() == qs.config.to_json_best_effort():
                 common.link_stages(qs, workdir)
-            pipeline.run(config, workdir)
+            quickstart.run(config, workdir)
         with open(path) as f:
             per_seed[seed] = json.load(f)
     results = summarize(per_seed)

@@ -13,7 +13,8 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
-from ptx.model import ModelConfig, init_params
+from ptx import hf, lora, sharding
+from ptx.model import ModelConfig, abstract_params
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -33,8 +34,12 @@ class Checkpointer:
     def latest_step(self):
         return self.manager.latest_step()
 
+    def due(self, step: int) -> bool:
+        """Whether `step` is a regular checkpoint step (every `every` steps; never for every <= 0)."""
+        return self.every > 0 and step % self.every == 0
+
     def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
-        if not force and (self.every <= 0 or step % self.every):
+        if not (force or self.due(step)):
             return False
         if step in self.manager.all_steps():
             return False
@@ -77,25 +82,30 @@ def read_meta(path: str) -> dict:
         return json.load(f)
 
 
-def load_params(path: str, shardings=None):
-    """Parameters (and meta) of the newest checkpoint under `path`, read straight onto
-    `shardings` (a pytree of shardings matching the params; None = first device).
-    The optimiser state is not read."""
+def load_params(path: str, mesh: jax.sharding.Mesh = None):
+    """(params, meta) of the newest checkpoint under `path`, read straight onto `mesh` as
+    `sharding.param_rules` lay them out (None = this process's first device). The optimiser
+    state is not read. A LoRA checkpoint's adapters come back merged into their base."""
     directory, step = resolve(path)
     meta = read_meta(path)
     cfg = ModelConfig(**meta["model"])
-    abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
     if meta.get("lora"):
-        return _load_lora(directory, step, meta, cfg, abstract, shardings), meta
-    if shardings is None:
-        # This process's first device: jax.devices()[0] belongs to process 0 only.
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree_util.tree_map(lambda _: device, abstract)
+        return _load_lora(directory, step, meta, cfg, mesh), meta
+    abstract = abstract_params(cfg)
+    shardings = _shardings(abstract, cfg, mesh)
     restore_args = jax.tree_util.tree_map(
         lambda a, s: ocp.ArrayRestoreArgs(sharding=s, dtype=a.dtype), abstract, shardings)
     target = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     return _restore_params(directory, step, meta, target, restore_args), meta
+
+
+def _shardings(abstract, cfg: ModelConfig, mesh):
+    if mesh is None:
+        # This process's first device: jax.devices()[0] belongs to process 0 only.
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree_util.tree_map(lambda _: device, abstract)
+    return sharding.param_shardings(abstract, cfg, mesh)
 
 
 def _restore_params(directory, step, meta, target, restore_args):
@@ -111,29 +121,24 @@ def _restore_params(directory, step, meta, target, restore_args):
     return params[key] if key else params
 
 
-def _load_lora(directory, step, meta, cfg, abstract, shardings):
+def _load_lora(directory, step, meta, cfg, mesh):
     """A LoRA checkpoint holds adapters only: read its base from where the run started, then merge."""
-    from ptx import lora
-
     lcfg = lora.LoraConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["lora"]["config"].items()})
     source = meta["lora"]["base"]
-    # A Hugging Face base is a language model: no scalar head.
-    has_head = bool(source["checkpoint"]) and read_meta(source["checkpoint"])["model"]["scalar_head"]
-    base_sh = shardings if shardings is None or has_head else {
-        k: v for k, v in shardings.items() if k != "scalar_head"}
     if source["checkpoint"]:
-        base, _ = load_params(source["checkpoint"], base_sh)
+        base, _ = load_params(source["checkpoint"], mesh)
     else:
-        from ptx import hf
-
-        base, _ = hf.load_params(source["hf_dir"], cfg.replace(scalar_head=False), base_sh)
+        # A Hugging Face base is a language model: no scalar head.
+        base_cfg = cfg.replace(scalar_head=False)
+        base, _ = hf.load_params(source["hf_dir"], base_cfg,
+                                 _shardings(abstract_params(base_cfg), base_cfg, mesh))
+    abstract = abstract_params(cfg)
     # The base of a reward-stage run lacks the head it trained: start it from zeros as init did.
     base = {k: base.get(k, v) for k, v in jax.tree_util.tree_map(
         lambda a: jax.numpy.zeros(a.shape, a.dtype), abstract).items()}
     adapters_abstract = jax.eval_shape(lambda: lora.init(abstract, lcfg, jax.random.PRNGKey(0)))
     # Adapters are small: replicated over the devices the base sits on.
-    first = jax.tree_util.tree_leaves(shardings)[0] if shardings is not None else None
-    place = (jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec()) if first is not None
+    place = (sharding.replicated(mesh) if mesh is not None
              else jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
     restore_args = jax.tree_util.tree_map(lambda a: ocp.ArrayRestoreArgs(sharding=place, dtype=a.dtype),
                                           adapters_abstract)

@@ -1,18 +1,12 @@
-"""Sampling from a checkpoint: the `sample` stage, and the batched helper that
-best-of-N and evaluation share.
-
-python -m ptx.main --config=configs/sample.py --workdir=runs/sample \
-    --config.checkpoint=runs/sft --config.prompt="What is 2 + 3?"
-"""
+"""Sampling from a checkpoint: a policy loaded onto a mesh and the batched sampler
+that the sample, best-of-N and AI-feedback stages and the evaluation share."""
 import dataclasses
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptx import checkpoint, data, rollout, sampler, sharding, train
+from ptx import checkpoint, rollout, sampler, sharding
 from ptx.model import ModelConfig
 from ptx.tokenizer import Tokenizer, load_tokenizer
 
@@ -28,9 +22,8 @@ class Policy:
 
 
 def load_policy(path: str, mesh) -> Policy:
-    cfg = ModelConfig(**checkpoint.read_meta(path)["model"])
-    params, _ = checkpoint.load_params(path, train.param_shardings_for(cfg, mesh))
-    return Policy(cfg, params, load_tokenizer(checkpoint.tokenizer_path(path)), mesh)
+    params, meta = checkpoint.load_params(path, mesh)
+    return Policy(ModelConfig(**meta["model"]), params, load_tokenizer(checkpoint.tokenizer_path(path)), mesh)
 
 
 def stop_ids(tok: Tokenizer, stops) -> tuple:
@@ -42,11 +35,8 @@ class Sampler:
     """`generate` compiled once for a policy, a batch size and static settings."""
 
     def __init__(self, policy: Policy, *, batch_size: int, max_new_tokens: int, stops=(), keep_stop=False):
+        sharding.check_batch(policy.mesh, batch_size, "sampling batch_size")
         self.policy, self.batch_size = policy, batch_size
-        shards = policy.mesh.shape["data"] * policy.mesh.shape["fsdp"]
-        if batch_size % shards:
-            raise ValueError(f"sampling batch_size={batch_size} must be a multiple of the "
-                             f"{shards} data-parallel devices of the mesh")
         self.fn = sampler.make_generate_fn(policy.cfg, max_new_tokens=max_new_tokens,
                                            eos_id=policy.tok.eos_id, pad_id=policy.tok.pad_id,
                                            stop_sequences=stop_ids(policy.tok, stops), keep_stop=keep_stop,
@@ -63,61 +53,22 @@ class Sampler:
         host arrays (tokens, lengths, finish_reason, logprobs) and the
         device sequence batch `seq` (see rollout.build_sequences).
         """
-        n, bs, mesh = len(prompt_lens), self.batch_size, self.policy.mesh
         base = jax.random.PRNGKey(seed)
+        rows = {"tokens": prompt_tokens, "lens": prompt_lens,
+                "keys": np.asarray(jax.vmap(lambda i: jax.random.fold_in(base, i))(
+                    jnp.arange(len(prompt_lens))))}
         chunks = []
         # Set as the context, so that the model constrains its activations and KV cache to it.
-        with jax.set_mesh(mesh):
-            for start in range(0, n, bs):
-                idx = np.arange(start, start + bs) % n
-                keys = np.asarray(jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(idx)))
-                # Every process passes the whole chunk and gets all of it back (multi-process runs).
-                placed = sharding.put_global({"t": prompt_tokens[idx], "n": prompt_lens[idx], "k": keys}, mesh)
-                out = self.fn(params if params is not None else self.policy.params, placed["t"], placed["n"],
-                              placed["k"], temperature, top_k, top_p, min_p)
+        with jax.set_mesh(self.policy.mesh):
+            # Every process passes the whole chunk and gets all of it back (multi-process runs).
+            for placed, _, keep in sharding.chunks(rows, self.batch_size, self.policy.mesh):
+                out = self.fn(params if params is not None else self.policy.params, placed["tokens"],
+                              placed["lens"], placed["keys"], temperature, top_k, top_p, min_p)
                 host = sharding.gather({"tokens": out.tokens, "lengths": out.lengths,
                                         "finish_reason": out.finish_reason, "logprobs": out.logprobs})
-                keep = min(bs, n - start)
-                chunks.append({"rows": keep, "seq": self.build(placed["t"], placed["n"], out),
+                chunks.append({"rows": keep, "seq": self.build(placed["tokens"], placed["lens"], out),
                                **{k: v[:keep] for k, v in host.items()}})
         return chunks
 
     def texts(self, chunks) -> list[str]:
         return [self.policy.tok.decode(t[:l]) for c in chunks for t, l in zip(c["tokens"], c["lengths"])]
-
-
-def run(config, workdir: str):
-    """The `sample` stage: prompts from a file or the command line -> samples.jsonl."""
-    workdir = os.path.abspath(workdir)
-    train.write_config(config, workdir)
-    if not config.checkpoint:
-        raise ValueError("sample needs --config.checkpoint (a ptx workdir)")
-    mesh = sharding.make_mesh(config.mesh)
-    policy = load_policy(config.checkpoint, mesh)
-    template = train.template(config)
-    if config.prompt:
-        rows = [{"prompt": template.format_prompt(config.prompt)}]
-    elif config.prompts:
-        rows, _ = data.load_rows(config.prompts, "prompt", template=template, on_bad_row=config.data.on_bad_row)
-    else:
-        raise ValueError("sample needs --config.prompt or --config.prompts (a jsonl file)")
-    arrays, _ = data.encode_prompts(rows, policy.tok, max_prompt_len=config.data.max_prompt_len)
-    s = config.sampling
-    tokens = np.repeat(arrays["prompt_tokens"], s.num_samples, axis=0)
-    lens = np.repeat(arrays["prompt_lens"], s.num_samples, axis=0)
-    smp = Sampler(policy, batch_size=config.batch_size, max_new_tokens=s.max_new_tokens,
-                  stops=list(s.stop), keep_stop=s.keep_stop)
-    chunks = smp(tokens, lens, config.seed, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                 min_p=s.min_p)
-    texts = smp.texts(chunks)
-    reasons = np.concatenate([c["finish_reason"] for c in chunks])
-    names = {sampler.FINISH_EOS: "eos", sampler.FINISH_STOP: "stop", sampler.FINISH_LENGTH: "length"}
-    out_path = config.output or os.path.join(workdir, "samples.jsonl")
-    if jax.process_index() == 0:
-        with open(out_path, "w") as f:
-            for i, text in enumerate(texts):
-                row = rows[i // s.num_samples]
-                record = {"prompt": row["prompt"], "completion": text, "finish_reason": names[int(reasons[i])]}
-                f.write(json.dumps(record) + "\n")
-                print(f"{row['prompt']}{text}\n[{record['finish_reason']}]")
-    return out_path

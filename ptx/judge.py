@@ -27,21 +27,17 @@ plus 10 only when " 10" is also a single token there: with split digits "10"
 begins with the token of "1", so it cannot be told apart from "1" by the next
 token, and the scale then ends at 9.
 
-The `ai_feedback` stage (`run`) samples two responses per prompt from a
-policy, lets a judge label them and writes preferences.jsonl ({prompt,
-chosen, rejected, prob_chosen}, an ordinary input of the reward and DPO
-stages) and stats.json.
+`label_pairs` turns verdicts into preference rows ({prompt, chosen, rejected,
+prob_chosen}, an ordinary input of the reward and DPO stages); the
+`ai_feedback` stage (ptx/stages/ai_feedback.py) runs it on a policy's samples.
 """
-import json
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptx import data, inference, sampler, sharding, train, world
+from ptx import inference, sampler, sharding, world
 from ptx.model import Transformer
-from ptx.tokenizer import PromptTemplate, Tokenizer
+from ptx.tokenizer import Tokenizer
 
 SCORE_TEMPLATE = "Request: {prompt}\nAnswer: {response}\nScore (1-10):"
 # Prompt widths are rounded up to a multiple of this, so a few shapes compile
@@ -91,10 +87,7 @@ class Judge:
         ending where " 1" .. " 10" follows. batch_size: prompts per forward, a
         multiple of the mesh's data-parallel devices.
         """
-        shards = policy.mesh.shape["data"] * policy.mesh.shape["fsdp"]
-        if batch_size % shards:
-            raise ValueError(f"judge batch_size={batch_size} must be a multiple of the "
-                             f"{shards} data-parallel devices of the mesh")
+        sharding.check_batch(policy.mesh, batch_size, "judge batch_size")
         self.policy, self.batch_size = policy, batch_size
         self.principles = tuple(principles)
         self.template = template or world.JUDGE_TEMPLATE
@@ -114,7 +107,8 @@ class Judge:
             out = model.apply({"params": params}, tokens, positions, segment_ids, logits="last")
             return out.logits[:, -1][:, option_ids].astype(jnp.float32)
 
-        self._option_logits = jax.jit(option_logits)
+        # Replicated out: every process reads every row's logits back to the host.
+        self._option_logits = jax.jit(option_logits, out_shardings=sharding.replicated(policy.mesh))
 
     def render(self, template: str, prompt: str, **answers: str) -> str:
         """The judge prompt: principles, one line each, then the filled template.
@@ -143,11 +137,10 @@ class Judge:
             row[:len(i)] = i
         options = jnp.asarray(option_ids, jnp.int32)
         out = []
-        for start in range(0, n, bs):
-            idx = np.arange(start, start + bs) % n
-            placed = sharding.put_batch({"t": tokens[idx], "n": lens[idx]}, self.policy.mesh)
-            logits = self._option_logits(self.policy.params, placed["t"], placed["n"], options)
-            out.append(np.asarray(jax.device_get(logits))[:min(bs, n - start)])
+        # Every process holds every text: each places the rows its own devices hold.
+        for placed, _, keep in sharding.chunks({"tokens": tokens, "lens": lens}, bs, self.policy.mesh):
+            logits = self._option_logits(self.policy.params, placed["tokens"], placed["lens"], options)
+            out.append(np.asarray(logits)[:keep])
         return np.concatenate(out)
 
     def compare(self, prompts, first, second) -> dict:
@@ -227,57 +220,3 @@ def label_pairs(judge: Judge, prompts, responses_a, responses_b, *, threshold: f
         stats["oracle_pairs"] = len(decided)
         stats["agreement_with_oracle"] = float(np.mean(decided)) if decided else None
     return rows, stats
-
-
-def write_jsonl(path: str, rows: list[dict]):
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-
-
-def run(config, workdir: str) -> dict:
-    """The `ai_feedback` stage: prompts -> two samples each -> judge -> preferences.jsonl, stats.json."""
-    workdir = os.path.abspath(workdir)
-    train.write_config(config, workdir)
-    for field in ("policy_checkpoint", "judge_checkpoint"):
-        if not config[field]:
-            raise ValueError(f"ai_feedback needs --config.{field} (a ptx workdir)")
-    mesh = sharding.make_mesh(config.mesh)
-    policy = inference.load_policy(config.policy_checkpoint, mesh)
-    same = os.path.abspath(config.judge_checkpoint) == os.path.abspath(config.policy_checkpoint)
-    judge = Judge(policy if same else inference.load_policy(config.judge_checkpoint, mesh),
-                  principles=tuple(config.judge.principles), template=config.judge.template or None,
-                  batch_size=config.judge.batch_size)
-
-    prompt_path, _ = train.data_paths(config, workdir)
-    # Bare requests (an empty template), as the reward and DPO stages expect them in the output.
-    rows, _ = data.load_rows(prompt_path, "prompt", template=PromptTemplate("", ""),
-                             on_bad_row=config.data.on_bad_row)
-    prompts = list(dict.fromkeys(r["prompt"] for r in rows))
-    if config.num_prompts:
-        prompts = prompts[:config.num_prompts]
-    prompts = [p for p in prompts for _ in range(config.pairs_per_prompt)]
-    template = train.template(config)
-    arrays, _ = data.encode_prompts([{"prompt": template.format_prompt(p)} for p in prompts], policy.tok,
-                                    max_prompt_len=config.data.max_prompt_len)
-    s = config.sampling
-    smp = inference.Sampler(policy, batch_size=config.batch_size, max_new_tokens=s.max_new_tokens,
-                            stops=list(s.stop), keep_stop=s.keep_stop)
-    chunks = smp(np.repeat(arrays["prompt_tokens"], 2, axis=0), np.repeat(arrays["prompt_lens"], 2, axis=0),
-                 config.seed, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p)
-    texts = [t.strip() for t in smp.texts(chunks)]
-    # An empty answer is a bad row for the preference schema, and two equal ones carry no preference.
-    keep = [i for i in range(len(prompts)) if texts[2 * i] and texts[2 * i + 1]
-            and texts[2 * i] != texts[2 * i + 1]]
-    # The world's oracle grades only the world's requests.
-    grade = None if config.data.train else world.World(world.WorldConfig(seed=config.world.seed)).score
-    prefs, stats = label_pairs(judge, [prompts[i] for i in keep], [texts[2 * i] for i in keep],
-                               [texts[2 * i + 1] for i in keep], threshold=config.judge.threshold,
-                               grade=grade)
-    stats = {"n_prompts": len(prompts) // config.pairs_per_prompt, "n_sampled_pairs": len(prompts),
-             "n_degenerate": len(prompts) - len(keep), **stats}
-    if jax.process_index() == 0:
-        write_jsonl(os.path.join(workdir, "preferences.jsonl"), prefs)
-        with open(os.path.join(workdir, "stats.json"), "w") as f:
-            json.dump(stats, f, indent=2)
-    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
-    return stats

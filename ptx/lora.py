@@ -29,8 +29,9 @@ error <= 2^-9). `apply` rounds a wider base the same way before adding the
 update, so merging the adapters into the float32 source checkpoint gives
 exactly the model that was trained.
 
-The `merge` stage (`run`, configs/merge.py) writes a LoRA checkpoint's merged
-weights as a full checkpoint and, optionally, a Hugging Face directory.
+The `merge` stage (ptx/stages/export.py, configs/merge.py) writes a LoRA
+checkpoint's merged weights as a full checkpoint and, optionally, a Hugging
+Face directory.
 
 Dropout on the adapter input is not supported: the merged weight has no
 separate adapter input to drop, and dropping rows of A per step would be a
@@ -38,9 +39,7 @@ different (batch-shared) regulariser. `lora.dropout > 0` is an error.
 """
 import dataclasses
 import math
-import os
 import re
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -68,11 +67,6 @@ class LoraConfig:
     targets: tuple = DEFAULT_TARGETS  # regexes over 'a/b/c' kernel paths
     full: tuple = ()  # regexes over base leaves trained in full beside the adapters (a fresh head)
     base_dtype: str = "float32"  # the frozen base is stored in at most this precision
-
-    @classmethod
-    def from_config(cls, c) -> "LoraConfig":
-        return cls(rank=int(c.rank), alpha=float(c.alpha), dropout=float(c.dropout),
-                   targets=tuple(c.targets), base_dtype=str(c.base_dtype))
 
     @property
     def enabled(self) -> bool:
@@ -333,46 +327,3 @@ def param_counts(base, adapters) -> dict:
     (n_train, b_train), (n_frozen, b_frozen) = count(adapters), count(base)
     return {"trainable": n_train, "frozen": n_frozen, "trainable_bytes": b_train,
             "frozen_bytes": b_frozen, "trainable_fraction": n_train / max(n_train + n_frozen, 1)}
-
-
-def run(config, workdir: str) -> str:
-    """The `merge` stage: the newest checkpoint of the LoRA workdir `config.checkpoint` -> a full
-    checkpoint (params only, its step kept) in `config.out` ('' = workdir) that any stage's
-    `init.checkpoint` reads, and with `config.hf_out` a Hugging Face directory. Returns the out dir."""
-    from ptx import checkpoint, hf, sharding, train
-    from ptx.model import ModelConfig
-    from ptx.tokenizer import load_tokenizer
-
-    workdir = os.path.abspath(workdir)
-    train.write_config(config, workdir)
-    if not config.checkpoint:
-        raise ValueError("merge needs --config.checkpoint (a workdir trained with lora.rank > 0)")
-    meta = checkpoint.read_meta(config.checkpoint)
-    if not meta.get("lora"):
-        raise ValueError(f"{config.checkpoint} holds full weights already (its meta names no LoRA base)")
-    cfg = ModelConfig(**meta["model"])
-    mesh = sharding.make_mesh(config.mesh)
-    params, _ = checkpoint.load_params(config.checkpoint, train.param_shardings_for(cfg, mesh))
-    _, step = checkpoint.resolve(config.checkpoint)
-    out = os.path.abspath(config.out or workdir)
-    # The merged tree is the policy itself: no 'params_key', no base to find.
-    full_meta = {k: v for k, v in meta.items() if k not in ("lora", "params_key")}
-    full_meta["merged_from"] = {"checkpoint": os.path.abspath(config.checkpoint), "step": step, "lora": meta["lora"]}
-    ckpt = checkpoint.Checkpointer(out, every=0, keep=1)
-    try:
-        # Checkpointer.save skips a step that exists: out must not be the LoRA workdir or an earlier merge.
-        if not ckpt.save(step, {"params": params}, full_meta, force=True):
-            raise FileExistsError(f"merge: {checkpoint.checkpoint_dir(out)} already holds step {step}")
-    finally:
-        ckpt.close()
-    tok_path = checkpoint.tokenizer_path(config.checkpoint)
-    tok = load_tokenizer(tok_path) if os.path.isfile(tok_path) else None
-    if tok is not None and jax.process_index() == 0:
-        shutil.copyfile(tok_path, os.path.join(out, "tokenizer.model"))
-    if config.hf_out:
-        # Only a reward model exports its scalar head; a policy's value head stays behind.
-        head = cfg.scalar_head and meta["stage"] == "reward"
-        hf_params = params if head else {k: v for k, v in params.items() if k != "scalar_head"}
-        hf.save_params(hf_params, cfg.replace(scalar_head=head), config.hf_out, tokenizer=tok,
-                       max_position_embeddings=config.hf_max_len)
-    return out

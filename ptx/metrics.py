@@ -28,13 +28,15 @@ class MetricWriter:
             self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True)
         self.last_time, self.last_step = time.time(), start_step
 
-    def write(self, step: int, scalars: dict, *, tokens: float = 0.0):
-        """Log `scalars` at `step`; `tokens` processed since the last call sets tokens/s."""
+    def write(self, step: int, scalars: dict, *, tokens: float = 0.0, rate: str = "tokens_per_s"):
+        """Log `scalars` at `step`; `tokens` processed since the last call give the rate logged
+        as `rate`: 'tokens_per_s' for every input token of a supervised step,
+        'completion_tokens_per_s' for the sampled tokens of an RL iteration."""
         now = time.time()
         row = {"step": int(step)}
         row.update({k: _plain(v) for k, v in scalars.items()})
         if tokens:
-            row["tokens_per_s"] = tokens / max(now - self.last_time, 1e-9)
+            row[rate] = tokens / max(now - self.last_time, 1e-9)
         if not self.main:
             return row
         self.file.write(json.dumps(row) + "\n")
@@ -43,7 +45,7 @@ class MetricWriter:
             if k != "step" and isinstance(v, (int, float)):
                 self.tb.add_scalar(k, v, step)
         self.bar.update(step - self.last_step)
-        post = {k: f"{row[k]:.4g}" for k in ("loss", "tokens_per_s") if k in row}
+        post = {k: f"{row[k]:.4g}" for k in ("loss", rate) if k in row}
         self.bar.set_postfix(post)
         self.last_time, self.last_step = now, step
         return row

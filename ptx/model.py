@@ -384,6 +384,11 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
     return Transformer(cfg).init(rng, tokens)["params"]
 
 
+def abstract_params(cfg: ModelConfig) -> dict:
+    """The parameter tree as jax.ShapeDtypeStructs: shapes and dtypes, nothing allocated."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+
+
 def count_params(params) -> int:
     return sum(x.size for x in jax.tree_util.tree_leaves(params))
 

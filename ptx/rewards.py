@@ -5,6 +5,7 @@ float32` where `seq` is the rollout's sequence batch (see
 `rollout.build_sequences`) and `prompts` / `completions` are the decoded
 texts. A reward model reads `seq`; a Python function reads the texts.
 """
+import dataclasses
 import importlib
 from typing import Callable
 
@@ -12,8 +13,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptx import checkpoint, sharding
+from ptx import checkpoint, inference, judge, sharding
 from ptx.model import ModelConfig, Transformer
+
+SOURCES = ("model", "function", "judge")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """Where rewards come from (the `reward` section of the RL and best-of-N stages)."""
+
+    source: str = "model"  # model | function | judge
+    checkpoint: str = ""  # model: a reward-stage workdir; judge: any language-model workdir
+    function: str = "ptx.world:oracle_reward"  # function: 'module:fn', fn(prompt, completion) -> float
+    principles: tuple = ()  # judge: plain lines above the rating prompt
+    judge_batch_size: int = 16  # judge: prompts per forward
+
+    def __post_init__(self):
+        object.__setattr__(self, "principles", tuple(self.principles))
+        if self.source not in SOURCES:
+            raise ValueError(f"reward.source={self.source!r}; expected one of {SOURCES}")
+        if self.source in ("model", "judge") and not self.checkpoint:
+            what = "a reward-stage workdir" if self.source == "model" else "a language-model workdir"
+            raise ValueError(f"reward.source={self.source!r} needs reward.checkpoint ({what})")
+        if self.source == "function" and ":" not in self.function:
+            raise ValueError(f"reward.function={self.function!r}; expected 'module:function'")
+        if self.judge_batch_size <= 0:
+            raise ValueError(f"reward.judge_batch_size={self.judge_batch_size} must be positive")
 
 
 class ModelReward:
@@ -25,10 +51,8 @@ class ModelReward:
         if not self.cfg.scalar_head:
             raise ValueError(f"{path} is a {meta['stage']!r} checkpoint without a scalar head; "
                              f"reward.checkpoint must come from the reward stage")
-        from ptx import train
-
         # On the same mesh as the rollouts it scores.
-        self.params, _ = checkpoint.load_params(path, train.param_shardings_for(self.cfg, mesh))
+        self.params, _ = checkpoint.load_params(path, mesh)
         model = Transformer(self.cfg)
 
         def score(params, tokens, positions, segment_ids, index):
@@ -61,22 +85,13 @@ def import_function(name: str) -> Callable:
     return getattr(importlib.import_module(module), attr)
 
 
-def make_source(reward_cfg, mesh):
-    """From the config: reward.source = model (reward.checkpoint) | function (reward.function)
-    | judge (d-RLAIF: the expected 1-10 rating of a language model at reward.checkpoint).
-    Models are placed on `mesh`, the mesh of the samples they score."""
-    if reward_cfg.source == "model":
-        if not reward_cfg.checkpoint:
-            raise ValueError("reward.source='model' needs reward.checkpoint (a reward-stage workdir)")
-        return ModelReward(reward_cfg.checkpoint, mesh)
-    if reward_cfg.source == "function":
-        return FunctionReward(import_function(reward_cfg.function))
-    if reward_cfg.source == "judge":
-        from ptx import inference, judge
-
-        if not reward_cfg.checkpoint:
-            raise ValueError("reward.source='judge' needs reward.checkpoint (a language-model workdir)")
-        return judge.JudgeReward(judge.Judge(inference.load_policy(reward_cfg.checkpoint, mesh),
-                                             principles=tuple(reward_cfg.principles),
-                                             batch_size=reward_cfg.judge_batch_size))
-    raise ValueError(f"reward.source={reward_cfg.source!r}; expected model, function or judge")
+def make_source(cfg: SourceConfig, mesh):
+    """The reward source `cfg` names; models are placed on `mesh`, the mesh of the samples they score.
+    model: a reward model's scalar head; function: a Python function of the texts; judge (d-RLAIF):
+    the expected 1-10 rating of a language model."""
+    if cfg.source == "model":
+        return ModelReward(cfg.checkpoint, mesh)
+    if cfg.source == "function":
+        return FunctionReward(import_function(cfg.function))
+    return judge.JudgeReward(judge.Judge(inference.load_policy(cfg.checkpoint, mesh),
+                                         principles=cfg.principles, batch_size=cfg.judge_batch_size))

@@ -10,11 +10,76 @@ it sits on the policy, trained in full) and the frozen base is the reference
 itself: `policy_params` merges them, once per iteration for the rollout and
 inside the jitted update for the loss.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from ptx import lora, losses, sampler
 from ptx.model import Transformer
+
+ADVANTAGES = ("gae",) + losses.GROUP_ADVANTAGE_KINDS
+CRITICS = ("reward", "policy", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """The `rl` config section (PPO, GRPO, RLOO); hashable, so the jitted rollout and loss close over it."""
+
+    rollout_batch: int = 64  # prompts sampled per iteration
+    group_size: int = 1  # completions per prompt (group advantages need >= 2)
+    max_new_tokens: int = 48
+    temperature: float = 1.0  # rollout sampling settings
+    top_k: int = 0
+    top_p: float = 1.0
+    num_epochs: int = 4  # passes over each rollout
+    minibatch_size: int = 16  # rows per update
+    advantage: str = "gae"  # gae (needs a critic) | grpo | dr_grpo | rloo
+    critic: str = "reward"  # reward: from the reward model | policy: a value head on the policy | none
+    critic_checkpoint: str = ""  # '' = the reward checkpoint
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_eps: float = 0.2
+    clip_eps_high: float = 0.0  # 0 = symmetric clipping
+    clip_value: float = 0.2
+    vf_coef: float = 0.1
+    ent_coef: float = 0.0
+    aggregation: str = "token_mean"
+    kl_coef: float = 0.05  # initial coefficient of the KL penalty
+    kl_estimator: str = "k1"
+    kl_in_loss: bool = False  # KL (k3) as a loss term instead of in the reward
+    adaptive_kl: bool = False
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    whiten_advantages: bool = True
+    whiten_rewards: bool = False
+    no_eos_penalty: float = 0.0
+
+    def __post_init__(self):
+        for name in ("rollout_batch", "group_size", "max_new_tokens", "num_epochs", "minibatch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"rl.{name}={getattr(self, name)} must be positive")
+        if (self.rollout_batch * self.group_size) % self.minibatch_size:
+            raise ValueError(f"rl.rollout_batch x rl.group_size = {self.rollout_batch * self.group_size} "
+                             f"is not a multiple of rl.minibatch_size={self.minibatch_size}")
+        for name, allowed in (("advantage", ADVANTAGES), ("critic", CRITICS),
+                              ("kl_estimator", losses.KL_KINDS), ("aggregation", losses.AGGREGATIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"rl.{name}={getattr(self, name)!r}; expected one of {allowed}")
+        if self.advantage == "gae" and self.critic == "none":
+            raise ValueError("rl.advantage='gae' needs a critic: set rl.critic to 'reward' or 'policy', "
+                             "or take a critic-free advantage (grpo, dr_grpo, rloo)")
+        if self.advantage != "gae" and self.group_size < 2:
+            raise ValueError(f"rl.advantage={self.advantage!r} compares samples of one prompt: "
+                             f"rl.group_size={self.group_size} must be at least 2")
+        if self.temperature < 0 or not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
+            raise ValueError(f"rl sampling: temperature={self.temperature} must be >= 0, top_p={self.top_p} "
+                             f"in (0, 1], top_k={self.top_k} >= 0")
+
+    @property
+    def critic_kind(self) -> str:
+        """reward | policy | none: where this run's value head sits (critic-free advantages need none)."""
+        return self.critic if self.advantage == "gae" else "none"
 
 
 def build_sequences(prompt_tokens, prompt_lens, out: sampler.SampleOutput, *, pad_id: int) -> dict:
@@ -83,7 +148,7 @@ def last_token_rewards(scores, mask):
 
 
 def prepare(params, ref_params, seq: dict, scores, kl_coef, *, policy_model, critic_model,
-            width: int, rl_cfg) -> tuple[dict, dict]:
+            width: int, rl_cfg: RLConfig) -> tuple[dict, dict]:
     """Everything the update needs from one rollout, in one jitted pass.
 
     params: {'policy': full policy params (with LoRA the merged tree of
@@ -138,7 +203,7 @@ def prepare(params, ref_params, seq: dict, scores, kl_coef, *, policy_model, cri
     return batch, metrics
 
 
-def rl_loss_fn(params, batch, frozen=None, *, policy_model, critic_model, width: int, rl_cfg, lora_cfg=None):
+def rl_loss_fn(params, batch, frozen=None, *, policy_model, critic_model, width: int, rl_cfg: RLConfig, lora_cfg=None):
     """Clipped surrogate (+ value loss, + KL term for GRPO, - entropy bonus) on a minibatch.
 
     frozen: the reference parameters when `lora_cfg` is on (the base the

@@ -102,6 +102,25 @@ def tree_specs(tree, rules, mesh: Mesh, *, strict: bool):
     return specs
 
 
+def param_shardings(params, cfg, mesh: Mesh):
+    """NamedShardings of a transformer's parameter tree (arrays or ShapeDtypeStructs, e.g.
+    `model.abstract_params(cfg)`) by `param_rules(cfg)`; each parameter matches exactly one rule."""
+    return named(mesh, tree_specs(params, param_rules(cfg), mesh, strict=True))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """Devices a batch is split over: the product of the batch axes."""
+    return int(np.prod([mesh.shape[a] for a in BATCH]))
+
+
+def check_batch(mesh: Mesh, batch_size: int, field: str):
+    """ValueError naming `field` unless batch_size is a positive multiple of the batch axes."""
+    n = data_parallel_size(mesh)
+    if batch_size <= 0 or batch_size % n:
+        raise ValueError(f"{field}={batch_size} must be a positive multiple of the {n} "
+                         f"data-parallel devices of the mesh (mesh.data x mesh.fsdp)")
+
+
 def named(mesh: Mesh, specs):
     return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
                                   is_leaf=lambda x: isinstance(x, P))
@@ -129,24 +148,32 @@ def constrain(x: jax.Array, spec: P) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, _fit(spec, x.shape, mesh))
 
 
-def put_batch(batch: dict, mesh: Mesh) -> dict:
-    """Host numpy batch (this process's rows) -> global arrays sharded over the batch axes."""
-    sharding = batch_sharding(mesh)
-    if jax.process_count() == 1:
-        return jax.device_put(batch, sharding)
-    # The global shape says each process holds 1/process_count of the rows: a mesh whose
-    # batch axes do not split the processes apart is then an error, not a silently wrong batch.
-    n = jax.process_count()
-    return {k: jax.make_array_from_process_local_data(sharding, v, (len(v) * n,) + v.shape[1:])
-            for k, v in batch.items()}
-
-
 def put_global(batch: dict, mesh: Mesh) -> dict:
     """Host numpy batch with all rows, the same on every process -> global arrays sharded
     over the batch axes; each process copies only the rows its own devices hold."""
     sharding = batch_sharding(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
     return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
             for k, v in batch.items()}
+
+
+def chunks(arrays: dict, batch_size: int, mesh: Mesh, *, limit: int = None):
+    """Fixed-size chunks of host rows on the mesh, for the loops that read a whole data set.
+
+    arrays: {name: [n, ...]} numpy, the same on every process. Yields
+    (placed, idx, keep): chunk i holds rows i * batch_size, ... of `arrays`
+    (the last chunk padded by repeating rows from the start, so every chunk
+    has one shape and compiles once) placed by `put_global`; idx [batch_size]
+    int64 the rows it holds and keep the real ones among them. limit: at most
+    that many chunks.
+    """
+    n = len(next(iter(arrays.values())))
+    count = -(-n // batch_size) if limit is None else min(limit, -(-n // batch_size))
+    for i in range(count):
+        start = i * batch_size
+        idx = np.arange(start, start + batch_size) % n
+        yield put_global({k: v[idx] for k, v in arrays.items()}, mesh), idx, min(batch_size, n - start)
 
 
 def gather(tree):

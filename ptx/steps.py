@@ -6,6 +6,7 @@ gradient accumulation, the optax update and a NaN guard. `frozen` holds what
 the step reads but never trains (the DPO reference parameters), so it is
 never part of the optimiser state.
 """
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -16,6 +17,40 @@ import optax
 
 from ptx import losses
 from ptx.model import Transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """The `dpo` config section; hashable, so a loss can close over it inside a jit."""
+
+    beta: float = 0.1  # strength of the implicit KL to the reference
+    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | simpo
+    label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped labels
+    reference_free: bool = False  # drop the reference terms (simpo is always reference-free)
+    gamma: float = 0.0  # SimPO target margin
+    soft_labels: bool = False  # the data's prob_chosen as soft targets
+    precompute_ref: bool = False  # reference log-probs once over the data
+
+    def __post_init__(self):
+        if self.loss_type not in losses.DPO_LOSS_TYPES:
+            raise ValueError(f"dpo.loss_type={self.loss_type!r}; expected one of {losses.DPO_LOSS_TYPES}")
+        if self.beta <= 0:
+            raise ValueError(f"dpo.beta={self.beta} must be positive")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"dpo.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        if self.soft_labels and self.label_smoothing:
+            raise ValueError("dpo.soft_labels and dpo.label_smoothing both soften the labels; set one")
+        if self.loss_type in ("ipo", "hinge") and (self.soft_labels or self.label_smoothing):
+            raise ValueError(f"dpo.loss_type={self.loss_type!r} takes no label_smoothing or soft_labels")
+        if self.gamma and self.loss_type != "simpo":
+            raise ValueError(f"dpo.gamma={self.gamma} is the SimPO margin; it needs dpo.loss_type='simpo'")
+        if self.precompute_ref and self.uses_reference is False:
+            raise ValueError(f"dpo.precompute_ref with a reference-free loss ({self.loss_type}, "
+                             f"reference_free={self.reference_free}) has no reference to precompute")
+
+    @property
+    def uses_reference(self) -> bool:
+        return not (self.reference_free or self.loss_type == "simpo")
 
 
 @flax.struct.dataclass
@@ -77,7 +112,7 @@ def pair_logps(model: Transformer, params, batch):
     return jnp.split(seq, 2), jnp.split(lengths, 2)
 
 
-def dpo_loss_fn(model: Transformer, params, batch, frozen, *, dpo_cfg):
+def dpo_loss_fn(model: Transformer, params, batch, frozen, *, dpo_cfg: DPOConfig):
     """DPO family on one pair batch; the reference comes from `frozen` params or
     from precomputed `ref_chosen_logps` / `ref_rejected_logps` batch fields."""
     (pc, pr), (lc, lr) = pair_logps(model, params, batch)
@@ -161,12 +196,12 @@ def compile_step(fn, *, in_shardings, out_shardings, donate_state: bool):
                    donate_argnums=(0,) if donate_state else ())
 
 
-def make_loss_fn(stage: str, model: Transformer, config) -> Callable:
-    """The loss of a supervised stage, with its config bound."""
+def make_loss_fn(stage: str, model: Transformer, *, dpo: DPOConfig = None, center_coef: float = 0.0) -> Callable:
+    """The loss of a supervised stage: sft, reward (with `center_coef`) or dpo (with `dpo`)."""
     if stage == "sft":
         return functools.partial(sft_loss_fn, model)
     if stage == "reward":
-        return functools.partial(reward_loss_fn, model, center_coef=config.reward.center_coef)
+        return functools.partial(reward_loss_fn, model, center_coef=center_coef)
     if stage == "dpo":
-        return functools.partial(dpo_loss_fn, model, dpo_cfg=config.dpo)
+        return functools.partial(dpo_loss_fn, model, dpo_cfg=dpo)
     raise ValueError(f"no supervised loss for stage {stage!r}")

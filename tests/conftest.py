@@ -28,10 +28,10 @@ def quickstart(tmp_path_factory):
     """The quickstart shortened to a few steps per stage, run once per session:
     (workdir, results.json as written)."""
     from configs import quickstart as quickstart_config
-    from ptx import pipeline
+    from ptx.stages import quickstart as quickstart_stage
 
     workdir = tmp_path_factory.mktemp("quickstart")
-    pipeline.run(quickstart_config.get_config("tiny"), str(workdir))
+    quickstart_stage.run(quickstart_config.get_config("tiny"), str(workdir))
     with open(workdir / "results.json") as f:
         return str(workdir), json.load(f)
 
@@ -40,10 +40,10 @@ def quickstart(tmp_path_factory):
 def sft_dir(tmp_path_factory):
     """A tiny SFT run on the embedded world (10 steps): the policy and base of RL and LoRA tests."""
     from configs import sft as sft_config
-    from ptx import train
+    from ptx.stages import supervised
 
     d = tmp_path_factory.mktemp("sft")
     c = sft_config.get_config("tiny")
     c.train.steps, c.train.eval_every = 10, 0
-    train.run(c, str(d))
+    supervised.run(c, str(d))
     return str(d)

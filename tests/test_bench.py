@@ -1,4 +1,4 @@
-"""ptx.bench: a tiny run reports every benchmark with finite numbers, MFU is FLOP/s over the
+"""bench (./launch.sh bench): a tiny run reports every benchmark with finite numbers, MFU is FLOP/s over the
 peak, training entries report the memory of what they train, --compare prints new / old
 ratios, and the analytic FLOP count matches XLA's."""
 import json
@@ -8,7 +8,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from ptx import bench, bench_peer, bench_suite
+from bench import main as bench
+from bench import peer as bench_peer
+from bench import suite as bench_suite
 from ptx.model import ModelConfig, Transformer, count_params, flops_per_token, init_params
 
 TINY = ["--d_model", "64", "--n_layers", "2", "--vocab", "256", "--batch", "4", "--seq", "32",

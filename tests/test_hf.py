@@ -313,7 +313,8 @@ def world_and_hf_base(tmp_path):
 def test_sft_stage_starts_from_an_hf_dir(tmp_path):
     """init.hf_dir: the stage reads architecture, weights and tokenizer from the directory."""
     from configs import sft as sft_config
-    from ptx import checkpoint, train
+    from ptx import checkpoint
+    from ptx.stages import supervised
 
     files, params = world_and_hf_base(tmp_path)
     c = sft_config.get_config("tiny")
@@ -321,7 +322,7 @@ def test_sft_stage_starts_from_an_hf_dir(tmp_path):
     c.init.hf_dir = str(tmp_path / "hf")
     c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 0.0, 0, "constant"
     c.train.steps, c.train.eval_every = 1, 0
-    train.run(c, str(tmp_path / "run"))
+    supervised.run(c, str(tmp_path / "run"))
     loaded, meta = checkpoint.load_params(str(tmp_path / "run"))
     assert meta["model"]["d_model"] == 32 and meta["model"]["tie_embeddings"] is False
     assert_same_params(jax.device_get(loaded), jax.device_get(params))
@@ -330,7 +331,8 @@ def test_sft_stage_starts_from_an_hf_dir(tmp_path):
 def test_lora_reward_stage_on_an_hf_base_trains_and_its_checkpoint_loads_merged(tmp_path):
     """Adapters on an HF trunk with a fresh full scalar head; loading merges into that HF base."""
     from configs import reward as reward_config
-    from ptx import checkpoint, train
+    from ptx import checkpoint
+    from ptx.stages import supervised
 
     files, params = world_and_hf_base(tmp_path)
     c = reward_config.get_config("tiny")
@@ -340,7 +342,7 @@ def test_lora_reward_stage_on_an_hf_base_trains_and_its_checkpoint_loads_merged(
     # The head starts at zero, so the trunk's adapters get gradient from the second step on.
     c.train.steps, c.train.eval_every, c.optim.lr = 3, 0, 1e-2
     c.optim.warmup_steps, c.optim.schedule = 0, "constant"
-    train.run(c, str(tmp_path / "rm"))
+    supervised.run(c, str(tmp_path / "rm"))
     loaded, meta = checkpoint.load_params(str(tmp_path / "rm"))
     assert meta["model"]["scalar_head"] is True and meta["lora"]["base"]["hf_dir"] == str(tmp_path / "hf")
     loaded = jax.device_get(loaded)

@@ -12,7 +12,9 @@ import pytest
 
 from configs import ai_feedback as ai_feedback_config
 from configs import sft as sft_config
-from ptx import data, inference, judge, sharding, train, world
+from ptx import data, inference, judge, sharding, world
+from ptx.model import abstract_params
+from ptx.stages import ai_feedback, common, supervised
 from ptx.model import ModelConfig, Transformer, init_params
 from ptx.tokenizer import train_tokenizer
 
@@ -26,11 +28,11 @@ def setup(tmp_path_factory):
     w = world.World()
     files = w.write(str(d / "world"))
     rows = [json.loads(line) for name in ("pretrain", "sft") for line in open(files[name])]
-    tok = train_tokenizer(train.texts_of(rows), vocab_size=512, path=str(d / "tokenizer.model"))
+    tok = train_tokenizer(common.texts_of(rows), vocab_size=512, path=str(d / "tokenizer.model"))
     rng = random.Random(0)
     prompts = [r["prompt"] for r in w.heldout_prompts()[::9]][:7]
     # One prompt in the Human/Assistant template: the judge sees the bare request either way.
-    prompts[0] = train.template(sft_config.get_config("tiny")).format_prompt(prompts[0])
+    prompts[0] = common.template(sft_config.get_config("tiny")).format_prompt(prompts[0])
     good = [w.good_response(p) for p in prompts]
     bad = [w.bad_response(p, rng, rng.choice(w.bad_styles(p))) for p in prompts]
     return {"dir": d, "files": files, "tok": tok, "world": w, "prompts": prompts, "good": good, "bad": bad}
@@ -43,7 +45,7 @@ def policy(setup):
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     scaled = lambda rng: jax.tree_util.tree_map_with_path(
         lambda path, x: x if sharding.path_str(path).endswith("scale") else x * 25.0, init_params(cfg, rng))
-    params = jax.jit(scaled, out_shardings=train.param_shardings_for(cfg, mesh))(jax.random.PRNGKey(0))
+    params = jax.jit(scaled, out_shardings=sharding.param_shardings(abstract_params(cfg), cfg, mesh))(jax.random.PRNGKey(0))
     return inference.Policy(cfg, params, setup["tok"], mesh)
 
 
@@ -156,14 +158,14 @@ def test_label_pairs_drops_unsure_pairs_picks_the_preferred_side_and_round_trips
     assert stats["oracle_pairs"] == len(decided) and stats["agreement_with_oracle"] == np.mean(decided)
 
     path = str(tmp_path / "preferences.jsonl")
-    judge.write_jsonl(path, rows)
+    common.write_jsonl(path, rows)
     loaded, load_stats = data.load_rows(path, "preference")
     assert load_stats["rows"] == len(rows)
     assert [r["prob_chosen"] for r in loaded] == [r["prob_chosen"] for r in rows]
     assert [r["chosen"] for r in loaded] == [" " + r["chosen"].strip() for r in rows]
 
     bad_path = str(tmp_path / "bad.jsonl")
-    judge.write_jsonl(bad_path, rows[:1] + [dict(rows[0], prob_chosen=1.5)])
+    common.write_jsonl(bad_path, rows[:1] + [dict(rows[0], prob_chosen=1.5)])
     with pytest.raises(data.DataError, match=r"bad\.jsonl: row 1: field 'prob_chosen': 1\.5 outside"):
         data.load_rows(bad_path, "preference")
     with pytest.raises(ValueError, match="threshold"):
@@ -176,14 +178,14 @@ def test_ai_feedback_stage_labels_samples_of_a_tiny_sft_checkpoint(setup, tmp_pa
     c.tokenizer.path = setup["tok"].path
     c.train.steps, c.train.eval_every = 10, 0
     sft_dir = str(tmp_path / "sft")
-    train.run(c, sft_dir)
+    supervised.run(c, sft_dir)
 
     a = ai_feedback_config.get_config("tiny")
     a.policy_checkpoint = a.judge_checkpoint = sft_dir
     a.num_prompts, a.batch_size, a.sampling.max_new_tokens = 8, 8, 12
     a.judge.threshold, a.judge.batch_size = 0.5, 8  # keep every judged pair
     out_dir = str(tmp_path / "aif")
-    stats = judge.run(a, out_dir)
+    stats = ai_feedback.run(a, out_dir)
     with open(os.path.join(out_dir, "stats.json")) as f:
         assert json.load(f) == stats
     assert stats["n_prompts"] == 8 and stats["n_pairs"] + stats["n_degenerate"] == 8

@@ -16,6 +16,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from ptx import lora, sharding, steps
+from ptx.stages import common, supervised
 from ptx.model import Dense, ModelConfig, Transformer, count_params, init_params
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
@@ -23,8 +24,7 @@ CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2
 # Every kernel: the stacked attention / MLP ones and the unstacked 2-D LM head.
 LORA = lora.LoraConfig(rank=4, alpha=8.0, targets=lora.DEFAULT_TARGETS + (r"lm_head/kernel",))
 MODEL = Transformer(CFG)
-DPO = ml_collections.ConfigDict(dict(beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
-                                     reference_free=False, gamma=0.0, soft_labels=False))
+DPO = steps.DPOConfig(beta=0.1)
 STEPS = 8
 
 
@@ -252,9 +252,9 @@ def test_bad_config_is_an_error():
         lora.init({}, lora.LoraConfig(rank=0), jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="lora.base_dtype"):
         lora.LoraConfig(rank=4, base_dtype="float16")
-    c = ml_collections.ConfigDict(dict(rank=8, alpha=16.0, dropout=0.0, targets=[r"q/kernel"],
-                                       base_dtype="bfloat16"))
-    cfg = lora.LoraConfig.from_config(c)
+    c = ml_collections.ConfigDict(dict(stage="sft", lora=dict(rank=8, alpha=16.0, dropout=0.0, targets=[r"q/kernel"],
+                                                              base_dtype="bfloat16")))
+    cfg = common.lora_config(c)
     assert cfg.targets == (r"q/kernel",) and cfg.scale == 2.0 and cfg.base_dtype == "bfloat16" and hash(cfg)
 
 
@@ -299,28 +299,28 @@ def test_adapters_shard_like_their_weights_on_a_2x2x2_mesh(base, trained):
         in_shardings=(state_sh, sharding.batch_sharding(mesh), frozen_sh),
         out_shardings=(state_sh, sharding.replicated(mesh)), donate_state=True)
     batch = sft_batch(9)
-    new, m = fn(state, sharding.put_batch(batch, mesh), frozen)
+    new, m = fn(state, sharding.put_global(batch, mesh), frozen)
     _, ref = trained["step"](steps.init_state(trained["state"].params, tx), batch, {"base": base, "ref": None})
     np.testing.assert_allclose(float(m["loss"]), float(ref["loss"]), rtol=1e-5)
     assert new.params["layers"]["gate"]["kernel"]["b"].sharding.spec == P(None, None, "tensor")
 
 
 def test_lora_stages_train_adapters_only_and_their_checkpoints_load_merged(tmp_path):
-    """SFT, reward and DPO stages with lora.rank > 0 end to end through ptx.train."""
+    """SFT, reward and DPO stages with lora.rank > 0 end to end through the supervised stage."""
     from configs import dpo as dpo_config
     from configs import reward as reward_config
     from configs import sft as sft_config
-    from ptx import checkpoint, train
+    from ptx import checkpoint
 
     c = sft_config.get_config("tiny")
     c.train.steps, c.train.eval_every = 4, 0
-    train.run(c, str(tmp_path / "sft"))
+    supervised.run(c, str(tmp_path / "sft"))
     base, _ = checkpoint.load_params(str(tmp_path / "sft"))
 
     c.init.checkpoint = str(tmp_path / "sft")
     c.lora.rank = 4
     c.optim.lr = 1e-2
-    train.run(c, str(tmp_path / "lora_sft"))
+    supervised.run(c, str(tmp_path / "lora_sft"))
     merged, meta = checkpoint.load_params(str(tmp_path / "lora_sft"))
     assert meta["lora"]["base"]["checkpoint"] == str(tmp_path / "sft")
     q_delta = np.abs(np.asarray(merged["layers"]["attn"]["q"]["kernel"] - base["layers"]["attn"]["q"]["kernel"]))
@@ -333,14 +333,14 @@ def test_lora_stages_train_adapters_only_and_their_checkpoints_load_merged(tmp_p
     r = reward_config.get_config("tiny")
     r.init.checkpoint = str(tmp_path / "sft")
     r.lora.rank, r.train.steps, r.train.eval_every = 4, 3, 0
-    train.run(r, str(tmp_path / "lora_rm"))
+    supervised.run(r, str(tmp_path / "lora_rm"))
     rm, _ = checkpoint.load_params(str(tmp_path / "lora_rm"))
     assert np.abs(np.asarray(rm["scalar_head"]["kernel"])).max() > 0
 
     d = dpo_config.get_config("tiny")
     d.init.checkpoint = str(tmp_path / "sft")
     d.lora.rank, d.train.steps, d.train.log_every, d.train.eval_every = 4, 1, 1, 0
-    train.run(d, str(tmp_path / "lora_dpo"))
+    supervised.run(d, str(tmp_path / "lora_dpo"))
     with open(tmp_path / "lora_dpo" / "metrics.jsonl") as f:
         first = [json.loads(line) for line in f if '"loss"' in line][0]
     np.testing.assert_allclose(first["loss"], np.log(2), atol=3e-7)
@@ -349,7 +349,7 @@ def test_lora_stages_train_adapters_only_and_their_checkpoints_load_merged(tmp_p
     # A bfloat16 base: the reference is that same rounded base, so step 0 is still log 2;
     # the merged checkpoint is the rounded base plus the adapters.
     d.lora.base_dtype, d.train.steps = "bfloat16", 2
-    train.run(d, str(tmp_path / "lora_dpo_bf16"))
+    supervised.run(d, str(tmp_path / "lora_dpo_bf16"))
     with open(tmp_path / "lora_dpo_bf16" / "metrics.jsonl") as f:
         logged = [json.loads(line) for line in f if '"loss"' in line]
     np.testing.assert_allclose(logged[0]["loss"], np.log(2), atol=3e-7)
@@ -456,12 +456,13 @@ def rl_lora_config(kind, sft_dir, base_dtype="float32"):
 
 @pytest.mark.parametrize("kind,base_dtype", [("ppo", "float32"), ("grpo", "float32"), ("ppo", "bfloat16")])
 def test_rl_lora_first_minibatch_ratio_is_one_and_kl_is_zero_against_the_base(sft_dir, kind, base_dtype):
-    from ptx import checkpoint, rl, rollout, sampler
+    from ptx import checkpoint, rollout, sampler
+    from ptx.stages import rl
 
     c = rl_lora_config(kind, sft_dir, base_dtype)
     mesh = sharding.make_mesh(c.mesh)
     policy_cfg, _, params, ref = rl.build_models(c, mesh)
-    lcfg = rl.lora_config(c)
+    lcfg, rl_cfg = rl.lora_config(c), common.rl_config(c)
     # The trainable tree: adapters (+ the value head of PPO, in full); the reference: the SFT weights.
     flat = flax.traverse_util.flatten_dict(params["policy"], sep="/")
     assert all(p.endswith(("/a", "/b")) for p in flat if not p.startswith("scalar_head"))
@@ -480,12 +481,12 @@ def test_rl_lora_first_minibatch_ratio_is_one_and_kl_is_zero_against_the_base(sf
     seq = rollout.build_sequences(prompts, lens, out, pad_id=0)
     scores = np.linspace(0, 1, 8).astype(np.float32)
     batch, m = rollout.prepare(dict(params, policy=policy), ref, seq, scores, 0.1, policy_model=model,
-                               critic_model=None, width=4, rl_cfg=c.rl)
+                               critic_model=None, width=4, rl_cfg=rl_cfg)
     assert float(m["objective/kl"]) == 0.0
     np.testing.assert_array_equal(batch["ref_logps"], batch["old_logps"])
     first = jax.tree_util.tree_map(lambda x: x[:4], batch)
     loss_fn = jax.jit(lambda p, b, f: rollout.rl_loss_fn(p, b, f, policy_model=model, critic_model=None, width=4,
-                                                         rl_cfg=c.rl, lora_cfg=lcfg))
+                                                         rl_cfg=rl_cfg, lora_cfg=lcfg))
     _, metrics = loss_fn(params, first, ref)
     np.testing.assert_allclose(metrics["val/ratio"], 1.0, atol=1e-6)
     assert float(metrics["policy/clipfrac"]) == 0.0
@@ -494,7 +495,8 @@ def test_rl_lora_first_minibatch_ratio_is_one_and_kl_is_zero_against_the_base(sf
 
 
 def test_rl_lora_iteration_trains_adapters_and_value_head_only_and_loads_merged(sft_dir, tmp_path):
-    from ptx import checkpoint, inference, rl
+    from ptx import checkpoint, inference
+    from ptx.stages import rl
 
     c = rl_lora_config("ppo", sft_dir)
     c.optim.lr = 1e-2
@@ -503,7 +505,7 @@ def test_rl_lora_iteration_trains_adapters_and_value_head_only_and_loads_merged(
     trained = saved["params"]["policy"]
     assert set(saved["params"]) == {"policy"}
     flat = flax.traverse_util.flatten_dict(trained, sep="/")
-    kernels = lora.targeted(checkpoint.load_params(sft_dir)[0], lora.LoraConfig.from_config(c.lora))
+    kernels = lora.targeted(checkpoint.load_params(sft_dir)[0], common.lora_config(c))
     assert set(flat) == {f"{k}/{ab}" for k in kernels for ab in "ab"} | {"scalar_head/kernel"}
     # B and the value head start at zero; both moved. AdamW moments of these leaves only.
     assert all(np.any(v) for p, v in flat.items() if p.endswith("/b") or p.startswith("scalar_head"))
@@ -535,12 +537,12 @@ def test_rl_lora_iteration_trains_adapters_and_value_head_only_and_loads_merged(
 def test_merge_command_writes_a_full_checkpoint_whose_logits_equal_the_adapter_model(sft_dir, tmp_path):
     from configs import merge as merge_config
     from configs import sft as sft_config
-    from ptx import checkpoint, hf, stages, train
+    from ptx import checkpoint, hf, stages
 
     c = sft_config.get_config("tiny")
     c.init.checkpoint, c.lora.rank, c.optim.lr = sft_dir, 4, 1e-2
     c.train.steps, c.train.eval_every = 4, 0
-    train.run(c, str(tmp_path / "lora"))
+    supervised.run(c, str(tmp_path / "lora"))
 
     m = merge_config.get_config()
     m.checkpoint, m.out, m.hf_out = str(tmp_path / "lora"), str(tmp_path / "full"), str(tmp_path / "hf")
@@ -556,14 +558,14 @@ def test_merge_command_writes_a_full_checkpoint_whose_logits_equal_the_adapter_m
     batch = sft_batch(11, t=24)
     model = Transformer(cfg)
     got = np.asarray(logits(merged, batch, model))
-    want = np.asarray(unmerged_logits(base, adapters, train.lora_config(c), batch, model))
+    want = np.asarray(unmerged_logits(base, adapters, common.lora_config(c), batch, model))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert np.abs(want - np.asarray(logits(base, batch, model))).max() > 1e-2  # the adapters matter
 
     # Any stage reads it as init.checkpoint; the Hugging Face export holds the same weights.
     c2 = sft_config.get_config("tiny")
     c2.init.checkpoint = out
-    _, again = train.load_source(c2, sharding.make_mesh(c2.mesh))
+    again = common.init_source(c2).load(sharding.make_mesh(c2.mesh))
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), again, merged)
     exported, hf_cfg = hf.load_params(str(tmp_path / "hf"))
     assert hf_cfg.n_layers == cfg.n_layers and not hf_cfg.scalar_head

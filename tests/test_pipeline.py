@@ -8,7 +8,10 @@ import pytest
 from configs import best_of_n as bon_config
 from configs import quickstart as quickstart_config
 from configs import sample as sample_config
-from ptx import best_of_n, evaluate, pipeline, rewards
+from ptx import best_of_n, evaluate, rewards
+from ptx.stages import best_of_n as best_of_n_stage
+from ptx.stages import quickstart as quickstart_stage
+from ptx.stages import sample as sample_stage
 
 
 def test_best_of_n_picks_the_argmax_and_its_mean_is_monotone_in_n():
@@ -66,9 +69,8 @@ def test_sample_and_best_of_n_commands_write_their_files(quickstart, tmp_path):
     c.checkpoint = os.path.join(workdir, "sft")
     c.prompt = "What is 2 + 3?"
     c.sampling.num_samples, c.sampling.temperature = 2, 0.0
-    from ptx import inference
 
-    path = inference.run(c, str(tmp_path / "sample"))
+    path = sample_stage.run(c, str(tmp_path / "sample"))
     rows = [json.loads(line) for line in open(path)]
     assert len(rows) == 2 and rows[0]["completion"] == rows[1]["completion"]  # greedy
     assert rows[0]["finish_reason"] in ("eos", "stop", "length")
@@ -79,7 +81,7 @@ def test_sample_and_best_of_n_commands_write_their_files(quickstart, tmp_path):
     b.reward.function = "ptx.world:oracle_reward"
     b.prompts = os.path.join(workdir, "world", "heldout.jsonl")
     b.batch_size = 8
-    results = best_of_n.run(b, str(tmp_path / "bon"))
+    results = best_of_n_stage.run(b, str(tmp_path / "bon"))
     best = [results[f"best_of_{n}"]["best"] for n in b.ns]
     assert all(x <= y for x, y in zip(best, best[1:]))
     cands = [json.loads(line) for line in open(tmp_path / "bon" / "candidates.jsonl")]
@@ -93,6 +95,6 @@ def test_sample_and_best_of_n_commands_write_their_files(quickstart, tmp_path):
 def test_quickstart_seed_arg_reseeds_every_stage_and_the_evaluation_but_not_the_world():
     c = quickstart_config.get_config("tiny,seed=7")
     stages = [k for k, v in c.items() if hasattr(v, "get") and "seed" in v and k not in ("world", "eval")]
-    assert set(stages) >= set(pipeline.STAGES)
+    assert set(stages) >= set(quickstart_stage.STAGES)
     assert all(c[k].seed == 7 for k in stages) and c.eval.seed == 7 + 1234 and c.world.seed == 0
     assert quickstart_config.get_config("tiny").sft.seed == 0

@@ -8,7 +8,9 @@ import pytest
 
 from configs import grpo as grpo_config
 from configs import ppo as ppo_config
-from ptx import losses, rl, rollout, sampler, sharding
+from ptx import losses, rollout, sampler, sharding
+from ptx.model import Transformer
+from ptx.stages import common, rl
 
 
 def letter_share(prompt: str, completion: str) -> float:
@@ -40,8 +42,6 @@ def test_first_minibatch_ratio_is_one_and_kl_is_zero_at_the_reference(sft_dir, t
     c = rl_cfg(kind, sft_dir)
     mesh = sharding.make_mesh(c.mesh)
     policy_cfg, critic_cfg, params, ref = rl.build_models(c, mesh)
-    from ptx.model import Transformer
-
     policy_model = Transformer(policy_cfg)
     prompts = np.array([[2, 40, 41, 42], [2, 43, 44, 0]], np.int32).repeat(4, axis=0)
     lens = np.array([4, 3], np.int32).repeat(4)
@@ -50,7 +50,7 @@ def test_first_minibatch_ratio_is_one_and_kl_is_zero_at_the_reference(sft_dir, t
     seq = rollout.build_sequences(prompts, lens, out, pad_id=0)
     scores = np.linspace(0, 1, 8).astype(np.float32)
     batch, m = rollout.prepare(params, ref, seq, scores, 0.1, policy_model=policy_model,
-                               critic_model=None, width=4, rl_cfg=c.rl)
+                               critic_model=None, width=4, rl_cfg=common.rl_config(c))
     assert float(m["objective/kl"]) == 0.0
     np.testing.assert_allclose(batch["ref_logps"], batch["old_logps"], atol=0)
     # The sampler's own log-probs agree with the recomputed ones (same distribution).
@@ -58,7 +58,7 @@ def test_first_minibatch_ratio_is_one_and_kl_is_zero_at_the_reference(sft_dir, t
                                atol=1e-4)
     first = jax.tree_util.tree_map(lambda x: x[:4], batch)
     _, metrics = rollout.rl_loss_fn(params, first, policy_model=policy_model, critic_model=None, width=4,
-                                    rl_cfg=c.rl)
+                                    rl_cfg=common.rl_config(c))
     np.testing.assert_allclose(metrics["val/ratio"], 1.0, atol=1e-6)
     assert float(metrics["policy/clipfrac"]) == 0.0
     if kind == "grpo":

@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from scipy import stats
 
-from ptx import sampler, sharding, train
+from ptx import sampler, sharding
 from ptx.model import ModelConfig, Transformer, init_params
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
@@ -419,8 +419,8 @@ def test_generate_under_a_tensor_parallel_mesh_equals_unsharded(params, prompts,
              **{k: v[rows] for k, v in MIXED.items()}}
     plain = generate_fn(params, batch["t"], batch["n"], batch["k"], **{k: batch[k] for k in MIXED})
     with jax.set_mesh(mesh):
-        placed = sharding.put_batch(batch, mesh)
-        out = generate_fn(jax.device_put(params, train.param_shardings_for(CFG, mesh)), placed["t"], placed["n"],
+        placed = sharding.put_global(batch, mesh)
+        out = generate_fn(jax.device_put(params, sharding.param_shardings(params, CFG, mesh)), placed["t"], placed["n"],
                           placed["k"], **{k: placed[k] for k in MIXED})
     np.testing.assert_array_equal(out.tokens, plain.tokens)
     np.testing.assert_array_equal(out.lengths, plain.lengths)

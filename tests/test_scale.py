@@ -15,14 +15,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs import best_of_n as best_of_n_config
-from configs import grpo as grpo_config
 from configs import ppo as ppo_config
 from configs import reward as reward_config
 from configs import sample as sample_config
 from configs import sft as sft_config
-from ptx import checkpoint, distributed, inference, optim, rl, sharding, stages, steps, train
-from ptx.model import ModelConfig, Transformer, init_cache, init_params
+from ptx import checkpoint, distributed, optim, sharding, steps
+from ptx.stages import rl, sample, supervised
+from ptx.model import ModelConfig, Transformer, abstract_params, init_cache, init_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240  # per subprocess; a hung coordinator must fail the test, not stall the suite
@@ -169,10 +168,10 @@ def rl_models(tmp_path_factory):
     # On the embedded world: its corpus gives the tokenizer every piece of the model's vocabulary.
     c = sft_config.get_config("tiny")
     c.train.steps, c.train.eval_every = 10, 0
-    train.run(c, str(d / "sft"))
+    supervised.run(c, str(d / "sft"))
     r = reward_config.get_config("tiny")
     r.data.train, r.init.checkpoint, r.train.steps, r.train.eval_every = str(d / "pref.jsonl"), str(d / "sft"), 4, 0
-    train.run(r, str(d / "rm"))
+    supervised.run(r, str(d / "rm"))
     return {"sft": str(d / "sft"), "rm": str(d / "rm"), "prompts": str(d / "sft" / "world" / "sft.jsonl")}
 
 
@@ -202,20 +201,35 @@ def test_two_processes_run_grpo_and_sample_like_one_process_with_four_devices(rl
     run_processes(sample_args, tmp_path / "sample2", processes=2, devices=2)
     c = sample_config.get_config("tiny")
     c.checkpoint, c.prompts = str(multi), sft_file
-    inference.run(c, str(tmp_path / "sample8"))
+    sample.run(c, str(tmp_path / "sample8"))
     samples = (tmp_path / "sample2" / "samples.jsonl").read_text()
     assert samples == (tmp_path / "sample8" / "samples.jsonl").read_text()
     assert len(samples.splitlines()) == 64
 
 
-def test_stages_not_yet_safe_in_several_processes_refuse_to_start(monkeypatch, tmp_path):
-    monkeypatch.setattr(jax, "process_count", lambda: 2)
-    judged = grpo_config.get_config("tiny")
-    judged.reward.source = "judge"
-    for c in [best_of_n_config.get_config("tiny"), judged]:
-        with pytest.raises(NotImplementedError, match="runs in one process"):
-            stages.run(c, str(tmp_path))
-    assert not os.listdir(tmp_path)
+def test_two_processes_run_best_of_n_with_a_judge_and_ai_feedback_like_one_process(rl_models, sft_file, tmp_path):
+    # The judge (here best-of-N's reward source, then the AI-feedback labeller) places every
+    # chunk by the sampler's rule: each process holds all rows and puts its devices' share on
+    # the mesh; process 0 writes the files.
+    mesh = ["--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
+    runs = {
+        "bon": (["--config=configs/best_of_n.py:tiny", f"--config.checkpoint={rl_models['sft']}",
+                 f"--config.prompts={sft_file}", "--config.reward.source=judge",
+                 f"--config.reward.checkpoint={rl_models['sft']}"], ("candidates.jsonl", "results.json")),
+        "aif": (["--config=configs/ai_feedback.py:tiny", f"--config.policy_checkpoint={rl_models['sft']}",
+                 f"--config.judge_checkpoint={rl_models['sft']}", f"--config.data.train={sft_file}",
+                 "--config.judge.threshold=0.5"], ("preferences.jsonl", "stats.json")),
+    }
+    for name, (args, outputs) in runs.items():
+        run_processes(args + mesh, tmp_path / f"{name}2", processes=2, devices=2)
+        run_processes(args + mesh, tmp_path / f"{name}1", processes=1, devices=4)
+        for out in outputs:
+            two, one = (tmp_path / f"{name}2" / out).read_text(), (tmp_path / f"{name}1" / out).read_text()
+            assert two == one, (name, out)
+    candidates = [json.loads(line) for line in open(tmp_path / "bon2" / "candidates.jsonl")]
+    assert len(candidates) == 64 * 4 and len({c["score"] for c in candidates}) > 10
+    stats = json.load(open(tmp_path / "aif2" / "stats.json"))
+    assert stats["n_pairs"] > 0 and stats["n_kept"] == stats["n_pairs"]
 
 
 # Every mesh alike.
@@ -287,14 +301,15 @@ def sft(sft_file, mesh, steps_):
 
 def test_checkpoint_from_a_2x2x2_mesh_restores_and_resumes_on_8x1x1_and_on_one_device(sft_file, tmp_path):
     saved = tmp_path / "2x2x2"
-    train.run(sft(sft_file, (2, 2, 2), 2), str(saved))
-    train.run(sft(sft_file, (2, 2, 2), 3), str(tmp_path / "straight"))
+    supervised.run(sft(sft_file, (2, 2, 2), 2), str(saved))
+    supervised.run(sft(sft_file, (2, 2, 2), 3), str(tmp_path / "straight"))
 
     cfg = ModelConfig(**checkpoint.read_meta(str(saved))["model"])
     ref = host_params(saved)  # onto the first device
     for mesh, devices in [((8, 1, 1), None), ((2, 2, 2), None), ((1, 1, 1), jax.devices()[:1])]:
-        shardings = train.param_shardings_for(cfg, sharding.make_mesh(dict(zip(sharding.AXES, mesh)), devices))
-        params, _ = checkpoint.load_params(str(saved), shardings)
+        on = sharding.make_mesh(dict(zip(sharding.AXES, mesh)), devices)
+        shardings = sharding.param_shardings(abstract_params(cfg), cfg, on)
+        params, _ = checkpoint.load_params(str(saved), on)
         for p, s in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(shardings)):
             assert p.sharding.is_equivalent_to(s, p.ndim), (p.sharding, s)
         assert_trees_close(jax.device_get(params), ref, rtol=0, atol=0)
@@ -303,13 +318,13 @@ def test_checkpoint_from_a_2x2x2_mesh_restores_and_resumes_on_8x1x1_and_on_one_d
     for mesh, devices in [((8, 1, 1), None), ((1, 1, 1), jax.devices()[:1])]:
         resumed = tmp_path / "x".join(map(str, mesh))
         shutil.copytree(saved, resumed)
-        train.run(sft(sft_file, mesh, 3), str(resumed), devices=devices)
+        supervised.run(sft(sft_file, mesh, 3), str(resumed), devices=devices)
         assert [r["step"] for r in read_metrics(resumed) if "data/rows" in r] == [0, 2]
         assert_trees_close(host_params(resumed), host_params(tmp_path / "straight"), atol=2e-5)
 
 
 def test_parameter_and_optimizer_state_shardings_follow_the_rules_on_a_2x2x2_mesh():
-    # The lines of train.run that build the sharded state.
+    # The lines of supervised.run that build the sharded state.
     c = sft_config.get_config("tiny")
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
     cfg = ModelConfig(**dict(c.model))

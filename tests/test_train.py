@@ -14,7 +14,8 @@ import pytest
 from configs import dpo as dpo_config
 from configs import reward as reward_config
 from configs import sft as sft_config
-from ptx import checkpoint, data, metrics, steps, train
+from ptx import checkpoint, data, metrics, steps
+from ptx.stages import supervised
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,13 +68,13 @@ def test_sft_loss_goes_down_on_a_memorisable_batch(files, tmp_path):
 
 
 def read_and_run(c, workdir):
-    train.run(c, str(workdir))
+    supervised.run(c, str(workdir))
     return read_metrics(workdir)
 
 
 def test_resume_after_a_kill_gives_the_same_final_parameters(files, tmp_path, monkeypatch):
     c = sft(files, **{"train.steps": 12, "train.ckpt_every": 4})
-    train.run(c, str(tmp_path / "straight"))
+    supervised.run(c, str(tmp_path / "straight"))
 
     real_write = metrics.MetricWriter.write
 
@@ -84,16 +85,16 @@ def test_resume_after_a_kill_gives_the_same_final_parameters(files, tmp_path, mo
 
     monkeypatch.setattr(metrics.MetricWriter, "write", killed)
     with pytest.raises(KeyboardInterrupt):
-        train.run(c, str(tmp_path / "resumed"))
+        supervised.run(c, str(tmp_path / "resumed"))
     assert checkpoint.resolve(str(tmp_path / "resumed"))[1] == 8
     monkeypatch.setattr(metrics.MetricWriter, "write", real_write)
-    train.run(c, str(tmp_path / "resumed"))
+    supervised.run(c, str(tmp_path / "resumed"))
     assert_trees_close(final_params(tmp_path / "straight"), final_params(tmp_path / "resumed"), rtol=0, atol=0)
 
 
 def test_gradient_accumulation_equals_one_big_batch(files, tmp_path):
-    train.run(sft(files, **{"train.steps": 3}), str(tmp_path / "big"))
-    train.run(sft(files, **{"train.steps": 3, "optim.accum_steps": 4}), str(tmp_path / "accum"))
+    supervised.run(sft(files, **{"train.steps": 3}), str(tmp_path / "big"))
+    supervised.run(sft(files, **{"train.steps": 3, "optim.accum_steps": 4}), str(tmp_path / "accum"))
     assert_trees_close(final_params(tmp_path / "big"), final_params(tmp_path / "accum"), atol=2e-6)
 
 
@@ -115,12 +116,12 @@ def test_train_step_applies_a_finite_update_and_skips_a_nonfinite_one():
 
 def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(files, tmp_path):
     c = sft(files, **{"train.steps": 12, "train.ckpt_every": 4})
-    train.run(c, str(tmp_path))
+    supervised.run(c, str(tmp_path))
     good = final_params(tmp_path)
     c.train.steps = 20
     c.optim.lr = float("nan")
     with pytest.raises(metrics.NonFiniteError, match="last good checkpoint"):
-        train.run(c, str(tmp_path))
+        supervised.run(c, str(tmp_path))
     assert checkpoint.resolve(str(tmp_path))[1] == 12
     assert_trees_close(final_params(tmp_path), good, rtol=0, atol=0)
 
@@ -138,23 +139,23 @@ def test_eight_devices_give_the_same_loss_and_parameters_as_one(files, tmp_path,
         c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
         return c
 
-    train.run(config((1, 1, 1)), str(tmp_path / "one"), devices=jax.devices()[:1])
+    supervised.run(config((1, 1, 1)), str(tmp_path / "one"), devices=jax.devices()[:1])
     ref_params, ref_loss = final_params(tmp_path / "one"), read_metrics(tmp_path / "one")[-1]["loss"]
     for mesh in [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]:
         name = "x".join(map(str, mesh))
-        train.run(config(mesh), str(tmp_path / name))
+        supervised.run(config(mesh), str(tmp_path / name))
         np.testing.assert_allclose(read_metrics(tmp_path / name)[-1]["loss"], ref_loss, rtol=1e-5)
         assert_trees_close(final_params(tmp_path / name), ref_params, atol=2e-5)
 
 
 def test_reward_model_and_dpo_learn_a_learnable_preference(files, tmp_path):
     c = sft(files, **{"train.steps": 30})
-    train.run(c, str(tmp_path / "sft"))
+    supervised.run(c, str(tmp_path / "sft"))
     r = reward_config.get_config("tiny")
     r.data.train = r.data.eval = files["pref"]
     r.init.checkpoint = str(tmp_path / "sft")
     r.train.steps, r.train.log_every, r.optim.lr = 30, 10, 3e-3
-    last = train.run(r, str(tmp_path / "rm"))
+    last = supervised.run(r, str(tmp_path / "rm"))
     assert last["eval/accuracy"] > 0.9
     d = dpo_config.get_config("tiny")
     d.data.train = d.data.eval = files["pref"]
@@ -167,7 +168,7 @@ def test_reward_model_and_dpo_learn_a_learnable_preference(files, tmp_path):
 
 def test_dpo_first_step_loss_is_log2_with_and_without_precomputed_reference(files, tmp_path):
     c = sft(files, **{"train.steps": 4})
-    train.run(c, str(tmp_path / "sft"))
+    supervised.run(c, str(tmp_path / "sft"))
     losses = []
     for pre in (False, True):
         d = dpo_config.get_config("tiny")
@@ -184,7 +185,7 @@ def test_bad_data_row_error_names_file_row_and_field(tmp_path):
     bad.write_text('{"prompt": "hi", "completion": "yo"}\n{"prompt": "hi", "completion": 3}\n')
     c = sft({"sft": str(bad)})
     with pytest.raises(data.DataError, match=r"bad.jsonl: row 1: field 'completion'"):
-        train.run(c, str(tmp_path / "run"))
+        supervised.run(c, str(tmp_path / "run"))
 
 
 def test_unknown_config_override_is_an_error(tmp_path):

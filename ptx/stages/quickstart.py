@@ -13,12 +13,19 @@ report.md and PNG plots into the workdir and prints the table.
 import json
 import os
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-from ptx import checkpoint, data, evaluate, inference, judge, rewards, sharding, train, world
+from ptx import checkpoint, evaluate, rewards, sharding, world
+from ptx.stages import ai_feedback, common, rl, supervised
 
 METHODS = ("base", "sft", "best_of_4", "best_of_16", "dpo", "ppo", "grpo", "rlaif")
 STAGES = ("pretrain", "sft", "judge", "ai_feedback", "reward", "dpo", "ppo", "grpo", "rlaif")
+# The loop that trains each of the quickstart's stages.
+RUNNERS = {"pretrain": supervised.run, "sft": supervised.run, "judge": supervised.run,
+           "ai_feedback": ai_feedback.run, "reward": supervised.run, "dpo": supervised.run, "ppo": rl.run,
+           "grpo": rl.run, "rlaif": supervised.run}
 
 
 def _done(path: str, steps: int) -> bool:
@@ -38,23 +45,24 @@ def human_feedback(w: world.World, workdir: str, files: dict, ai_dir: str, seed:
     and DPO's training file. Returns the paths."""
     out = os.path.join(workdir, "human_feedback")
     paths = {"on_policy": os.path.join(out, "preferences.jsonl"), "train": os.path.join(out, "train.jsonl")}
-    if not os.path.exists(paths["train"]):
+    if not os.path.exists(paths["train"]) and jax.process_index() == 0:
         os.makedirs(out, exist_ok=True)
         pairs = [json.loads(line) for line in open(os.path.join(ai_dir, "preferences.jsonl"))]
         labelled = w.human_labels(pairs, seed)
         offline = [json.loads(line) for line in open(files["preference"])]
-        judge.write_jsonl(paths["on_policy"], labelled)
-        judge.write_jsonl(paths["train"] + ".tmp", offline + labelled)
+        common.write_jsonl(paths["on_policy"], labelled)
+        common.write_jsonl(paths["train"] + ".tmp", offline + labelled)
         os.replace(paths["train"] + ".tmp", paths["train"])
+    if jax.process_count() > 1:
+        # The other processes read the files process 0 wrote.
+        multihost_utils.sync_global_devices("ptx human_feedback")
     return paths
 
 
 def run_stages(config, workdir: str, files: dict) -> dict:
     """Train every stage in order; returns stage -> workdir."""
-    from ptx import stages
-
     dirs = {name: os.path.join(workdir, name) for name in STAGES}
-    w = world.World(world.WorldConfig(seed=config.world.seed, **dict(config.world.sizes)))
+    w = common.make_world(config)
     human = os.path.join(workdir, "human_feedback", "train.jsonl")
     inputs = {"pretrain": (files["pretrain"], ""), "sft": (files["sft"], ""),
               "judge": (files["reviews"], ""),
@@ -67,6 +75,7 @@ def run_stages(config, workdir: str, files: dict) -> dict:
                "grpo": "sft", "rlaif": "sft"}
     for name in STAGES:
         c = config[name]
+        c.world = config.world  # one world for every stage that reads it
         c.data.train, c.data.eval = inputs[name]
         if name in parents:
             c.init.checkpoint = dirs[parents[name]]
@@ -78,34 +87,32 @@ def run_stages(config, workdir: str, files: dict) -> dict:
             c.policy_checkpoint, c.judge_checkpoint = dirs["sft"], dirs["judge"]
         if not _done(dirs[name], None if name == "ai_feedback" else c.train.steps):
             print(f"== {name}")
-            stages.run(c, dirs[name])
+            RUNNERS[name](c, dirs[name])
         if name == "ai_feedback":
             human_feedback(w, workdir, files, dirs[name], config.seed)
     return dirs
 
 
+def evaluation_args(config, files: dict, sft_dir: str, mesh) -> dict:
+    """The arguments of the quickstart's `evaluate.Evaluation`: its held-out prompts, SFT policy,
+    oracle and sampling settings (the experiments grade with the same)."""
+    e = config.eval
+    return dict(sft_path=sft_dir, prompt_file=files["heldout"], oracle=common.make_world(config), mesh=mesh,
+                template=common.template(config.sft), max_prompt_len=config.sft.data.max_prompt_len,
+                batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, temperature=e.temperature, seed=e.seed)
+
+
 def evaluate_all(config, workdir: str, files: dict, dirs: dict) -> dict:
     mesh = sharding.make_mesh(config.mesh)
-    w = world.World(world.WorldConfig(seed=config.world.seed))
-    sft = inference.load_policy(dirs["sft"], mesh)
-    rows, _ = data.load_rows(files["heldout"], "prompt", template=train.template(config.sft))
-    arrays, _ = data.encode_prompts(rows, sft.tok, max_prompt_len=config.sft.data.max_prompt_len)
-    prompts = [r["prompt"] for r in rows]
-    e = config.eval
-    smp = inference.Sampler(sft, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens)
-    settings = dict(temperature=e.temperature, top_k=0, top_p=1.0, min_p=0.0)
-    kl_fn = evaluate.make_kl_fn(sft.cfg, arrays["prompt_tokens"].shape[1])
+    ev = evaluate.Evaluation(**evaluation_args(config, files, dirs["sft"], mesh))
+    w = ev.oracle
     methods = {}
     for name, stage in (("base", "pretrain"), ("sft", "sft"), ("dpo", "dpo"), ("ppo", "ppo"), ("grpo", "grpo"),
                         ("rlaif", "rlaif")):
-        params = sft.params if name == "sft" else inference.load_policy(dirs[stage], mesh).params
         print(f"== evaluate {name}")
-        methods[name] = evaluate.evaluate_policy(smp, params, sft.params, arrays, prompts, w.grade,
-                                                 seed=e.seed, settings=settings, kl_fn=kl_fn)
+        methods[name] = ev.policy(ev.params(None if name == "sft" else dirs[stage]))
     print("== evaluate best-of-N")
-    rm = rewards.ModelReward(dirs["reward"], mesh)
-    methods.update(evaluate.evaluate_best_of_n(smp, rm, arrays, prompts, w.grade, list(e.best_of_n),
-                                               seed=e.seed, settings=settings))
+    methods.update(ev.best_of_n(rewards.ModelReward(dirs["reward"], mesh), config.eval.best_of_n))
     rm_metrics = [json.loads(line) for line in open(os.path.join(dirs["reward"], "metrics.jsonl"))]
     heldout_acc = [m["eval/accuracy"] for m in rm_metrics if "eval/accuracy" in m][-1]
     with open(os.path.join(dirs["ai_feedback"], "stats.json")) as f:
@@ -158,12 +165,13 @@ def plot(results: dict, workdir: str):
 
 def run(config, workdir: str) -> dict:
     workdir = os.path.abspath(workdir)
-    train.write_config(config, workdir)
-    w = world.World(world.WorldConfig(seed=config.world.seed, **dict(config.world.sizes)))
-    files = w.write(os.path.join(workdir, "world"))
+    common.write_config(config, workdir)
+    files = common.make_world(config).write(os.path.join(workdir, "world"))
     dirs = run_stages(config, workdir, files)
     results = evaluate_all(config, workdir, files, dirs)
     results["config"] = {"world_seed": config.world.seed}
+    if jax.process_index():
+        return results
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=2, default=lambda x: float(np.asarray(x)))
     table = report(results, workdir)

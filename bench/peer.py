@@ -1,4 +1,4 @@
-"""How ptx.bench measures and compares, and the peer it is compared with.
+"""How the benchmarks (bench/main.py) measure and compares, and the peer it is compared with.
 
 Timing (`median_time`: the median of repeated runs after a warm-up, each
 ended by a sync), memory, the chip's peak (`PUBLISHED_PEAKS`, or the fastest

@@ -1,7 +1,8 @@
-"""The benchmarks of `python -m ptx.bench`: synthetic inputs (random weights and
+"""The benchmarks of `python -m bench.main`: synthetic inputs (random weights and
 token rows of the benchmarked shapes) and `Suite`, one method per benchmark, each
-returning a `bench_peer.entry` (tokens/s, FLOP/s, compile time, peak memory).
+returning a `peer.entry` (tokens/s, FLOP/s, compile time, peak memory).
 """
+import dataclasses
 import functools
 import math
 
@@ -9,14 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench.peer import compile_timed, entry, mb, median_time
 from configs import common
 from configs import dpo as dpo_configs
 from configs import grpo as grpo_configs
 from configs import ppo as ppo_configs
 from configs import reward as reward_configs
-from configs import sft as sft_configs
 from ptx import lora, optim, rollout, sampler, sharding, steps
-from ptx.bench_peer import compile_timed, entry, mb, median_time
+from ptx.stages import common as stage_common
 from ptx.model import ModelConfig, Transformer, flops_per_token, init_params, unstack_layers
 
 
@@ -114,7 +115,7 @@ class Suite:
         state_sh = self._shardings(jax.eval_shape(lambda p: steps.init_state(p, self.tx), params))
         state = jax.device_put(steps.init_state(jax.device_put(params, state_sh.params), self.tx), state_sh)
         frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
-        batch = sharding.put_batch(batch, self.mesh)
+        batch = sharding.put_global(batch, self.mesh)
         compiled, compile_s = self.compile(self._step(loss_fn, state_sh, frozen_sh), state, batch, frozen)
         sizes = {f"{k}_mb": mb(t) for k, t in (("param", state.params), ("opt_state", state.opt_state),
                                                   ("frozen", frozen))}
@@ -130,25 +131,25 @@ class Suite:
 
     def sft_step(self):
         a, cfg = self.args, self.cfg
-        loss_fn = steps.make_loss_fn("sft", Transformer(cfg), sft_configs.get_config())
+        loss_fn = steps.make_loss_fn("sft", Transformer(cfg))
         return self.train(loss_fn, random_params(cfg, 0), lm_rows(self.rng, a.batch, a.seq, cfg.vocab_size),
                           3 * self.fwd * a.batch * a.seq)
 
     def reward_step(self):
         a, cfg = self.args, self.cfg.replace(scalar_head=True)
-        loss_fn = steps.make_loss_fn("reward", Transformer(cfg), reward_configs.get_config())
+        loss_fn = steps.make_loss_fn("reward", Transformer(cfg), center_coef=reward_configs.get_config().reward.center_coef)
         return self.train(loss_fn, random_params(cfg, 0), pair_rows(self.rng, a.batch, a.seq, cfg.vocab_size),
                           3 * (self.fwd - self.head) * 2 * a.batch * a.seq)
 
     def dpo_step(self):
         a, cfg = self.args, self.cfg
-        loss_fn = steps.make_loss_fn("dpo", Transformer(cfg), dpo_configs.get_config())
+        loss_fn = steps.make_loss_fn("dpo", Transformer(cfg), dpo=stage_common.dpo_config(dpo_configs.get_config()))
         return self.train(loss_fn, random_params(cfg, 0), pair_rows(self.rng, a.batch, a.seq, cfg.vocab_size),
                           (3 + 1) * self.fwd * 2 * a.batch * a.seq, frozen=self.put(random_params(cfg, 1)))
 
     def dpo_step_precomputed_ref(self):
         a, cfg = self.args, self.cfg
-        loss_fn = steps.make_loss_fn("dpo", Transformer(cfg), dpo_configs.get_config())
+        loss_fn = steps.make_loss_fn("dpo", Transformer(cfg), dpo=stage_common.dpo_config(dpo_configs.get_config()))
         return self.train(loss_fn, random_params(cfg, 0), pair_rows(self.rng, a.batch, a.seq, cfg.vocab_size, True),
                           3 * self.fwd * 2 * a.batch * a.seq)
 
@@ -159,8 +160,8 @@ class Suite:
         lcfg = lora.LoraConfig(rank=self.args.lora_rank, base_dtype=self.args.lora_base_dtype)
         base = lora.frozen_base(self.put(random_params(self.cfg, 0)), lcfg)
         adapters = jax.device_get(lora.init(base, lcfg, jax.random.PRNGKey(1)))
-        config = {"sft": sft_configs, "dpo": dpo_configs}[stage].get_config()
-        loss_fn = lora.loss_fn(steps.make_loss_fn(stage, Transformer(self.cfg), config), lcfg)
+        dpo = stage_common.dpo_config(dpo_configs.get_config()) if stage == "dpo" else None
+        loss_fn = lora.loss_fn(steps.make_loss_fn(stage, Transformer(self.cfg), dpo=dpo), lcfg)
         frozen = {"base": base, "ref": base if stage == "dpo" else None}
         return self.train(loss_fn, adapters, batch, flops, frozen=frozen)
 
@@ -177,7 +178,7 @@ class Suite:
         """Clipped surrogate + value loss; the critic is a second trunk with a scalar head."""
         a, cfg = self.args, self.cfg
         critic = cfg.replace(scalar_head=True)
-        rl = ppo_configs.get_config().rl
+        rl = stage_common.rl_config(ppo_configs.get_config())
         width = min(self.width, a.seq - 1)
         loss_fn = lambda p, b, f: rollout.rl_loss_fn(p, b, f, policy_model=Transformer(cfg),
                                                      critic_model=Transformer(critic), width=width, rl_cfg=rl)
@@ -265,7 +266,7 @@ class Suite:
         """Rollout (generate -> build -> prepare with the reference and the critic, if any), then
         `updates` minibatch steps of policy (+ critic): one timed, times `updates`."""
         a, cfg, width, n = self.args, self.cfg, self.width, self.new
-        rl.group_size = math.gcd(a.batch, rl.group_size)  # the batch must hold whole groups
+        rl = dataclasses.replace(rl, group_size=math.gcd(a.batch, rl.group_size))  # the batch holds whole groups
         model, critic_cfg = Transformer(cfg), cfg.replace(scalar_head=True)
         critic_model = Transformer(critic_cfg) if critic else None
         ref = self.params()
@@ -305,12 +306,12 @@ class Suite:
 
     def grpo_iteration(self):
         """A GRPO iteration: no critic, one update on the whole rollout batch."""
-        return self._rl_iteration(grpo_configs.get_config().rl, False, self.args.batch, 1)
+        return self._rl_iteration(stage_common.rl_config(grpo_configs.get_config()), False, self.args.batch, 1)
 
     def ppo_iteration(self):
         """A PPO iteration with a critic (a second trunk with a scalar head): rl.num_epochs passes of
         rl.minibatch_size updates, as configs/ppo.py runs them."""
-        rl = ppo_configs.get_config().rl
+        rl = stage_common.rl_config(ppo_configs.get_config())
         minibatch = math.gcd(self.args.batch, rl.minibatch_size)
         return self._rl_iteration(rl, True, minibatch, rl.num_epochs * (self.args.batch // minibatch))
 
@@ -323,5 +324,5 @@ class Suite:
         state = jax.tree_util.tree_map(spec, abstract, state_sh)
         batch_sh = sharding.batch_sharding(self.mesh)
         batch = {k: spec(v, batch_sh) for k, v in lm_rows(self.rng, a.batch, a.seq, cfg.vocab_size).items()}
-        loss_fn = steps.make_loss_fn("sft", Transformer(cfg), sft_configs.get_config())
+        loss_fn = steps.make_loss_fn("sft", Transformer(cfg))
         return self.compile(self._step(loss_fn, state_sh, None), state, batch, None)[1]

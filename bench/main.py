@@ -1,11 +1,11 @@
 """Benchmarks: every training step (full and LoRA), prefill, decode and one GRPO and PPO
 iteration, against the peak.
 
-python -m ptx.bench [--size bench] [--only sft_step,decode_b16] [--compare runs/old.json] [--peer torch]
+python -m bench.main [--size bench] [--only sft_step,decode_b16] [--compare runs/old.json] [--peer torch]
 
 Each number is the median of `--repeats` timed runs after one warm-up run,
-each ended by block_until_ready (ptx/bench_suite.py holds the benchmarks,
-ptx/bench_peer.py measures, tabulates and compares). Steps are jitted once through `steps.compile_step` on a
+each ended by block_until_ready (bench/suite.py holds the benchmarks,
+bench/peer.py measures, tabulates and compares). Steps are jitted once through `steps.compile_step` on a
 data-parallel mesh, with the AdamW chain of the real configs. FLOPs are
 analytic: forward per token = `model.flops_per_token` (attention over the
 whole sequence, no causal saving), training = 3 x forward (LoRA too: the
@@ -25,10 +25,11 @@ import os
 import jax
 import jax.numpy as jnp
 
+from bench import peer as bench_peer
+from bench.peer import is_benchmark, matmul_peak, published_peak
+from bench.suite import Suite
 from configs import common
-from ptx import bench_peer, lora
-from ptx.bench_peer import is_benchmark, matmul_peak, published_peak
-from ptx.bench_suite import Suite
+from ptx import lora
 from ptx.model import ModelConfig
 
 TRAIN = ("sft_step", "reward_step", "dpo_step", "dpo_step_precomputed_ref", "ppo_update", "lora_sft_step",
@@ -36,7 +37,7 @@ TRAIN = ("sft_step", "reward_step", "dpo_step", "dpo_step_precomputed_ref", "ppo
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m ptx.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.main", description=__doc__.splitlines()[0])
     p.add_argument("--size", default="bench", choices=sorted(common.MODEL_PRESETS), help="model preset")
     for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "vocab"):
         p.add_argument(f"--{name}", type=int, default=0, help="0 = the preset's")

@@ -1,0 +1,32 @@
+"""The entry points: one module per stage family, each `run(config, workdir)` reads a
+config, builds the library's pieces, runs its loop and writes its workdir.
+
+Imports run one way: `ptx.stages` -> the library (`ptx/*.py`), never back, and
+the library never imports `configs`. A new stage is a module here with its
+`run`, an entry in `RUNNERS` and a file in `configs/`; a new loss is a pure
+function in `ptx/losses.py` with its step in `ptx/steps.py` (see README, Design).
+"""
+from ptx.stages import ai_feedback, best_of_n, export, quickstart, rl, sample, supervised
+
+# config.stage -> the function that runs it. Every stage runs in one process or in
+# several (`distributed.*`): each process holds every host row and places on the mesh
+# only the rows its own devices hold; process 0 writes the files.
+RUNNERS = {
+    "sft": supervised.run,
+    "reward": supervised.run,
+    "dpo": supervised.run,
+    "ppo": rl.run,
+    "grpo": rl.run,
+    "sample": sample.run,
+    "best_of_n": best_of_n.run,
+    "ai_feedback": ai_feedback.run,
+    "merge": export.run,
+    "quickstart": quickstart.run,
+}
+
+
+def run(config, workdir: str):
+    """Run the stage `config.stage` into `workdir`."""
+    if config.stage not in RUNNERS:
+        raise ValueError(f"unknown stage {config.stage!r}; stages: {sorted(RUNNERS)}")
+    return RUNNERS[config.stage](config, workdir)

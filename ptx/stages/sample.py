@@ -1,0 +1,51 @@
+"""The `sample` stage: prompts from a file or the command line -> samples.jsonl.
+
+python -m ptx.main --config=configs/sample.py --workdir=runs/sample \
+    --config.checkpoint=runs/sft --config.prompt="What is 2 + 3?"
+"""
+import json
+import os
+
+import jax
+import numpy as np
+
+from ptx import data, inference, sampler, sharding
+from ptx.stages import common
+
+FINISH_NAMES = {sampler.FINISH_EOS: "eos", sampler.FINISH_STOP: "stop", sampler.FINISH_LENGTH: "length"}
+
+
+def run(config, workdir: str) -> str:
+    """Samples every prompt `sampling.num_samples` times; returns the path of samples.jsonl."""
+    common.require(config, "checkpoint")
+    if not (config.prompt or config.prompts):
+        raise ValueError("stage 'sample' needs --config.prompt or --config.prompts (a jsonl file)")
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch(mesh, config.batch_size, "batch_size")
+    workdir = os.path.abspath(workdir)
+    common.write_config(config, workdir)
+    policy = inference.load_policy(config.checkpoint, mesh)
+    template = common.template(config)
+    if config.prompt:
+        rows = [{"prompt": template.format_prompt(config.prompt)}]
+    else:
+        rows, _ = data.load_rows(config.prompts, "prompt", template=template, on_bad_row=config.data.on_bad_row)
+    arrays, _ = data.encode_prompts(rows, policy.tok, max_prompt_len=config.data.max_prompt_len)
+    s = config.sampling
+    tokens = np.repeat(arrays["prompt_tokens"], s.num_samples, axis=0)
+    lens = np.repeat(arrays["prompt_lens"], s.num_samples, axis=0)
+    smp = inference.Sampler(policy, batch_size=config.batch_size, max_new_tokens=s.max_new_tokens,
+                            stops=list(s.stop), keep_stop=s.keep_stop)
+    chunks = smp(tokens, lens, config.seed, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                 min_p=s.min_p)
+    texts = smp.texts(chunks)
+    reasons = np.concatenate([c["finish_reason"] for c in chunks])
+    out_path = config.output or os.path.join(workdir, "samples.jsonl")
+    if jax.process_index() == 0:
+        with open(out_path, "w") as f:
+            for i, text in enumerate(texts):
+                row = rows[i // s.num_samples]
+                record = {"prompt": row["prompt"], "completion": text, "finish_reason": FINISH_NAMES[int(reasons[i])]}
+                f.write(json.dumps(record) + "\n")
+                print(f"{row['prompt']}{text}\n[{record['finish_reason']}]")
+    return out_path
