@@ -22,6 +22,7 @@ whole sequence then keeps its first `max_len + 1` ids.
 sees the same data order as an uninterrupted one.
 """
 import dataclasses
+import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,6 +31,7 @@ from ptx.sources import BadRow, DataError, read
 from ptx.tokenizer import PromptTemplate, Tokenizer
 
 _MAX_REASONS = 10
+_FIRST_REASONS = 3  # in the error when no row is usable
 _ROLES = ("system", "user", "assistant")
 
 
@@ -147,13 +149,15 @@ def load_rows(source: str, kind: str, *, template: PromptTemplate = PromptTempla
       The schema variant is chosen from the file's columns.
     on_bad_row: 'error' raises DataError at the first bad row or line; 'skip'
       drops it and records it. A problem with the whole file (missing,
-      empty, another format) is a DataError either way.
+      empty, another format) is a DataError either way, and so is a file
+      with no usable row.
 
     Returns (rows, stats): rows are dicts of str (prompts formatted with
     `template`, replies with `template.format_completion`) plus
     'prob_chosen': float for preferences; stats has 'rows' (kept),
     'skipped' (count), 'skipped_reasons' (the first 10 messages) and
-    'skipped_rows' (every skipped row as {file, row, line, field, problem}).
+    'skipped_rows' (every skipped row as {file, row, line, field, problem},
+    for `write_skipped`).
     """
     if kind not in _NORMALISERS:
         raise ValueError(f"unknown data kind {kind!r}; expected one of {tuple(_NORMALISERS)}")
@@ -176,9 +180,20 @@ def load_rows(source: str, kind: str, *, template: PromptTemplate = PromptTempla
         if on_bad_row == "error":
             raise DataError(str(bad))
         skipped.append(bad)
+    if not rows:
+        detail = "the file holds no rows" if not skipped else (
+            f"{len(skipped)} skipped; first reasons: "
+            + "; ".join(f"{b.location()}: {b.problem}" for b in skipped[:_FIRST_REASONS]))
+        raise DataError(f"no usable rows in {source}: {detail}")
     return rows, {"rows": len(rows), "skipped": len(skipped),
                   "skipped_reasons": [str(b) for b in skipped[:_MAX_REASONS]],
                   "skipped_rows": [dataclasses.asdict(b) for b in skipped]}
+
+
+def write_skipped(path: str, records: Sequence[dict]):
+    """Writes `stats["skipped_rows"]` of `load_rows` as JSON lines, one record a line."""
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
 
 
 # Tokenisation to fixed-shape arrays.

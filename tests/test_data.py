@@ -203,6 +203,36 @@ def test_skip_reasons_keep_only_the_first_ten_but_every_row_is_recorded(tmp_path
     assert [r["row"] for r in stats["skipped_rows"]] == list(range(12))
 
 
+def test_skipped_rows_are_written_as_json_lines(tmp_path):
+    src = write_jsonl(tmp_path / "t.jsonl", [{"text": ""}, {"text": "ok"}, {"txt": "x"}])
+    _, stats = load_rows(src, "text", on_bad_row="skip")
+    out = tmp_path / "skipped_rows.jsonl"
+    data.write_skipped(str(out), stats["skipped_rows"])
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [
+        {"file": src, "row": 0, "line": None, "field": "text", "problem": "empty"},
+        {"file": src, "row": 2, "line": None, "field": "text", "problem": "missing"}]
+
+
+def test_no_usable_row_is_its_own_error_with_the_first_reasons(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": ""}\n{"text": \n{"txt": "x"}\n{"text": 7}\n')
+    with pytest.raises(DataError) as err:
+        load_rows(str(path), "text", on_bad_row="skip")
+    assert str(err.value) == (
+        f"no usable rows in {path}: 4 skipped; first reasons: row 0: field 'text': empty; "
+        f"line 2: invalid JSON: Expecting value (column 10); row 2: field 'text': missing")
+
+
+@pytest.mark.parametrize("on_bad_row", ["error", "skip"])
+def test_a_file_without_rows_is_an_error(tmp_path, on_bad_row):
+    header_only = tmp_path / "header_only.csv"
+    header_only.write_text("prompt,completion\n")
+    for src in (str(header_only), write(tmp_path / "none.json", [])):
+        with pytest.raises(DataError) as err:
+            load_rows(src, "sft", on_bad_row=on_bad_row)
+        assert str(err.value) == f"no usable rows in {src}: the file holds no rows"
+
+
 def test_missing_local_file_and_unknown_kind_are_named(tmp_path):
     missing = str(tmp_path / "nope.jsonl")
     with pytest.raises(DataError) as err:
