@@ -1,8 +1,9 @@
 """Data: source -> schema check -> tokenize -> pad / pack -> numpy batches.
 
-`load_rows` reads a local file or a hub data set through `datasets` and
-normalises each row for its kind; a bad row is an error that names the file,
-the 0-based row and the field, or is skipped and counted.
+`load_rows` reads a local file or a hub data set (`ptx.sources`) and
+normalises each row for its kind; a bad row (a line that does not parse, a
+field of the wrong shape) is a DataError that names the file, the line or
+0-based row and the field, or is skipped and recorded.
 
 The `encode_*` functions turn rows into fixed-shape numpy arrays. A sequence
 `seq = [bos] + prompt_ids + completion_ids + [eos]` becomes a "sequence batch":
@@ -20,21 +21,18 @@ whole sequence then keeps its first `max_len + 1` ids.
 `BatchIterator.batch(step)` is a pure function of the step, so a resumed run
 sees the same data order as an uninterrupted one.
 """
-import os
+import dataclasses
+import json
 from collections.abc import Sequence
 
-import datasets
 import numpy as np
 
+from ptx.sources import BadRow, DataError, read
 from ptx.tokenizer import PromptTemplate, Tokenizer
 
-_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 _MAX_REASONS = 10
+_FIRST_REASONS = 3  # in the error when no row is usable
 _ROLES = ("system", "user", "assistant")
-
-
-class DataError(ValueError):
-    """A bad row: "<file>: row <i>: field '<name>': <problem>"."""
 
 
 class _BadField(Exception):
@@ -46,23 +44,6 @@ class _BadField(Exception):
 
 
 # Loading and schema checks.
-
-def _read(source: str, split: str) -> list[dict]:
-    ext = os.path.splitext(source)[1].lower()
-    if os.path.exists(source):
-        if ext not in _BUILDERS:
-            raise ValueError(f"{source}: unsupported file type {ext!r}; "
-                             f"expected one of {sorted(_BUILDERS)}")
-        if os.path.getsize(source) == 0:
-            raise DataError(f"{source}: the file is empty")
-        ds = datasets.load_dataset(_BUILDERS[ext], data_files=source, split="train")
-    elif ext in _BUILDERS:
-        # Looks like a file, so a hub lookup would only obscure the typo.
-        raise FileNotFoundError(f"data file not found: {source}")
-    else:
-        ds = datasets.load_dataset(source, split=split)
-    return ds.to_list()
-
 
 def _text(row: dict, field: str) -> str:
     value = row.get(field)
@@ -166,33 +147,53 @@ def load_rows(source: str, kind: str, *, template: PromptTemplate = PromptTempla
       ({prompt, chosen, rejected[, prob_chosen]} or HH-RLHF {chosen, rejected}
       transcripts), 'prompt' ({prompt, ...extras}) or 'text' ({text}).
       The schema variant is chosen from the file's columns.
-    on_bad_row: 'error' raises DataError; 'skip' drops the row and counts it.
+    on_bad_row: 'error' raises DataError at the first bad row or line; 'skip'
+      drops it and records it. A problem with the whole file (missing,
+      empty, another format) is a DataError either way, and so is a file
+      with no usable row.
 
     Returns (rows, stats): rows are dicts of str (prompts formatted with
     `template`, replies with `template.format_completion`) plus
     'prob_chosen': float for preferences; stats has 'rows' (kept),
-    'skipped' and 'skipped_reasons' (the first 10 messages).
+    'skipped' (count), 'skipped_reasons' (the first 10 messages) and
+    'skipped_rows' (every skipped row as {file, row, line, field, problem},
+    for `write_skipped`).
     """
     if kind not in _NORMALISERS:
         raise ValueError(f"unknown data kind {kind!r}; expected one of {tuple(_NORMALISERS)}")
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
-    raw = _read(source, split)
-    columns = set(raw[0]) if raw else set()
+    entries = read(source, split)
+    # The schema variant follows every column present, as a table's would.
+    columns = set().union(*(e for e in entries if isinstance(e, dict)))
     normalise = _NORMALISERS[kind]
-    rows, reasons = [], []
-    skipped = 0
-    for i, row in enumerate(raw):
-        try:
-            rows.append(normalise(row, columns, template))
-        except _BadField as e:
-            message = f"{source}: row {i}: field {e.field!r}: {e.problem}"
-            if on_bad_row == "error":
-                raise DataError(message) from None
-            skipped += 1
-            if len(reasons) < _MAX_REASONS:
-                reasons.append(message)
-    return rows, {"rows": len(rows), "skipped": skipped, "skipped_reasons": reasons}
+    rows, skipped = [], []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, BadRow):
+            bad = entry
+        else:
+            try:
+                rows.append(normalise(entry, columns, template))
+                continue
+            except _BadField as e:
+                bad = BadRow(source, i, None, e.field, e.problem)
+        if on_bad_row == "error":
+            raise DataError(str(bad))
+        skipped.append(bad)
+    if not rows:
+        detail = "the file holds no rows" if not skipped else (
+            f"{len(skipped)} skipped; first reasons: "
+            + "; ".join(f"{b.location()}: {b.problem}" for b in skipped[:_FIRST_REASONS]))
+        raise DataError(f"no usable rows in {source}: {detail}")
+    return rows, {"rows": len(rows), "skipped": len(skipped),
+                  "skipped_reasons": [str(b) for b in skipped[:_MAX_REASONS]],
+                  "skipped_rows": [dataclasses.asdict(b) for b in skipped]}
+
+
+def write_skipped(path: str, records: Sequence[dict]):
+    """Writes `stats["skipped_rows"]` of `load_rows` as JSON lines, one record a line."""
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
 
 
 # Tokenisation to fixed-shape arrays.

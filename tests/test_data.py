@@ -54,7 +54,7 @@ def test_sft_prompt_completion_rows_are_formatted_in_every_format(tmp_path, ext)
     rows, stats = load_rows(write(tmp_path / f"sft{ext}", SFT_ROWS), "sft")
     assert rows == [{"prompt": T.format_prompt(f"Q{i}?"), "completion": f" A{i}."}
                     for i in range(4)]
-    assert stats == {"rows": 4, "skipped": 0, "skipped_reasons": []}
+    assert stats == {"rows": 4, "skipped": 0, "skipped_reasons": [], "skipped_rows": []}
 
 
 @pytest.mark.parametrize("ext", [".jsonl", ".parquet"])
@@ -191,17 +191,53 @@ def test_skip_mode_drops_and_counts_bad_rows(tmp_path):
     assert stats["skipped"] == 5
     assert [m.split(": field")[0] for m in stats["skipped_reasons"]] == [
         f"{src}: row {i}" for i in (1, 3, 4, 5, 6)]
+    assert stats["skipped_rows"][:2] == [
+        {"file": src, "row": 1, "line": None, "field": "completion", "problem": "empty"},
+        {"file": src, "row": 3, "line": None, "field": "completion", "problem": "missing"}]
 
 
-def test_skip_reasons_keep_only_the_first_ten(tmp_path):
+def test_skip_reasons_keep_only_the_first_ten_but_every_row_is_recorded(tmp_path):
     src = write_jsonl(tmp_path / "t.jsonl", [{"text": ""}] * 12 + [{"text": "ok"}])
     rows, stats = load_rows(src, "text", on_bad_row="skip")
     assert (stats["rows"], stats["skipped"], len(stats["skipped_reasons"])) == (1, 12, 10)
+    assert [r["row"] for r in stats["skipped_rows"]] == list(range(12))
+
+
+def test_skipped_rows_are_written_as_json_lines(tmp_path):
+    src = write_jsonl(tmp_path / "t.jsonl", [{"text": ""}, {"text": "ok"}, {"txt": "x"}])
+    _, stats = load_rows(src, "text", on_bad_row="skip")
+    out = tmp_path / "skipped_rows.jsonl"
+    data.write_skipped(str(out), stats["skipped_rows"])
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [
+        {"file": src, "row": 0, "line": None, "field": "text", "problem": "empty"},
+        {"file": src, "row": 2, "line": None, "field": "text", "problem": "missing"}]
+
+
+def test_no_usable_row_is_its_own_error_with_the_first_reasons(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": ""}\n{"text": \n{"txt": "x"}\n{"text": 7}\n')
+    with pytest.raises(DataError) as err:
+        load_rows(str(path), "text", on_bad_row="skip")
+    assert str(err.value) == (
+        f"no usable rows in {path}: 4 skipped; first reasons: row 0: field 'text': empty; "
+        f"line 2: invalid JSON: Expecting value (column 10); row 2: field 'text': missing")
+
+
+@pytest.mark.parametrize("on_bad_row", ["error", "skip"])
+def test_a_file_without_rows_is_an_error(tmp_path, on_bad_row):
+    header_only = tmp_path / "header_only.csv"
+    header_only.write_text("prompt,completion\n")
+    for src in (str(header_only), write(tmp_path / "none.json", [])):
+        with pytest.raises(DataError) as err:
+            load_rows(src, "sft", on_bad_row=on_bad_row)
+        assert str(err.value) == f"no usable rows in {src}: the file holds no rows"
 
 
 def test_missing_local_file_and_unknown_kind_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-        load_rows(str(tmp_path / "nope.jsonl"), "sft")
+    missing = str(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError) as err:
+        load_rows(missing, "sft")
+    assert str(err.value) == f"{missing}: no such file"
     src = write_jsonl(tmp_path / "t.jsonl", [{"text": "x"}])
     with pytest.raises(ValueError, match="'chat'"):
         load_rows(src, "chat")
