@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from ptx.model import ModelConfig, Output, Transformer, init_params
-from ptx.tokenizer import Tokenizer
+from ptx.tokenizer import TOKENIZER_JSON, HFTokenizer, Tokenizer
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -41,6 +41,7 @@ _HEADS = ("ForCausalLM", "ForSequenceClassification")
 _ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_size", "d_ff",
                 "rope_theta", "norm_eps", "qkv_bias", "tie_embeddings", "scalar_head")
 _DTYPE_NAMES = ("float32", "bfloat16", "float16")
+SPM_MODEL = "tokenizer.model"
 
 
 def config_from_hf(hf_config: dict, *, max_len: int | None = None) -> ModelConfig:
@@ -335,12 +336,19 @@ def to_hf_config(cfg: ModelConfig, dtype: str, tokenizer: Tokenizer | None, max_
     return out
 
 
-def load_tokenizer(path: str) -> Tokenizer:
-    """The sentencepiece `tokenizer.model` of a Hugging Face directory."""
-    model = os.path.join(path, "tokenizer.model")
-    if not os.path.isfile(model) and os.path.isfile(os.path.join(path, "tokenizer.json")):
-        raise ValueError(f"{path} has only tokenizer.json; ptx needs the sentencepiece tokenizer.model")
-    return Tokenizer(model)
+def load_tokenizer(path: str) -> HFTokenizer | Tokenizer:
+    """The tokenizer of a Hugging Face directory.
+
+    tokenizer.json (what transformers reads, with the chat template and stop
+    ids) gives an HFTokenizer; a directory with only the sentencepiece
+    tokenizer.model gives a Tokenizer. FileNotFoundError names the directory
+    and both files when it has neither; ValueError names a malformed file.
+    """
+    if os.path.isfile(os.path.join(path, TOKENIZER_JSON)):
+        return HFTokenizer(path)
+    if os.path.isfile(os.path.join(path, SPM_MODEL)):
+        return Tokenizer(os.path.join(path, SPM_MODEL))
+    raise FileNotFoundError(f"{path}: no tokenizer (looked for {TOKENIZER_JSON} and {SPM_MODEL})")
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -1,4 +1,5 @@
-"""SentencePiece tokenizer (train / load) and the Human/Assistant prompt template.
+"""Tokenizers: SentencePiece (train / load), Hugging Face tokenizer.json with its
+chat template, and the Human/Assistant prompt template.
 
 Text conventions, shared by every stage so that a prompt formatted for SFT is
 the same prompt the sampler and the reward model see:
@@ -10,16 +11,36 @@ A training sequence is `[bos] + encode(prompt) + encode(completion) + [eos]`:
 prompt and completion are encoded separately, and the tokenizer is trained
 without a dummy prefix, so `decode(encode(a) + encode(b)) == a + b` and the
 prompt/completion boundary is always a token boundary.
+
+`HFTokenizer` reads a Hugging Face directory (Llama 3, Qwen3, Gemma 3, ...)
+and gives the ids that transformers gives: `encode`, `decode` and
+`apply_chat_template`, whose Jinja template is rendered as transformers
+renders it.
 """
+import bisect
 import dataclasses
+import datetime
 import io
+import json
 import os
 import uuid
 from collections.abc import Iterable, Sequence
 
+import jinja2
+import jinja2.ext
 import sentencepiece as spm
+import tokenizers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+# The files of a Hugging Face tokenizer directory that HFTokenizer reads.
+TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+GENERATION_CONFIG = "generation_config.json"
+CHAT_TEMPLATE = "chat_template.jinja"
+# AddedToken flags that a tokenizer_config.json token dict may carry.
+_ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +108,7 @@ class Tokenizer:
         self.unk_id: int = self._sp.unk_id()
         self.bos_id: int = self._sp.bos_id()
         self.eos_id: int = self._sp.eos_id()
+        self.eos_ids: tuple[int, ...] = (self.eos_id,) if self.eos_id >= 0 else ()
         # -1 marks a disabled special; it never occurs in ids so filtering it is harmless.
         self._control = {self.pad_id, self.bos_id, self.eos_id}
 
@@ -171,3 +193,291 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int, path: str,
         f.write(writer.getvalue())
     os.replace(tmp, path)
     return Tokenizer(path)
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer directory: tokenizer.json, its special tokens, stop ids and chat template.
+
+    Gives transformers' ids: encode adds no special token, decode drops them,
+    apply_chat_template renders the Jinja template as transformers does.
+    Ids are python ints. bos_id is -1 when the model has no BOS (Qwen). Without
+    a pad token (Llama 3) pad_id is eos_id: padding is masked explicitly, so
+    any valid id serves. eos_ids are all stop ids: eos_token, then
+    generation_config.json's eos_token_id (int or list; Llama 3 instruct stops
+    on <|eot_id|>, <|eom_id|> and <|end_of_text|>); eos_id is the first.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        file = os.path.join(path, TOKENIZER_JSON)
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(file)
+        except Exception as e:  # tokenizers raises a bare Exception for unreadable JSON or a missing model
+            raise ValueError(f"{file}: not a tokenizers file: {e}") from e
+        # transformers encodes without the truncation / padding a tokenizer.json may carry.
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        config = _read_json(os.path.join(path, TOKENIZER_CONFIG))
+        special = _special_tokens(config, _read_json(os.path.join(path, SPECIAL_TOKENS_MAP)))
+        # Like transformers, named special tokens that tokenizer.json lacks become added tokens, so
+        # a template's "<bos>" is one id and decode drops it.
+        added = {t.content for t in self._tok.get_added_tokens_decoder().values()}
+        self._tok.add_special_tokens([t for t in special.values() if t.content not in added])
+        ids = {name: self._tok.token_to_id(t.content) for name, t in special.items()}
+        stop = _read_json(os.path.join(path, GENERATION_CONFIG)).get("eos_token_id")
+        stop = [] if stop is None else [stop] if isinstance(stop, int) else stop
+        if not isinstance(stop, list) or not all(isinstance(i, int) for i in stop):
+            raise ValueError(f"{os.path.join(path, GENERATION_CONFIG)}: eos_token_id must be an int or a "
+                             f"list of ints, got {stop!r}")
+        eos = [ids["eos_token"]] if "eos_token" in ids else []
+        self.eos_ids: tuple[int, ...] = tuple(dict.fromkeys(eos + stop))
+        self.eos_id: int = self.eos_ids[0] if self.eos_ids else -1
+        self.bos_id: int = ids.get("bos_token", -1)
+        self.pad_id: int = next(i for i in (ids.get("pad_token", -1), self.eos_id, 0) if i >= 0)
+        # Every id is below vocab_size (added tokens included), as the sampler and model need.
+        self.vocab_size: int = 1 + max(self._tok.get_vocab(with_added_tokens=True).values())
+        # Templates see the special tokens as strings, under their names (bos_token, ...).
+        self._template_vars = {name: t.content for name, t in special.items()}
+        self.chat_templates, self._template_file = _chat_templates(path, config)
+        self._compiled: dict[str, jinja2.Template] = {}
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids, without BOS/EOS; special-token strings in text become their ids."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Many texts at once (in parallel in Rust, without computing offsets)."""
+        return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids -> text, dropping special tokens (bos, eos, pad, turn markers)."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def id_of(self, token: str) -> int:
+        """Id of a vocabulary token as tokenizer.json spells it ("<|eot_id|>", "Ġthe").
+
+        Raises KeyError if the token is not in the vocabulary.
+        """
+        i = self._tok.token_to_id(token)
+        if i is None:
+            raise KeyError(f"token {token!r} not in vocabulary of {self.path}")
+        return i
+
+    def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False,
+                    tools: Sequence[dict] | None = None, **kwargs) -> str:
+        """The chat template's text, as transformers' apply_chat_template(..., tokenize=False).
+
+        messages: [{'role': str, 'content': str, ...}] of plain JSON values; as
+        in transformers, keys whose value is None are dropped, and a message's
+        reasoning ("reasoning_content", "thinking" or "reasoning") is passed as
+        both "reasoning_content" and "thinking". tools: JSON schemas (dicts),
+        which select a "tool_use" template when the directory has one.
+        kwargs: more template variables (e.g. enable_thinking=False for Qwen3).
+        ValueError names the template file when there is none or it raises.
+        """
+        if not messages:
+            raise ValueError("messages: empty conversation")
+        return self._render(messages, add_generation_prompt, tools, kwargs)
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False,
+                            tools: Sequence[dict] | None = None, **kwargs) -> list[int]:
+        """The rendered chat's ids: transformers' apply_chat_template(..., tokenize=True) input_ids.
+
+        The template writes any BOS itself, so no special token is added.
+        Arguments as in `render_chat`.
+        """
+        return self.encode(self.render_chat(messages, add_generation_prompt, tools, **kwargs))
+
+    def assistant_spans(self, messages: Sequence[dict], tools: Sequence[dict] | None = None,
+                        **kwargs) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, spans): the conversation's ids and each assistant message's [start, end) in them.
+
+        ids equal apply_chat_template(messages). A span is what the model
+        generates for that turn, so an SFT loss mask: from the end of the
+        generation prompt to the turn's first stop token (one of eos_ids),
+        inclusive. It is found from the rendered template, with two
+        assumptions, each a ValueError when it fails:
+        - the chat before the turn, rendered with add_generation_prompt, is a
+          prefix of the whole rendered chat: later messages do not change how
+          earlier ones render. True of the Llama 3 and Gemma 3 templates, and
+          of Qwen3's unless an earlier turn carries reasoning (dropped once a
+          later user message follows) or enable_thinking=False (its
+          generation prompt has an empty think block that earlier turns lack);
+        - the turn ends with a stop token before the next assistant turn starts
+          (sampling from the generation prompt stops there). A stop-token
+          string inside an assistant's content would end its span early.
+        A token straddling the start belongs to the span, as in transformers'
+        assistant masks.
+        """
+        text = self.render_chat(messages, False, tools, **kwargs)
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        ids, ends = encoding.ids, [end for _, end in encoding.offsets]
+        stops, spans = set(self.eos_ids), []
+        for i, message in enumerate(messages):
+            if message.get("role") != "assistant":
+                continue
+            prefix = self._render(messages[:i], True, tools, kwargs)
+            if not text.startswith(prefix):
+                k = len(os.path.commonprefix([prefix, text]))
+                raise ValueError(f"{self._template_file}: the chat before message {i} with the generation "
+                                 f"prompt is not a prefix of the whole chat, so assistant turn {i} cannot be "
+                                 f"located: at character {k}, {prefix[k:k + 40]!r} vs {text[k:k + 40]!r}")
+            start = bisect.bisect_right(ends, len(prefix))  # the first token that ends past the prefix
+            end = next((j + 1 for j in range(start, len(ids)) if ids[j] in stops), None)
+            if end is None or spans and spans[-1][1] > start:
+                which = i if end is None else f"before {i}"
+                raise ValueError(f"{self._template_file}: assistant message {which} does not end with a stop "
+                                 f"token {self.eos_ids} (eos_token, generation_config.json's eos_token_id)")
+            spans.append((start, end))
+        return ids, spans
+
+    def _render(self, messages: Sequence[dict], add_generation_prompt: bool,
+                tools: Sequence[dict] | None, kwargs: dict) -> str:
+        name = "tool_use" if tools is not None and "tool_use" in self.chat_templates else "default"
+        if name not in self.chat_templates:
+            raise ValueError(f"{self.path}: no chat template {name!r} (looked for {CHAT_TEMPLATE} and "
+                             f"{TOKENIZER_CONFIG}'s chat_template; found {sorted(self.chat_templates)})")
+        if name not in self._compiled:
+            self._compiled[name] = _compile(self.chat_templates[name], f"{self._template_file} ({name})")
+        try:
+            return self._compiled[name].render(
+                    messages=[_plain_message(m) for m in messages], tools=tools, documents=None,
+                    add_generation_prompt=add_generation_prompt, **{**self._template_vars, **kwargs})
+        except jinja2.TemplateError as e:
+            raise ValueError(f"{self._template_file} ({name}): chat template raised: {e}") from e
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+def _read_json(file: str) -> dict:
+    """A JSON object file; {} when absent, ValueError naming the file when malformed."""
+    if not os.path.isfile(file):
+        return {}
+    try:
+        with open(file, encoding="utf-8") as f:
+            out = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: malformed JSON: {e}") from e
+    if not isinstance(out, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(out).__name__}")
+    return out
+
+
+def _special_tokens(config: dict, legacy: dict) -> dict[str, tokenizers.AddedToken]:
+    """Named special tokens ("bos_token", "eos_token", any "*_token") -> AddedToken.
+
+    Values are strings or AddedToken dicts ({"content": ..., "lstrip": ...}).
+    tokenizer_config.json wins, then its "extra_special_tokens" dict, then
+    special_tokens_map.json (older saves) for names the others lack.
+    """
+    out = {}
+    extra = config.get("extra_special_tokens")
+    for source in (legacy, extra if isinstance(extra, dict) else {}, config):
+        for name, value in source.items():
+            if not name.endswith("_token"):
+                continue
+            if isinstance(value, str):
+                out[name] = tokenizers.AddedToken(value, special=True)
+            elif isinstance(value, dict) and isinstance(value.get("content"), str):
+                flags = {k: value[k] for k in _ADDED_TOKEN_FLAGS if k in value}
+                out[name] = tokenizers.AddedToken(value["content"], special=True, **flags)
+    return out
+
+
+def _chat_templates(path: str, config: dict) -> tuple[dict[str, str], str]:
+    """({name: Jinja source}, the file they come from).
+
+    chat_template.jinja wins over tokenizer_config.json's "chat_template" (a
+    string, or a list of {"name", "template"}), as in transformers.
+    """
+    file = os.path.join(path, CHAT_TEMPLATE)
+    if os.path.isfile(file):
+        with open(file, encoding="utf-8") as f:
+            return {"default": f.read()}, file
+    file = os.path.join(path, TOKENIZER_CONFIG)
+    source = config.get("chat_template")
+    if source is None:
+        return {}, file
+    if isinstance(source, str):
+        return {"default": source}, file
+    if isinstance(source, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                        and isinstance(t.get("template"), str) for t in source):
+        return {t["name"]: t["template"] for t in source}, file
+    raise ValueError(f"{file}: chat_template must be a string or a list of {{name, template}}, "
+                     f"got {source!r:.200}")
+
+
+def _plain_message(message: dict) -> dict:
+    """A message as transformers hands it to templates: None values dropped, reasoning aliased."""
+    message = {k: v for k, v in message.items() if v is not None}
+    reasoning = next((message[k] for k in ("reasoning_content", "thinking", "reasoning") if k in message), None)
+    if reasoning is not None:
+        message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+    return message
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """Parses transformers' `{% generation %}...{% endgeneration %}` assistant marker as its body.
+
+    assistant_spans finds turns from the rendering itself, so that templates
+    without markers (Llama 3, Qwen3, Gemma 3) work too.
+    """
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
+class _TemplateDict:
+    """dict() and dict.fromkeys() for templates, without handing them the dict type itself."""
+
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _SafeNamespace(jinja2.utils.Namespace):
+    """namespace() refusing underscore names, which could reach Python internals from a template."""
+
+    def __init__(*args, **kwargs):
+        self, args = args[0], args[1:]
+        for name in dict(*args, **kwargs):
+            _SafeNamespace.check(name)
+        jinja2.utils.Namespace.__init__(self, *args, **kwargs)
+
+    def __setitem__(self, name, value):
+        _SafeNamespace.check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def check(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"chat template sets namespace attribute {name!r}")
+
+
+def _raise_exception(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # Jinja's own tojson escapes HTML characters; templates expect plain json.dumps.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _compile(source: str, where: str) -> jinja2.Template:
+    """A chat template compiled in transformers' environment: a sandbox that templates (untrusted
+    code from the Hub) cannot mutate, trim_blocks and lstrip_blocks, loop controls, the generation
+    tag, and the raise_exception / strftime_now / tojson helpers."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise_exception, dict=_TemplateDict(), namespace=_SafeNamespace,
+                       strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"{where}: chat template line {e.lineno}: {e.message}") from e

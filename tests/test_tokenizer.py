@@ -68,6 +68,7 @@ def test_training_twice_gives_identical_model_bytes_and_ids(tmp_path):
 
 def test_special_ids_are_fixed_and_vocab_within_request(tok):
     assert (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
+    assert tok.eos_ids == (tok.eos_id,)
     assert 256 + 4 < tok.vocab_size <= 400  # byte pieces + specials + merges
 
 
