@@ -312,7 +312,8 @@ class Transformer(nn.Module):
         (scan_layers=False: `unstack_cache` of it), written at slot
         `cache_index` (int32 scalar). logits: True for the LM
         head at every position, "last" for the last column only ([batch, 1,
-        vocab]: a prefill needs no more), False to skip it (reward model).
+        vocab]: a prefill needs no more), False to skip it (reward model, or
+        `Output.hidden` and `lm_head` into `losses.chunked_token_logprobs`).
         """
         cfg = self.cfg
         b, t = tokens.shape
@@ -378,6 +379,18 @@ class Transformer(nn.Module):
                               kernel_init=nn.initializers.zeros, name="scalar_head")(
                 hidden.astype(jnp.float32))[..., 0]
         return Output(logits=out_logits, values=values, hidden=hidden, cache=cache)
+
+
+def lm_head(cfg: ModelConfig, params: dict) -> tuple:
+    """The LM head of `params` as `losses.chunked_token_logprobs` takes it: (kernel, vocab_major).
+
+    Tied embeddings: the table [vocab, d_model], vocab_major True; else the
+    'lm_head' kernel [d_model, vocab], vocab_major False. In the parameter dtype:
+    the logits are computed in the dtype of `Output.hidden`, as in the forward.
+    """
+    if cfg.tie_embeddings:
+        return params["embed"]["embedding"], True
+    return params["lm_head"]["kernel"], False
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:

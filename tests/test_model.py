@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ptx import sharding
-from ptx.model import (Dense, ModelConfig, Transformer, count_params, init_cache, init_params, rope_tables,
-                       unstack_cache, unstack_layers)
+from ptx import losses, sharding
+from ptx.model import (Dense, ModelConfig, Transformer, count_params, init_cache, init_params, lm_head,
+                       rope_tables, unstack_cache, unstack_layers)
 
 CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64,
                   qkv_bias=True, tie_embeddings=False, scalar_head=True)
@@ -182,6 +182,23 @@ def test_sliding_window_limits_what_a_token_sees_and_cached_decode_honours_it(pa
         logits.append(out.logits)
         cache = out.cache
     np.testing.assert_allclose(jnp.concatenate(logits, 1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_hidden_states_and_lm_head_give_the_logits_log_probs_in_chunks(params, tie):
+    cfg = CFG.replace(tie_embeddings=tie)
+    p = init_params(cfg, jax.random.PRNGKey(1)) if tie else params
+    t = tokens(11, (2, 9))
+    targets = jnp.roll(t, -1, axis=1)
+    full = Transformer(cfg).apply({"params": p}, t)
+    hidden = Transformer(cfg).apply({"params": p}, t, logits=False)
+    assert hidden.logits is None
+    kernel, vocab_major = lm_head(cfg, p)
+    assert vocab_major == tie and kernel.shape == ((cfg.vocab_size, cfg.d_model) if tie
+                                                   else (cfg.d_model, cfg.vocab_size))
+    chunked = losses.chunked_token_logprobs(hidden.hidden, kernel, targets, vocab_major=vocab_major,
+                                            chunk_size=5)
+    np.testing.assert_allclose(chunked, losses.token_logprobs(full.logits, targets), atol=1e-5)
 
 
 def test_rotary_tables_match_the_closed_form_and_are_evaluated_once_per_step(params):
