@@ -2,9 +2,9 @@
 
 A Llama-family decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention,
 optional qkv bias, tied or untied embeddings) whose layers are scanned, so
-compile time does not grow with depth. The same attention code serves the
-full forward and the KV-cache forward: a cache only changes where keys and
-values come from.
+compile time does not grow with depth. Without a KV cache, attention runs by
+`cfg.attention` (ptx.attention); with one, it is the dense path reading keys
+and values from the cache, so decoding equals the full forward.
 """
 import dataclasses
 import math
@@ -16,12 +16,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from ptx import sharding
+from ptx import attention, sharding
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# Large but finite, so a fully masked row (padding queries) gives a uniform
-# softmax instead of NaN.
-_MASK_VALUE = -1e30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +46,12 @@ class ModelConfig:
     # write and read back (about 14 % more SFT tokens/s on CPU at the bench size), at
     # the price of compile time that grows with depth. 0 = always scan.
     layer_loop_max: int = 8
+    # Attention without a KV cache (ptx.attention.IMPLS): xla (dense scores), blockwise
+    # (memory linear in length), cudnn (GPU), splash (TPU) or auto (per backend).
+    attention: str = "xla"
+    attention_block_q: int = 512  # query / key blocks of blockwise and splash
+    attention_block_k: int = 512
+    sliding_window: int = 0  # keys visible to a query, its own included; 0 = all earlier ones
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
@@ -67,6 +70,10 @@ class ModelConfig:
             raise ValueError(f"model.remat={self.remat!r}; expected none, full or dots")
         if self.layer_loop_max < 0:
             raise ValueError(f"model.layer_loop_max={self.layer_loop_max}; expected >= 0 (0 = always scan)")
+        if self.attention not in attention.IMPLS:
+            raise ValueError(f"model.attention={self.attention!r}; expected one of {attention.IMPLS}")
+        if min(self.attention_block_q, self.attention_block_k, self.sliding_window + 1) < 1:
+            raise ValueError("model.attention_block_q / _k must be >= 1 and model.sliding_window >= 0")
 
 
 @flax.struct.dataclass
@@ -217,10 +224,10 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, rotary, segment_ids, kv, layer, k_pos, k_seg, cache_index):
-        """rotary: `rope_tables` of positions. kv: None (keys are this chunk's), the whole
-        cache (k, v) [L, b, kvh, S, hd] carried through the layer scan with `layer` this
-        layer's index, or (layer None) this layer's own (k, v) [b, kvh, S, hd]. The new
-        rows are written at cache_index, in place."""
+        """rotary: `rope_tables` of positions. kv: None (keys are this chunk's, attended by
+        `cfg.attention`), the whole cache (k, v) [L, b, kvh, S, hd] carried through the
+        layer scan with `layer` this layer's index, or (layer None) this layer's own
+        (k, v) [b, kvh, S, hd]. The new rows are written at cache_index, in place."""
         cfg = self.cfg
         h, kvh = cfg.n_heads, cfg.n_kv_heads
         b, t = x.shape[:2]
@@ -231,8 +238,11 @@ class Attention(nn.Module):
         v = _dense((kvh, cfg.head_size), 1, cfg, "v", cfg.qkv_bias)(x2).reshape(b, t, kvh, cfg.head_size)
         q = rope(q, rotary)
         k = rope(k, rotary)
+        masks = dict(q_positions=positions, k_positions=k_pos, q_segment_ids=segment_ids, k_segment_ids=k_seg,
+                     window=cfg.sliding_window)
         if kv is None:
-            keys, values, spec = k, v, "bskd"
+            out = attention.attend(q, k, v, **masks, impl=cfg.attention, block_q=cfg.attention_block_q,
+                                   block_k=cfg.attention_block_k)
         else:
             lead = () if layer is None else (layer,)
             put = lambda buf, new: jax.lax.dynamic_update_slice(
@@ -241,17 +251,9 @@ class Attention(nn.Module):
             kv = (put(kv[0], k), put(kv[1], v))
             keys, values = kv if layer is None else (
                 jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in kv)
-            spec = "bksd"
-        q = q.reshape(b, t, kvh, h // kvh, cfg.head_size)
-        scores = jnp.einsum(f"btkgd,{spec}->bkgts", q, keys.astype(q.dtype)).astype(jnp.float32)
-        scores = scores / jnp.sqrt(cfg.head_size).astype(jnp.float32)
-        # Causal by position inside one segment: positions restart per packed
-        # document, and segment 0 (padding / empty cache) is never attended.
-        mask = ((segment_ids[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] > 0)
-                & (k_pos[:, None, :] <= positions[:, :, None]))
-        scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        out = jnp.einsum(f"bkgts,{spec}->btkgd", probs, values.astype(q.dtype)).reshape(b * t, h, cfg.head_size)
+            # The cache path stays dense: a decode step's scores are [b, heads, t, cache length].
+            out = attention.xla_attention(q, keys, values, **masks, kv_heads_first=True)
+        out = out.reshape(b * t, h, cfg.head_size)
         return _dense(cfg.d_model, 2, cfg, "o")(out).reshape(b, t, cfg.d_model), kv
 
 
@@ -310,7 +312,8 @@ class Transformer(nn.Module):
         (scan_layers=False: `unstack_cache` of it), written at slot
         `cache_index` (int32 scalar). logits: True for the LM
         head at every position, "last" for the last column only ([batch, 1,
-        vocab]: a prefill needs no more), False to skip it (reward model).
+        vocab]: a prefill needs no more), False to skip it (reward model, or
+        `Output.hidden` and `lm_head` into `losses.chunked_token_logprobs`).
         """
         cfg = self.cfg
         b, t = tokens.shape
@@ -376,6 +379,18 @@ class Transformer(nn.Module):
                               kernel_init=nn.initializers.zeros, name="scalar_head")(
                 hidden.astype(jnp.float32))[..., 0]
         return Output(logits=out_logits, values=values, hidden=hidden, cache=cache)
+
+
+def lm_head(cfg: ModelConfig, params: dict) -> tuple:
+    """The LM head of `params` as `losses.chunked_token_logprobs` takes it: (kernel, vocab_major).
+
+    Tied embeddings: the table [vocab, d_model], vocab_major True; else the
+    'lm_head' kernel [d_model, vocab], vocab_major False. In the parameter dtype:
+    the logits are computed in the dtype of `Output.hidden`, as in the forward.
+    """
+    if cfg.tie_embeddings:
+        return params["embed"]["embedding"], True
+    return params["lm_head"]["kernel"], False
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:

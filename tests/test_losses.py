@@ -98,6 +98,77 @@ def test_token_entropy_matches_numpy():
     np.testing.assert_allclose(jitted(losses.token_entropy)(logits), want, **TOL)
 
 
+def head_case(vocab_major, dtype=np.float32, seed=5, b=2, t=7, d=8, vocab=37):
+    rng = np.random.default_rng(seed)
+    hidden = jnp.asarray(rng.standard_normal((b, t, d)), dtype)
+    head = jnp.asarray(rng.standard_normal((vocab, d) if vocab_major else (d, vocab)), dtype)
+    targets = jnp.asarray(rng.integers(0, vocab, (b, t)), jnp.int32)
+    return hidden, head, targets
+
+
+def full_logits(hidden, head, vocab_major):
+    return jnp.dot(hidden, head.T if vocab_major else head)
+
+
+@pytest.mark.parametrize("vocab_major", [False, True])
+@pytest.mark.parametrize("entropy", [False, True])
+def test_chunked_head_log_probs_equal_the_full_logits_path_in_values_and_gradients(vocab_major, entropy):
+    hidden, head, targets = head_case(vocab_major)
+
+    def loss(fn):
+        def f(hidden, head):
+            out = fn(hidden, head)
+            logp, ent = out if entropy else (out, 0.0)
+            return jnp.sum(jnp.sin(logp)) + jnp.sum(jnp.cos(ent)), out
+        return jax.jit(jax.grad(f, argnums=(0, 1), has_aux=True))(hidden, head)
+
+    def full(hidden, head):
+        logits = full_logits(hidden, head, vocab_major)
+        logp = losses.token_logprobs(logits, targets)
+        return (logp, losses.token_entropy(logits)) if entropy else logp
+
+    ref_grads, ref = loss(full)
+    for chunk_size in (4, 14, 100):  # 14 tokens: a padded last chunk, whole chunks, one chunk
+        grads, out = loss(lambda h, w: losses.chunked_token_logprobs(
+            h, w, targets, vocab_major=vocab_major, chunk_size=chunk_size, entropy=entropy))
+        jax.tree.map(lambda a, r: np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5), out, ref)
+        for g, r in zip(grads, ref_grads):
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_head_gradients_match_finite_differences(x64):
+    hidden, head, targets = head_case(False, np.float64, b=1, t=5, d=4, vocab=6)
+    fn = lambda h, w: losses.chunked_token_logprobs(h, w, targets, chunk_size=2, entropy=True)
+    check_grads(fn, (hidden, head), order=1, modes=["rev"])
+
+
+def test_chunked_head_of_bfloat16_hidden_states_is_float32_within_bfloat16_rounding():
+    hidden, head, targets = head_case(True, jnp.bfloat16)
+    out = losses.chunked_token_logprobs(hidden, head.astype(jnp.float32), targets, vocab_major=True,
+                                        chunk_size=4)
+    assert out.dtype == jnp.float32
+    # XLA may keep the bfloat16 product in float32 where the cast follows it: equal
+    # to the full path up to one bfloat16 rounding of the logits.
+    np.testing.assert_allclose(out, losses.token_logprobs(full_logits(hidden, head, True), targets),
+                               rtol=2e-2, atol=2e-2)
+
+
+def test_chunked_head_keeps_no_vocabulary_sized_buffer():
+    """Compiled only: forward and backward temporaries of 4 x 128 tokens over 4096 words."""
+    hidden = jax.ShapeDtypeStruct((4, 128, 32), jnp.float32)
+    head = jax.ShapeDtypeStruct((32, 4096), jnp.float32)
+    targets = jax.ShapeDtypeStruct((4, 128), jnp.int32)
+
+    def temp_bytes(fn):
+        loss = lambda h, w, y: jnp.sum(fn(h, w, y))
+        return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(hidden, head, targets).compile() \
+            .memory_analysis().temp_size_in_bytes
+
+    logits_bytes = 4 * 128 * 4096 * 4
+    full = temp_bytes(lambda h, w, y: losses.token_logprobs(jnp.dot(h, w), y))
+    chunked = temp_bytes(lambda h, w, y: losses.chunked_token_logprobs(h, w, y, chunk_size=64))
+    assert full >= logits_bytes and chunked < logits_bytes / 4
+
 def test_masked_sum_mean_and_whiten_match_numpy_over_masked_entries():
     rng = np.random.default_rng(3)
     x = rng.normal(size=(4, 6)).astype(np.float32) * 2 + 1

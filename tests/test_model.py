@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ptx import sharding
-from ptx.model import (Dense, ModelConfig, Transformer, count_params, init_cache, init_params, rope_tables,
-                       unstack_cache, unstack_layers)
+from ptx import losses, sharding
+from ptx.model import (Dense, ModelConfig, Transformer, count_params, init_cache, init_params, lm_head,
+                       rope_tables, unstack_cache, unstack_layers)
 
 CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64,
                   qkv_bias=True, tie_embeddings=False, scalar_head=True)
@@ -140,6 +140,67 @@ def test_layer_loop_remat_and_unrolled_scan_give_the_scans_logits_and_gradients(
                      grads, ref_grads)
 
 
+def test_blockwise_attention_gives_the_dense_logits_and_parameter_gradients(params):
+    """Packed and left-padded rows; padding queries (no visible key) are don't-care, so
+    the loss reads real tokens only."""
+    t = tokens(9, (2, 12))
+    pos = jnp.array([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]])
+    seg = jnp.array([[1] * 5 + [2] * 7, [0] * 3 + [1] * 9])
+    real = (seg > 0)[..., None]
+
+    def run(cfg):
+        def loss(p):
+            out = Transformer(cfg).apply({"params": p}, t, pos, seg)
+            return jnp.sum(jnp.where(real, jnp.sin(out.logits), 0.0)), jnp.where(real, out.logits, 0.0)
+        return jax.jit(jax.grad(loss, has_aux=True))(params)
+
+    for window in (0, 4):
+        ref_grads, ref = run(CFG.replace(sliding_window=window))
+        grads, logits = run(CFG.replace(sliding_window=window, attention="blockwise", attention_block_q=5,
+                                        attention_block_k=4))
+        np.testing.assert_allclose(logits, ref, atol=1e-5)
+        jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * np.abs(r).max()),
+                     grads, ref_grads)
+
+
+def test_sliding_window_limits_what_a_token_sees_and_cached_decode_honours_it(params):
+    cfg = CFG.replace(sliding_window=3)
+    model = Transformer(cfg)
+    t = tokens(10, (2, 10))
+    full = model.apply({"params": params}, t).logits
+    # Each layer reaches window - 1 = 2 tokens further back: through 3 layers, token 0
+    # reaches positions up to 6 and no further.
+    changed = model.apply({"params": params}, t.at[:, 0].set((t[:, 0] + 1) % CFG.vocab_size)).logits
+    np.testing.assert_array_equal(changed[:, 7:], full[:, 7:])
+    assert not np.allclose(changed[:, 6], full[:, 6])
+    step = jax.jit(lambda p, x, pos, c, i: model.apply({"params": p}, x, pos, jnp.ones_like(x), cache=c,
+                                                        cache_index=i))
+    out = step(params, t[:, :4], default_pos_seg(2, 4)[0], init_cache(cfg, 2, 16), 0)
+    logits, cache = [out.logits], out.cache
+    for i in range(4, 10):
+        out = step(params, t[:, i:i + 1], jnp.full((2, 1), i), cache, i)
+        logits.append(out.logits)
+        cache = out.cache
+    np.testing.assert_allclose(jnp.concatenate(logits, 1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_hidden_states_and_lm_head_give_the_logits_log_probs_in_chunks(params, tie):
+    cfg = CFG.replace(tie_embeddings=tie)
+    p = init_params(cfg, jax.random.PRNGKey(1)) if tie else params
+    t = tokens(11, (2, 9))
+    targets = jnp.roll(t, -1, axis=1)
+    full = Transformer(cfg).apply({"params": p}, t)
+    hidden = Transformer(cfg).apply({"params": p}, t, logits=False)
+    assert hidden.logits is None
+    kernel, vocab_major = lm_head(cfg, p)
+    assert vocab_major == tie and kernel.shape == ((cfg.vocab_size, cfg.d_model) if tie
+                                                   else (cfg.d_model, cfg.vocab_size))
+    chunked = losses.chunked_token_logprobs(hidden.hidden, kernel, targets, vocab_major=vocab_major,
+                                            chunk_size=5)
+    np.testing.assert_allclose(chunked, losses.token_logprobs(full.logits, targets), atol=1e-5)
+
+
 def test_rotary_tables_match_the_closed_form_and_are_evaluated_once_per_step(params):
     pos = jnp.array([[0, 1, 5, 127, 1000, 4096]], jnp.int32)
     sin, cos = rope_tables(pos, 8, 10000.0)
@@ -174,6 +235,10 @@ def test_bad_model_config_is_a_clear_error():
         ModelConfig(dtype="float64")
     with pytest.raises(ValueError, match="layer_loop_max"):
         ModelConfig(layer_loop_max=-1)
+    with pytest.raises(ValueError, match="model.attention"):
+        ModelConfig(attention="flash")
+    with pytest.raises(ValueError, match="sliding_window"):
+        ModelConfig(sliding_window=-1)
 
 
 def test_every_parameter_matches_exactly_one_sharding_rule(params):
