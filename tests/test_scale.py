@@ -16,6 +16,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import ppo as ppo_config
+from configs import pretrain as pretrain_config
 from configs import reward as reward_config
 from configs import sample as sample_config
 from configs import sft as sft_config
@@ -209,7 +210,19 @@ def test_two_processes_run_grpo_and_sample_like_one_process_with_four_devices(rl
     assert len(samples.splitlines()) == 64
 
 
-def test_two_processes_run_best_of_n_with_a_judge_and_ai_feedback_like_one_process(rl_models, sft_file, tmp_path):
+@pytest.fixture(scope="module")
+def judge_dir(tmp_path_factory):
+    """A language model whose tokenizer has the judge's verdict tokens: pre-trained (briefly) on the
+    world's corpus, whose review lines end in " A" / " B", as the quickstart's judge is."""
+    d = tmp_path_factory.mktemp("judge")
+    c = pretrain_config.get_config("tiny")
+    c.train.steps, c.train.eval_every = 2, 0
+    supervised.run(c, str(d))
+    return str(d)
+
+
+def test_two_processes_run_best_of_n_with_a_judge_and_ai_feedback_like_one_process(rl_models, judge_dir, sft_file,
+                                                                                 tmp_path):
     # The judge (here best-of-N's reward source, then the AI-feedback labeller) places every
     # chunk by the sampler's rule: each process holds all rows and puts its devices' share on
     # the mesh; process 0 writes the files.
@@ -217,9 +230,9 @@ def test_two_processes_run_best_of_n_with_a_judge_and_ai_feedback_like_one_proce
     runs = {
         "bon": (["--config=configs/best_of_n.py:tiny", f"--config.checkpoint={rl_models['sft']}",
                  f"--config.prompts={sft_file}", "--config.reward.source=judge",
-                 f"--config.reward.checkpoint={rl_models['sft']}"], ("candidates.jsonl", "results.json")),
+                 f"--config.reward.checkpoint={judge_dir}"], ("candidates.jsonl", "results.json")),
         "aif": (["--config=configs/ai_feedback.py:tiny", f"--config.policy_checkpoint={rl_models['sft']}",
-                 f"--config.judge_checkpoint={rl_models['sft']}", f"--config.data.train={sft_file}",
+                 f"--config.judge_checkpoint={judge_dir}", f"--config.data.train={sft_file}",
                  "--config.judge.threshold=0.5"], ("preferences.jsonl", "stats.json")),
     }
     for name, (args, outputs) in runs.items():
