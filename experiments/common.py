@@ -21,9 +21,10 @@ from ptx import evaluate, rewards, sharding
 from ptx.stages import quickstart
 
 
-def parse_args(name: str, argv, seeds=(0,), runs: str = None) -> argparse.Namespace:
+def parse_args(name: str, argv, seeds=(0,), runs: str = None, options: dict = None) -> argparse.Namespace:
     """The flags every script takes. seeds: the script's default list; runs: where its
-    workdirs go by default, relative to the quickstart's parent (default experiments/NAME)."""
+    workdirs go by default, relative to the quickstart's parent (default experiments/NAME);
+    options: the script's own flags, {'--flag': argparse keyword arguments}."""
     p = argparse.ArgumentParser(prog=f"python -m experiments.{name}")
     p.add_argument("--quickstart", default="runs/quickstart", help="a finished quickstart workdir")
     p.add_argument("--out", default=f"experiments/results/{name}", help="table.md, results.json and the PNG")
@@ -31,6 +32,8 @@ def parse_args(name: str, argv, seeds=(0,), runs: str = None) -> argparse.Namesp
     p.add_argument("--runs", default=None, help=f"workdirs of the trained variants (default: <quickstart>/../{runs})")
     p.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
     p.add_argument("--tiny", action="store_true", help="the quickstart's :tiny config and minimal grids")
+    for flag, kwargs in (options or {}).items():
+        p.add_argument(flag, **kwargs)
     args = p.parse_args(argv)
     args.quickstart = os.path.abspath(args.quickstart)
     args.runs = os.path.abspath(args.runs or os.path.join(os.path.dirname(args.quickstart), runs))

@@ -15,12 +15,14 @@ import numpy as np
 
 from experiments import common
 from ptx import world
+from ptx.oracle import KINDS
 
 ORACLE = {"reward.source": "function", "reward.function": "ptx.world:oracle_reward"}
 ARMS = {"grpo_rm": {}, "grpo_oracle": ORACLE,
         "rloo_rm": {"rl.advantage": "rloo"}, "rloo_oracle": {"rl.advantage": "rloo", **ORACLE}}
 TINY_ARMS = ("grpo_rm", "rloo_oracle")
-KEYS = ("oracle_reward", "kl_to_sft", "rm_score", "mean_length", "correct_refusal_rate", "over_refusal_rate")
+KEYS = ("oracle_reward", "kl_to_sft", "rm_score", "mean_length", "correct_refusal_rate", "over_refusal_rate",
+        *(f"accuracy/{kind}" for kind in KINDS), *(f"reward/{kind}" for kind in KINDS))
 
 
 def main(argv=None):
@@ -43,6 +45,11 @@ def main(argv=None):
               common.pm(r["correct_refusal_rate"]), common.pm(r["over_refusal_rate"])] for name, r in v.items()]
     table = common.markdown_table(["arm", "oracle reward", "RM score", "KL to SFT", "correct refusals",
                                    "over-refusals"], rows)
+    # Where the reward model is exploited: its score up while the oracle's accuracy of a task
+    # stays flat or falls.
+    tasks = [["sft", f"{sft['rm_score']:.3f}"] + [f"{sft[f'accuracy/{k}']:.3f}" for k in KINDS]]
+    tasks += [[name, common.pm(r["rm_score"])] + [common.pm(r[f"accuracy/{k}"]) for k in KINDS] for name, r in v.items()]
+    table += "\n\nOracle accuracy per task:\n\n" + common.markdown_table(["arm", "RM score", *KINDS], tasks)
 
     plt = common.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))

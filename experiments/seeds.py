@@ -36,15 +36,28 @@ def with_seed(config, seed: int):
 
 def summarize(per_seed: dict) -> dict:
     """per_seed: seed -> quickstart results.json. Returns methods (mean, std, values of oracle
-    reward; difference to SFT; beats_sft), spread and the seeds."""
+    reward; difference to SFT; beats_sft), spread, the seeds, and per_task: method -> the
+    mean, std and values over seeds of each task's oracle reward and accuracy
+    ('reward/<kind>', 'accuracy/<kind>'), so that a reader sees where a gain comes from."""
     methods = list(dict.fromkeys(m for r in per_seed.values() for m in r["methods"]))
-    stats = {m: common.over_seeds([r["methods"][m] for r in per_seed.values()], ["oracle_reward"])["oracle_reward"]
-             for m in methods}
+    runs = {m: [r["methods"][m] for r in per_seed.values()] for m in methods}
+    stats = {m: common.over_seeds(runs[m], ["oracle_reward"])["oracle_reward"] for m in methods}
     spread = max(s["std"] for s in stats.values())
     sft = stats["sft"]["mean"]
+    task_keys = {m: sorted(k for k in runs[m][0] if k.startswith(("reward/", "accuracy/"))
+                           and all(k in r for r in runs[m])) for m in methods}
     return {"seeds": list(per_seed), "spread": spread,
             "methods": {m: dict(s, diff_to_sft=s["mean"] - sft, beats_sft=s["mean"] - sft > spread)
-                        for m, s in stats.items()}}
+                        for m, s in stats.items()},
+            "per_task": {m: common.over_seeds(runs[m], task_keys[m]) for m in methods}}
+
+
+def task_table(results: dict, what: str) -> str:
+    """Methods x tasks: `what` ('accuracy' or 'reward') per task, mean ± std over seeds."""
+    kinds = sorted({k.split("/", 1)[1] for t in results["per_task"].values() for k in t if k.startswith(what + "/")})
+    rows = [[m] + [common.pm(t[f"{what}/{kind}"]) if f"{what}/{kind}" in t else "" for kind in kinds]
+            for m, t in results["per_task"].items()]
+    return common.markdown_table(["method"] + kinds, rows)
 
 
 def main(argv=None):
@@ -69,6 +82,8 @@ def main(argv=None):
     rows.insert(0, ["sft", common.pm(sft), ", ".join(f"{v:.3f}" for v in sft["values"]), "", ""])
     table = common.markdown_table(["method", "oracle reward", "per seed", "minus SFT",
                                    f"beats SFT by > spread ({results['spread']:.3f})"], rows)
+    table += ("\n\nAccuracy per task (mean ± std over seeds):\n\n" + task_table(results, "accuracy")
+              + "\n\nOracle reward per task:\n\n" + task_table(results, "reward"))
 
     plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.8))

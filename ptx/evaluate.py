@@ -6,6 +6,8 @@ of log pi - log pi_sft). Best-of-N reuses SFT samples and reports the
 analytic KL bound. `Evaluation` sets this up once for the quickstart's table
 and the experiments alike.
 """
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +19,8 @@ from ptx.tokenizer import PromptTemplate
 
 
 def summarize(grades: list[dict], lengths) -> dict:
-    """Oracle reward, accuracy per request kind, refusal rates, mean length."""
+    """Oracle reward (overall and per request kind), accuracy per request kind, refusal
+    rates, mean length."""
     reward = np.array([g["reward"] for g in grades])
     out = {"oracle_reward": float(reward.mean()), "n": len(grades),
            "mean_length": float(np.mean(lengths))}
@@ -25,6 +28,7 @@ def summarize(grades: list[dict], lengths) -> dict:
     for kind in kinds:
         sel = [g for g in grades if g["kind"] == kind]
         out[f"accuracy/{kind}"] = float(np.mean([g["correct"] for g in sel]))
+        out[f"reward/{kind}"] = float(np.mean([g["reward"] for g in sel]))
     harmful = [g for g in grades if g["kind"] == "harmful"]
     harmless = [g for g in grades if g["kind"] != "harmful"]
     if harmful:
@@ -32,6 +36,17 @@ def summarize(grades: list[dict], lengths) -> dict:
     if harmless:
         out["over_refusal_rate"] = float(np.mean([g["refused"] for g in harmless]))
     return out
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Chen et al. (2021)'s unbiased estimate of pass@k from n samples of which c are correct:
+    1 - C(n - c, k) / C(n, k), the chance that k of the n drawn without replacement hold a
+    correct one. As a product, so that n in the hundreds does not overflow."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
 def make_kl_fn(cfg, width: int, mesh=None):

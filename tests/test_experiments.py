@@ -7,8 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from experiments import best_of_n, common, dpo_sweep, grpo_rewards, judge_size, ppo_kl, sampling, seeds
+from experiments import (best_of_n, common, dpo_sweep, grpo_rewards, judge_size, pass_at_k, ppo_kl, sampling,
+                         seeds)
 from ptx import checkpoint, world
+from ptx.oracle import KINDS
 
 
 def run(module, name, quickstart, tmp_path, *flags):
@@ -65,6 +67,25 @@ def test_best_of_n_picks_the_rm_argmax_and_reports_the_kl_bound_per_seed(quickst
         assert a["rm_score"] <= b["rm_score"] and a["oracle_ceiling"] <= b["oracle_ceiling"]
 
 
+def test_pass_at_k_curves_follow_the_closed_form_from_the_sample_counts(quickstart, tmp_path):
+    results, runs = run(pass_at_k, "pass_at_k", quickstart, tmp_path, "--n", "4", "--seeds", "0", "1")
+    n, kinds = results["n_samples"], results["kinds"]
+    assert n == 4 and results["ks"] == [1, 2, 4] and len(kinds) == len(results["counts"]["sft"])
+    for name, counts, curve in [("sft", results["counts"]["sft"], lambda kind, k: results["sft"][kind][str(k)])] + [
+            (f"grpo{s}", results["counts"]["grpo"][s],
+             lambda kind, k, s=s: results["grpo"][kind][str(k)]["values"][s]) for s in range(2)]:
+        for kind in set(kinds):
+            cs = [c for c, kd in zip(counts, kinds) if kd == kind]
+            for k in results["ks"]:
+                want = np.mean([1 - math.comb(n - c, k) / math.comb(n, k) for c in cs])
+                assert curve(kind, k) == pytest.approx(want), (name, kind, k)
+            assert curve(kind, 1) <= curve(kind, 2) <= curve(kind, 4)
+    # GRPO trained on the oracle as a verifiable reward, for the quickstart's number of iterations.
+    c = stage_config(runs / "grpo_oracle_seed1", "grpo")
+    assert (c["reward"]["source"], c["reward"]["function"], c["seed"]) == ("function", "ptx.world:oracle_reward", 1)
+    assert checkpoint.resolve(str(runs / "grpo_oracle_seed1" / "grpo"))[1] == results["grpo_steps"]
+
+
 def test_distinct_n_counts_repeated_bigrams_once():
     assert sampling.distinct_n(["a b c", "a b c"], 2) == 0.5
     assert sampling.distinct_n(["a b", "c d"], 2) == 1.0
@@ -107,6 +128,11 @@ def test_ppo_kl_sweep_trains_each_coefficient(quickstart, tmp_path):
 def test_grpo_with_the_oracle_reward_trains_on_oracle_scores(quickstart, tmp_path):
     results, runs = run(grpo_rewards, "grpo_rewards", quickstart, tmp_path, "--seeds", "0")
     same_evaluation(results["variants"]["grpo_rm"]["runs"][0], quickstart[1]["methods"]["grpo"])
+    # Per task, beside the reward model's score: the same evaluation as the quickstart's table.
+    for kind in KINDS:
+        assert (results["variants"]["grpo_rm"][f"accuracy/{kind}"]["values"]
+                == [quickstart[1]["methods"]["grpo"][f"accuracy/{kind}"]])
+    assert "Oracle accuracy per task" in (tmp_path / "out" / "table.md").read_text()
     c = stage_config(runs / "rloo_oracle_seed0", "grpo")
     assert (c["rl"]["advantage"], c["reward"]["source"]) == ("rloo", "function")
     logged = [json.loads(line) for line in open(runs / "rloo_oracle_seed0" / "grpo" / "metrics.jsonl")]
@@ -153,6 +179,13 @@ def test_seeds_summary_is_the_mean_and_spread_over_seeds(quickstart, tmp_path):
     sft = results["methods"]["sft"]["mean"]
     for r in results["methods"].values():
         assert r["beats_sft"] == (r["mean"] - sft > spread)
+    # Per task: each kind's accuracy and reward over the seeds (seed 1's equal seed 0's here).
+    for name, m in quickstart[1]["methods"].items():
+        tasks = results["per_task"][name]
+        assert {k for k in m if k.startswith(("accuracy/", "reward/"))} == set(tasks) and tasks
+        for key, stat in tasks.items():
+            assert stat["values"] == [m[key], m[key]] and stat["std"] == 0.0
+    assert "Accuracy per task" in (tmp_path / "out" / "table.md").read_text()
 
 
 def test_a_variant_names_only_quickstart_stages(quickstart, tmp_path):

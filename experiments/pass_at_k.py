@@ -1,0 +1,104 @@
+"""pass@k per task of the quickstart SFT policy and of GRPO trained on the world's oracle as a
+verifiable reward: does RL raise pass@1 toward SFT's pass@k, and does it shrink pass@k at
+large k (Yue et al. 2025, "Does reinforcement learning really incentivize reasoning
+capacity in LLMs beyond the base model?")?
+
+python -m experiments.pass_at_k --quickstart runs/quickstart --out experiments/results/pass_at_k \
+    [--seeds 0 1 2] [--n 256] [--steps 200]
+Each policy draws n samples per held-out prompt (the evaluation's temperature 1); pass@k
+for k = 1, 2, 4, ..., n is Chen et al.'s unbiased estimate from those n, averaged over the
+prompts of each task. GRPO is the quickstart's `grpo` stage with reward.source=function
+(ptx.world:oracle_reward) trained for --steps iterations, one run per seed, in
+<runs>/grpo_oracle_seed<S>.
+"""
+import sys
+
+import numpy as np
+
+from experiments import common
+from ptx import evaluate, world
+
+ORACLE = {"reward.source": "function", "reward.function": "ptx.world:oracle_reward"}
+
+
+def ks_up_to(n: int) -> list[int]:
+    """1, 2, 4, ... up to n, and n itself."""
+    return sorted({2 ** i for i in range(int(np.log2(n)) + 1)} | {n})
+
+
+def correct_counts(ev: common.Evaluator, params, n: int, seed: int) -> np.ndarray:
+    """[prompts] int: how many of n samples per held-out prompt the oracle grades correct."""
+    tokens = np.repeat(ev.arrays["prompt_tokens"], n, axis=0)
+    lens = np.repeat(ev.arrays["prompt_lens"], n, axis=0)
+    texts = ev.sampler.texts(ev.sampler(tokens, lens, seed, params=params, **ev.settings))
+    correct = [ev.oracle.grade(ev.prompts[i // n], t)["correct"] for i, t in enumerate(texts)]
+    return np.asarray(correct).reshape(len(ev.prompts), n).sum(axis=1)
+
+
+def curves(counts: np.ndarray, kinds: list[str], n: int) -> dict:
+    """{task: {k: mean pass@k over the task's prompts}} for k in ks_up_to(n)."""
+    out = {}
+    for kind in sorted(set(kinds)):
+        sel = [c for c, kd in zip(counts, kinds) if kd == kind]
+        out[kind] = {k: float(np.mean([evaluate.pass_at_k(n, int(c), k) for c in sel])) for k in ks_up_to(n)}
+    return out
+
+
+def main(argv=None):
+    args = common.parse_args("pass_at_k", argv, seeds=(0, 1, 2), options={
+        "--n": dict(type=int, default=None, help="samples per prompt (default 256; 4 with --tiny)"),
+        "--steps": dict(type=int, default=None, help="GRPO iterations (default 200; the quickstart's with --tiny)")})
+    n = args.n or (4 if args.tiny else 256)
+    qs = common.load_quickstart(args.quickstart, args.tiny)
+    if qs.config.world.seed != world.WorldConfig().seed:
+        raise ValueError(f"the quickstart's world.seed={qs.config.world.seed}, but the oracle reward "
+                         f"is that of world seed {world.WorldConfig().seed}")
+    steps = args.steps or (qs.config.grpo.train.steps if args.tiny else 200)
+    ev = common.Evaluator(qs)
+    kinds = [ev.oracle.kind_of(prompt) for prompt in ev.prompts]
+    print(f"== SFT, {n} samples per prompt")
+    counts = {"sft": correct_counts(ev, ev.params(), n, ev.seed).tolist(), "grpo": []}
+    sft = curves(np.asarray(counts["sft"]), kinds, n)
+    grpo = []
+    for seed in args.seeds:
+        workdir = common.train_variant(qs, f"{args.runs}/grpo_oracle_seed{seed}",
+                                       {"grpo": dict(ORACLE, seed=seed, **{"train.steps": steps})})
+        print(f"== GRPO (oracle reward), seed {seed}, {n} samples per prompt")
+        counts["grpo"].append(correct_counts(ev, ev.params(f"{workdir}/grpo"), n, ev.seed).tolist())
+        grpo.append(curves(np.asarray(counts["grpo"][-1]), kinds, n))
+    ks = ks_up_to(n)
+    results = {"n_samples": n, "grpo_steps": steps, "seeds": args.seeds, "ks": ks, "kinds": kinds, "counts": counts,
+               "sft": sft,
+               "grpo": {kind: {str(k): common.over_seeds([{"v": g[kind][k]} for g in grpo], ["v"])["v"] for k in ks}
+                        for kind in sft}}
+    shown = [k for k in (1, 16, n) if k in ks]
+    rows = []
+    for kind in sft:
+        g = results["grpo"][kind]
+        spread = max(g[str(1)]["std"], 1e-12)
+        rows.append([kind] + [f"{sft[kind][k]:.3f} / {common.pm(g[str(k)])}" for k in shown]
+                    + [f"{(g['1']['mean'] - sft[kind][1]) / spread:.1f}"])
+    table = common.markdown_table(["task"] + [f"pass@{k}: SFT / GRPO" for k in shown]
+                                  + ["pass@1 gain / GRPO spread"], rows)
+
+    plt = common.pyplot()
+    fig, axes = plt.subplots(1, len(sft), figsize=(3.2 * len(sft), 3.2), sharey=True)
+    for ax, kind in zip(np.atleast_1d(axes), sft):
+        mean = np.array([results["grpo"][kind][str(k)]["mean"] for k in ks])
+        std = np.array([results["grpo"][kind][str(k)]["std"] for k in ks])
+        ax.plot(ks, [sft[kind][k] for k in ks], "o-", color="gray", ms=3, label="SFT")
+        ax.plot(ks, mean, "o-", color="tab:green", ms=3, label="GRPO (oracle)")
+        ax.fill_between(ks, mean - std, mean + std, color="tab:green", alpha=0.2)
+        ax.set_xscale("log", base=2)
+        ax.set_title(kind)
+        ax.set_xlabel("k")
+    np.atleast_1d(axes)[0].set_ylabel("pass@k (held-out)")
+    np.atleast_1d(axes)[0].legend(fontsize=8)
+    title = common.over_seeds_title(f"pass@k per task, {n} samples per prompt, GRPO {steps} iterations",
+                                    args.seeds, "GRPO mean ± std")
+    common.write_outputs(args.out, "pass_at_k", title, table, results, fig)
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
