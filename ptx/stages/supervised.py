@@ -14,7 +14,7 @@ import numpy as np
 
 from ptx import data, lora, metrics, optim, sharding, steps
 from ptx.model import ModelConfig, Transformer, abstract_params, init_params
-from ptx.stages import common, scaffold
+from ptx.stages import common, scaffold, validate
 from ptx.tokenizer import Tokenizer
 
 
@@ -35,7 +35,9 @@ def model_config(config, tok: Tokenizer, source: common.InitSource | None) -> Mo
     cfg = source.cfg if source is not None else ModelConfig(**dict(config.model))
     cfg = cfg.replace(scalar_head=config.stage == "reward")
     if tok.vocab_size > cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tok.vocab_size} pieces but model.vocab_size={cfg.vocab_size}")
+        raise validate.ConfigError("tokenizer.path" if source is not None else "model.vocab_size",
+                                   f"the tokenizer has {tok.vocab_size} pieces but the model only "
+                                   f"{cfg.vocab_size} embeddings")
     return cfg
 
 
