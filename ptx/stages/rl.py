@@ -179,7 +179,7 @@ def _run(config, workdir: str, mesh, source: common.InitSource, rl: rollout.RLCo
                     state, m = update(state, sharding.put_global({k: v[idx] for k, v in roll.items()}, mesh), frozen)
                     history.append(m)
             scalars = metrics.mean_metrics(history)
-            metrics.check_finite(scalars, it + 1)
+            metrics.check_finite(scalars, it + 1, run.saved)
             scalars.update({k: float(v) for k, v in roll_metrics.items()})
             if rl.adaptive_kl:
                 kl_coef = float(losses.adaptive_kl_update(kl_coef, scalars["objective/kl"], target=rl.kl_target,

@@ -144,7 +144,7 @@ def _run(config, workdir: str, mesh, source, lcfg: lora.LoraConfig, dpo: steps.D
                     jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
             return jax.jit(lambda p: steps.init_state(p, tx), out_shardings=state_shardings)(params)
 
-        state, _ = run.restore_or_init(abstract_state, state_shardings, fresh_state)
+        state, saved = run.restore_or_init(abstract_state, state_shardings, fresh_state)
         if frozen is not None and dpo.precompute_ref:
             arrays = precompute_ref_logps(model, frozen, arrays, mesh, config.train.batch_size)
             if eval_arrays is not None:
@@ -171,10 +171,13 @@ def _run(config, workdir: str, mesh, source, lcfg: lora.LoraConfig, dpo: steps.D
         # Every process builds the whole global batch and places the rows its devices hold.
         it = data.BatchIterator(arrays, config.train.batch_size, seed=config.seed)
         start = int(jax.device_get(state.step))
-        run.writer.write(start, {"data/rows": stats["rows"], "data/skipped": stats.get("skipped", 0),
-                                 **{f"data/{k}": v for k, v in enc_stats.items() if isinstance(v, (int, float))}})
+        if not start:  # a resumed run logged its data at step 0
+            run.writer.write(0, {"data/rows": stats["rows"], "data/skipped": stats.get("skipped", 0),
+                                  **{f"data/{k}": v for k, v in enc_stats.items() if isinstance(v, (int, float))}})
         t = config.train
-        history, tokens, last = [], 0, {}
+        # A checkpoint between two logged steps carries its window's metrics, so a run resumed
+        # there logs the same mean over the same steps as an uninterrupted one.
+        history, tokens, last = metrics.window_from_state(saved.get("window")), 0, {}
         for step in range(start, t.steps):
             batch = it.batch(step)
             tokens += tokens_in(batch)
@@ -186,12 +189,13 @@ def _run(config, workdir: str, mesh, source, lcfg: lora.LoraConfig, dpo: steps.D
             # Metrics reach the host only to be logged or to guard a checkpoint against NaN.
             if logged or run.due(done):
                 scalars = metrics.mean_metrics(history)
-                metrics.check_finite(scalars, done)
+                metrics.check_finite(scalars, done, run.saved)
                 if logged:
                     if eval_arrays is not None and (is_last or (t.eval_every and done % t.eval_every == 0)):
                         scalars.update(evaluate(eval_fn, state.params, eval_arrays, frozen, mesh,
                                                 batch_size=t.batch_size, batches=t.eval_batches))
                     last = run.writer.write(done, scalars, tokens=tokens)
                     history, tokens = [], 0
-            run.save(done, state, force=is_last)
+            run.save(done, state, force=is_last,
+                     **({"window": metrics.window_state(history)} if history and run.due(done) else {}))
     return last
