@@ -186,6 +186,23 @@ def test_bad_data_row_error_names_file_row_and_field(tmp_path):
         supervised.run(c, str(tmp_path / "run"))
 
 
+def test_skipped_rows_are_counted_their_reasons_logged_and_listed_in_the_workdir(files, tmp_path, caplog):
+    path = tmp_path / "some_bad.jsonl"
+    with open(files["sft"]) as f:
+        good = f.read().splitlines()
+    path.write_text("\n".join(good[:20] + ['{"prompt": "hi"}', '{"prompt": "hi", oops}'] + good[20:]) + "\n")
+    c = sft({"sft": str(path)}, **{"train.steps": 1, "data.on_bad_row": "skip"})
+    supervised.run(c, str(tmp_path / "run"))
+    with open(tmp_path / "run" / "skipped_rows.jsonl") as f:
+        skipped = [json.loads(line) for line in f]
+    assert [(r["file"], r["row"], r["field"]) for r in skipped] == [(str(path), 20, "completion"),
+                                                                     (str(path), 21, None)]
+    assert skipped[0]["problem"] == "missing" and skipped[1]["line"] == 22 and "invalid JSON" in skipped[1]["problem"]
+    warning = " ".join(r.getMessage() for r in caplog.records if "skipped" in r.getMessage())
+    assert "skipped 2 bad rows" in warning and "row 20: field 'completion': missing" in warning
+    assert read_metrics(tmp_path / "run")[0]["data/skipped"] == 2
+
+
 def test_unknown_config_override_is_an_error(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "ptx.main", "--config=configs/sft.py:tiny", f"--workdir={tmp_path}",

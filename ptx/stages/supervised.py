@@ -98,13 +98,12 @@ def _run(config, workdir: str, mesh, source, lcfg: lora.LoraConfig, dpo: steps.D
     template = common.template(config)
     rows, stats = data.load_rows(train_path, config.data.kind, on_bad_row=config.data.on_bad_row,
                                  template=template)
+    eval_rows, eval_stats = (data.load_rows(eval_path, config.data.kind, on_bad_row=config.data.on_bad_row,
+                                            template=template) if eval_path else (None, {}))
+    common.report_skipped(workdir, stats, eval_stats)
     tok = common.setup_tokenizer(config, workdir, rows, source)
     arrays, enc_stats = encode(config, rows, tok)
-    eval_arrays = None
-    if eval_path:
-        eval_rows, _ = data.load_rows(eval_path, config.data.kind, on_bad_row=config.data.on_bad_row,
-                                      template=template)
-        eval_arrays, _ = encode(config, eval_rows, tok)
+    eval_arrays = encode(config, eval_rows, tok)[0] if eval_path else None
 
     cfg = model_config(config, tok, source)
     model = Transformer(cfg)
