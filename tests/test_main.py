@@ -3,10 +3,16 @@ path) is exit code 2 and one line on stderr, `ptx: error: <field or file>: <prob
 config error writes nothing; `--verbose` shows the traceback; stop strings come from flags."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
+import jax
+import numpy as np
 import pytest
+
+from ptx import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240
@@ -15,6 +21,12 @@ TIMEOUT_S = 240
 def ptx(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "ptx.main", *args], cwd=cwd, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=ROOT), timeout=TIMEOUT_S)
+
+
+def logged(workdir) -> list[dict]:
+    """metrics.jsonl without its timings."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in f]
 
 
 def assert_user_error(out, line: str):
@@ -138,3 +150,31 @@ def test_a_non_finite_loss_is_one_line_and_exit_1(tmp_path):
     assert out.stderr.strip().splitlines()[-1] == (
         "ptx: error: non-finite loss or gradient before step 2; the run stopped and no checkpoint of this run "
         "was written yet (lower optim.lr or check the data)")
+
+
+def test_kill_9_mid_run_then_the_same_command_gives_the_same_parameters_and_metrics(tmp_path):
+    args = [SFT, "--config.train.steps=40", "--config.train.log_every=2", "--config.train.ckpt_every=3",
+            "--config.train.eval_every=0"]
+    assert ptx(*args, f"--workdir={tmp_path / 'straight'}").returncode == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "ptx.main", *args, f"--workdir={killed}"], cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    # SIGKILL once steps past a checkpoint are logged (10 > 9): those lines must not stay.
+    deadline = time.time() + TIMEOUT_S
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if any(r["step"] >= 10 for r in logged(killed)):
+                break
+        except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or a line half written
+            pass
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.resolve(str(killed))[1] < 40
+    out = ptx(*args, f"--workdir={killed}")
+    assert out.returncode == 0, out.stderr
+    assert logged(killed) == logged(tmp_path / "straight")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, *(jax.device_get(checkpoint.load_params(str(d))[0])
+                                                            for d in (tmp_path / "straight", killed)))
