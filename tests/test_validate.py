@@ -13,6 +13,7 @@ from configs import quickstart as quickstart_config
 from configs import reward as reward_config
 from configs import sample as sample_config
 from configs import sft as sft_config
+from ptx import stages
 from ptx.stages import validate
 
 MODULES = {"sft": sft_config, "pretrain": pretrain_config, "reward": reward_config, "dpo": dpo_config,
@@ -36,6 +37,11 @@ def field_of(c) -> str:
     with pytest.raises(validate.ConfigError) as e:
         validate.check(c)
     return e.value.field
+
+
+def test_every_stage_has_rules():
+    assert set(validate.FIELDS) == set(stages.RUNNERS)
+    assert set(validate.REQUIRED) | set(validate.BATCHES) | set(validate.SECTIONS) <= set(stages.RUNNERS)
 
 
 @pytest.mark.parametrize("name", list(MODULES))
