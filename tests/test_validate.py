@@ -129,3 +129,10 @@ def test_paths_are_read_last_and_name_their_field(tmp_path, sft_dir):
     assert field_of(config("ppo", **{"init.checkpoint": sft_dir, "reward.checkpoint": sft_dir})) == "reward.checkpoint"
     assert field_of(config("merge", checkpoint=sft_dir)) == "checkpoint"
     validate.check(config("sample", checkpoint=sft_dir))
+
+
+def test_a_wrong_type_inside_a_typed_section_is_named_from_its_dataclass():
+    c = config("grpo")
+    with c.rl.ignore_type():
+        c.rl.rollout_batch = "16"
+    assert field_of(c) == "rl.rollout_batch"

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-from ptx import checkpoint, hf, sharding, sources
+from ptx import checkpoint, hf, lora, rewards, rollout, sharding, sources, steps
 from ptx.model import ModelConfig
 from ptx.stages import common
 
@@ -116,6 +116,11 @@ SECTIONS = {"sft": TRAINED, "reward": TRAINED, "dpo": TRAINED + ("dpo",), "ppo":
             "grpo": TRAINED + ("rl", "reward"), "best_of_n": ("reward",)}
 BUILDERS = {"model": lambda c: ModelConfig(**dict(c.model)), "lora": common.lora_config,
             "rl": common.rl_config, "dpo": common.dpo_config, "reward": common.reward_source}
+CLASSES = {"model": ModelConfig, "lora": lora.LoraConfig, "rl": rollout.RLConfig, "dpo": steps.DPOConfig,
+           "reward": rewards.SourceConfig}
+# A dataclass field's type -> what its value must be.
+TYPED = {int: INT, float: Need(lambda v: _num(v) or (isinstance(v, float) and not math.isfinite(v)), "a number"),
+         bool: BOOL, str: TEXT, tuple: Need(lambda v: isinstance(v, (tuple, list)), "a tuple")}
 # Fields of which a stage needs one set ('a|b': either), in order.
 REQUIRED = {"sample": ("checkpoint", "prompt|prompts"), "best_of_n": ("checkpoint",),
             "ai_feedback": ("policy_checkpoint", "judge_checkpoint"), "merge": ("checkpoint",),
@@ -132,7 +137,8 @@ BATCHES = {"sft": ("train.batch_size",), "reward": ("train.batch_size",), "dpo":
 CHECKPOINTS = ("init.checkpoint", "checkpoint", "policy_checkpoint", "judge_checkpoint", "reward.checkpoint",
                "rl.critic_checkpoint")
 FILES = ("tokenizer.path", "prompts", "data.train", "data.eval")
-# Stands for a path the caller sets later (see `check`).
+# The paths a caller may set later (see `check`), and what stands for them until then.
+FILLABLE = CHECKPOINTS + ("data.train", "data.eval")
 FILLED = "<set by the quickstart>"
 
 
@@ -147,7 +153,7 @@ def check(config, *, filled: bool = False):
         raise ConfigError("stage", f"unknown stage {stage!r}; stages: {sorted(FIELDS)}")
     if filled:
         config = copy.deepcopy(config)
-        for field in CHECKPOINTS + FILES[2:]:
+        for field in FILLABLE:
             if _has(config, field) and not _get(config, field):
                 *path, leaf = field.split(".")
                 (_get(config, ".".join(path)) if path else config)[leaf] = FILLED
@@ -188,12 +194,17 @@ def _required(config):
 
 
 def _build(config, section: str):
-    """The typed section's own checks, as a ConfigError naming the field where its message does."""
+    """The typed section's own checks, as a ConfigError naming the field where its message does,
+    after the types its dataclass declares."""
+    for f in dataclasses.fields(CLASSES[section]):
+        need = TYPED.get(f.type)
+        if need is not None and f.name in config[section] and not need.test(config[section][f.name]):
+            raise ConfigError(f"{section}.{f.name}", f"needs {need.words}, got {config[section][f.name]!r}")
     try:
         BUILDERS[section](config)
-    except TypeError as e:  # a field the dataclass lacks
-        name = re.search(r"keyword argument '(\w+)'", str(e))
-        raise ConfigError(f"{section}.{name[1]}" if name else section, "no such field") from None
+    except TypeError as e:  # a field the dataclass lacks, or a value of the wrong type
+        name = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        raise (ConfigError(f"{section}.{name[1]}", "no such field") if name else ConfigError(section, str(e))) from None
     except (ValueError, NotImplementedError) as e:
         raise from_message(section, str(e)) from None
 
