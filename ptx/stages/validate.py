@@ -279,7 +279,7 @@ def _paths(config):
     hf_dir = config.init.hf_dir
     if hf_dir and not os.path.isfile(os.path.join(hf_dir, hf.CONFIG)):
         raise ConfigError("init.hf_dir", f"{hf_dir}: no {hf.CONFIG}; expected a Hugging Face model directory")
-    if config.stage == "merge" and config.checkpoint != FILLED and not checkpoint.read_meta(config.checkpoint).get("lora"):
+    if config.stage == "merge" and not checkpoint.read_meta(config.checkpoint).get("lora"):
         raise ConfigError("checkpoint", f"{config.checkpoint} holds full weights already (its meta names no "
                                         "LoRA base); merge folds the adapters of a run with lora.rank > 0")
     if _has(config, "reward.source") and config.reward.source == "model" and config.reward.checkpoint != FILLED:
