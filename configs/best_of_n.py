@@ -11,7 +11,7 @@ def get_config(arg=None):
     tiny = "tiny" in common.parse_arg(arg)
     c.checkpoint = ""  # the policy to sample from (an SFT workdir)
     c.prompts = ""  # prompt file; '' = the embedded world's held-out prompts
-    c.ns = [1, 2, 4, 8, 16] if not tiny else [1, 2, 4]  # N values, all from the same samples
+    c.ns = (1, 2, 4, 8, 16) if not tiny else (1, 2, 4)  # N values, all from the same samples
     c.batch_size = 64 if not tiny else 16  # rows per sampler call
     c.sampling = sample.sampling_config(tiny)
     c.reward = ppo.rl_config(arg).reward  # model (reward.checkpoint) | function

@@ -70,6 +70,6 @@ def get_config(arg=None):
     c.eval.batch_size = 64 if not tiny else 8  # sampler rows per call
     c.eval.max_new_tokens = 24 if not tiny else 12
     c.eval.temperature = 1.0  # policies are compared on their own sampling distribution
-    c.eval.best_of_n = [4, 16] if not tiny else [2, 4]
+    c.eval.best_of_n = (4, 16) if not tiny else (2, 4)
     c.eval.seed = c.seed + 1234  # evaluation samples differ across seeds too
     return c

@@ -13,7 +13,7 @@ def sampling_config(tiny=False):
     c.top_p = 1.0  # 1.0 = off
     c.min_p = 0.0  # 0 = off
     c.max_new_tokens = 32 if tiny else 64
-    c.stop = ["\n\nHuman:"]  # stop strings (each one or more tokens)
+    c.stop = ("\n\nHuman:",)  # stop strings (each one or more tokens); a tuple, so flags can set it
     c.keep_stop = False  # keep the matched stop sequence in the output
     c.num_samples = 1  # completions per prompt
     return c

@@ -1,8 +1,11 @@
 """Test set-up: 8 host CPU devices so mesh code runs as on a pod slice."""
+import glob
 import json
 import os
+import struct
 import sys
 
+import numpy as np
 import pytest
 
 os.environ["XLA_FLAGS"] = (
@@ -47,3 +50,98 @@ def sft_dir(tmp_path_factory):
     c.train.steps, c.train.eval_every = 10, 0
     supervised.run(c, str(d))
     return str(d)
+
+
+# Resume: a run killed at a chosen point, then resumed, against an uninterrupted one.
+
+TIMINGS = ("tokens_per_s", "completion_tokens_per_s")
+
+
+def comparable(rows):
+    """metrics.jsonl rows without their timings."""
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]
+
+
+def tb_scalars(workdir):
+    """(tag, step, value) as TensorBoard shows them: event files in name order, where a session
+    START at step s (SummaryWriter's purge_step) hides the events before it at steps >= s."""
+    from tensorboardX.proto import event_pb2
+
+    shown = []
+    for path in sorted(glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*"))):
+        with open(path, "rb") as f:
+            raw = f.read()
+        i = 0
+        while i + 12 <= len(raw):
+            (n,) = struct.unpack("<Q", raw[i:i + 8])
+            event = event_pb2.Event.FromString(raw[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                shown = [s for s in shown if s[1] < event.step]
+            shown += [(v.tag, event.step, v.simple_value) for v in event.summary.value
+                      if v.HasField("simple_value") and v.tag not in TIMINGS]
+    return sorted(shown)
+
+
+def kill_at(monkeypatch, where: str, step: int):
+    """Stop the next run like a kill -9: 'log' right after the metrics line of `step`, 'checkpoint'
+    while its checkpoint is written (a torn write leaves orbax's temporary directory behind)."""
+    from ptx import checkpoint, metrics
+
+    if where == "log":
+        real = metrics.MetricWriter.write
+
+        def write(self, s, scalars, **kw):
+            row = real(self, s, scalars, **kw)
+            if s == step:
+                raise KeyboardInterrupt("killed")
+            return row
+
+        monkeypatch.setattr(metrics.MetricWriter, "write", write)
+    else:
+        real = checkpoint.Checkpointer.save
+
+        def save(self, s, state, meta, **kw):
+            if s == step:
+                os.makedirs(os.path.join(self.manager.directory, f"{s}.orbax-checkpoint-tmp-1"))
+                raise KeyboardInterrupt("killed")
+            return real(self, s, state, meta, **kw)
+
+        monkeypatch.setattr(checkpoint.Checkpointer, "save", save)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture
+def resumes_like_straight(tmp_path, monkeypatch):
+    """check(run, config, kills): `run(config, workdir)` straight, and killed at each of `kills`
+    ((where, step, newest checkpoint left), see `kill_at`) then resumed: bit-identical
+    parameters, metrics.jsonl line for line (timings aside) and the same TensorBoard scalars."""
+    import jax
+
+    from ptx import checkpoint
+
+    def params(workdir):
+        return jax.device_get(checkpoint.load_params(str(workdir))[0])
+
+    def check(run, config, kills):
+        straight = tmp_path / "straight"
+        run(config, str(straight))
+        for where, step, left in kills:
+            workdir = tmp_path / f"{where}{step}"
+            with monkeypatch.context() as m:
+                kill_at(m, where, step)
+                with pytest.raises(KeyboardInterrupt):
+                    run(config, str(workdir))
+            saved = [int(d) for d in os.listdir(checkpoint.checkpoint_dir(str(workdir))) if d.isdigit()]
+            assert max(saved, default=None) == left
+            run(config, str(workdir))
+            jax.tree_util.tree_map(np.testing.assert_array_equal, params(straight), params(workdir))
+            assert (comparable(read_jsonl(workdir / "metrics.jsonl"))
+                    == comparable(read_jsonl(straight / "metrics.jsonl"))), (where, step)
+            assert tb_scalars(workdir) == tb_scalars(straight), (where, step)
+
+    return check

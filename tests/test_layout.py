@@ -11,7 +11,7 @@ PTX = ROOT / "ptx"
 OUTSIDE = ("configs", "bench", "experiments", "tests")
 # Stage modules any stage may import; the dispatch table and the quickstart (which runs the
 # other stages in order) import stage modules too.
-SHARED_STAGE_CODE = {"ptx.stages.common", "ptx.stages.scaffold"}
+SHARED_STAGE_CODE = {"ptx.stages.common", "ptx.stages.scaffold", "ptx.stages.validate"}
 COMPOSITE_STAGES = {"ptx.stages", "ptx.stages.quickstart"}
 # `python -m ptx.main`: flags, then the dispatch table.
 ENTRY = {"ptx.main"}

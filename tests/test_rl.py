@@ -102,3 +102,11 @@ def test_ppo_resume_restores_the_kl_controller_and_continues(sft_dir, tmp_path):
                                              horizon=10, n_steps=c.rl.rollout_batch)
         np.testing.assert_allclose(cur["objective/kl_coef"], float(expected), rtol=1e-6)
     assert rows[2]["objective/kl_coef"] != rows[0]["objective/kl_coef"]
+
+
+def test_grpo_killed_resumes_to_the_same_parameters_and_logs(sft_dir, resumes_like_straight):
+    c = rl_cfg("grpo", sft_dir, steps=4)
+    c.train.ckpt_every = 2
+    # Killed while writing the first checkpoint (a fresh start again), and after logging
+    # iteration 3 (resumed from 2; iteration 3's metrics and samples lines are written again).
+    resumes_like_straight(rl.run, c, [("checkpoint", 2, None), ("log", 3, 2)])

@@ -49,10 +49,10 @@ def test_a_missing_required_field_is_named_before_the_workdir_is_written(tmp_pat
     ({"rl.advantage": "gae", "rl.critic": "none"}, "needs a critic"),
     ({"rl.rollout_batch": 3, "rl.minibatch_size": 8}, "not a multiple of rl.minibatch_size"),
     ({"rl.advantage": "grpo", "rl.group_size": 1}, "group_size=1 must be at least 2"),
-    ({"rl.kl_estimator": "k4"}, "rl.kl_estimator='k4'"),
+    ({"rl.kl_estimator": "k4"}, "rl.kl_estimator: 'k4'"),
     ({"rl.top_p": 0.0}, "top_p=0.0"),
     ({"reward.source": "model", "reward.checkpoint": ""}, "needs reward.checkpoint"),
-    ({"reward.source": "oracle"}, "reward.source='oracle'"),
+    ({"reward.source": "oracle"}, "reward.source: 'oracle'"),
 ])
 def test_bad_rl_configs_are_errors_before_the_workdir_is_written(tmp_path, overrides, match):
     c = ppo_config.get_config("tiny")

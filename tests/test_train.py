@@ -72,24 +72,18 @@ def read_and_run(c, workdir):
     return read_metrics(workdir)
 
 
-def test_resume_after_a_kill_gives_the_same_final_parameters(files, tmp_path, monkeypatch):
-    c = sft(files, **{"train.steps": 12, "train.ckpt_every": 4})
-    supervised.run(c, str(tmp_path / "straight"))
-
-    real_write = metrics.MetricWriter.write
-
-    def killed(self, step, scalars, **kw):
-        if step >= 10:
-            raise KeyboardInterrupt("killed")
-        return real_write(self, step, scalars, **kw)
-
-    monkeypatch.setattr(metrics.MetricWriter, "write", killed)
-    with pytest.raises(KeyboardInterrupt):
-        supervised.run(c, str(tmp_path / "resumed"))
-    assert checkpoint.resolve(str(tmp_path / "resumed"))[1] == 8
-    monkeypatch.setattr(metrics.MetricWriter, "write", real_write)
-    supervised.run(c, str(tmp_path / "resumed"))
-    assert_trees_close(final_params(tmp_path / "straight"), final_params(tmp_path / "resumed"), rtol=0, atol=0)
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_a_killed_run_resumes_to_the_same_parameters_and_logs(files, tmp_path, resumes_like_straight, stage):
+    # Checkpoints every 3 steps, logs every 2: a checkpoint in mid-window carries the window.
+    c = sft(files, **{"train.steps": 12, "train.ckpt_every": 3})
+    if stage == "dpo":
+        supervised.run(sft(files, **{"train.steps": 2}), str(tmp_path / "sft"))
+        c = dpo_config.get_config("tiny")
+        c.data.train, c.init.checkpoint = files["pref"], str(tmp_path / "sft")
+        c.train.steps, c.train.log_every, c.train.ckpt_every, c.train.eval_every = 12, 2, 3, 0
+    # Killed after logging step 10 (newest checkpoint 9, window [9]); killed while writing the
+    # checkpoint of step 6 (newest 3; steps 4 and 6 logged); killed writing the first one.
+    resumes_like_straight(supervised.run, c, [("log", 10, 9), ("checkpoint", 6, 3), ("checkpoint", 3, None)])
 
 
 def test_gradient_accumulation_equals_one_big_batch(files, tmp_path):
@@ -120,10 +114,14 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(files, 
     good = final_params(tmp_path)
     c.train.steps = 20
     c.optim.lr = float("nan")
-    with pytest.raises(metrics.NonFiniteError, match="last good checkpoint"):
+    with pytest.raises(metrics.NonFiniteError, match=r"the last good checkpoint \(step 12\) is intact"):
         supervised.run(c, str(tmp_path))
     assert checkpoint.resolve(str(tmp_path))[1] == 12
     assert_trees_close(final_params(tmp_path), good, rtol=0, atol=0)
+    # Before the first checkpoint there is none to keep, and the error says so.
+    c = sft(files, **{"train.steps": 4, "train.ckpt_every": 0, "optim.lr": float("nan")})
+    with pytest.raises(metrics.NonFiniteError, match="no checkpoint of this run was written yet"):
+        supervised.run(c, str(tmp_path / "fresh"))
 
 
 @pytest.mark.parametrize("stage", ["sft", "reward", "dpo"])
@@ -186,6 +184,23 @@ def test_bad_data_row_error_names_file_row_and_field(tmp_path):
     c = sft({"sft": str(bad)})
     with pytest.raises(data.DataError, match=r"bad.jsonl: row 1: field 'completion'"):
         supervised.run(c, str(tmp_path / "run"))
+
+
+def test_skipped_rows_are_counted_their_reasons_logged_and_listed_in_the_workdir(files, tmp_path, caplog):
+    path = tmp_path / "some_bad.jsonl"
+    with open(files["sft"]) as f:
+        good = f.read().splitlines()
+    path.write_text("\n".join(good[:20] + ['{"prompt": "hi"}', '{"prompt": "hi", oops}'] + good[20:]) + "\n")
+    c = sft({"sft": str(path)}, **{"train.steps": 1, "data.on_bad_row": "skip"})
+    supervised.run(c, str(tmp_path / "run"))
+    with open(tmp_path / "run" / "skipped_rows.jsonl") as f:
+        skipped = [json.loads(line) for line in f]
+    assert [(r["file"], r["row"], r["field"]) for r in skipped] == [(str(path), 20, "completion"),
+                                                                     (str(path), 21, None)]
+    assert skipped[0]["problem"] == "missing" and skipped[1]["line"] == 22 and "invalid JSON" in skipped[1]["problem"]
+    warning = " ".join(r.getMessage() for r in caplog.records if "skipped" in r.getMessage())
+    assert "skipped 2 bad rows" in warning and "row 20: field 'completion': missing" in warning
+    assert read_metrics(tmp_path / "run")[0]["data/skipped"] == 2
 
 
 def test_unknown_config_override_is_an_error(tmp_path):

@@ -6,7 +6,7 @@ the library never imports `configs`. A new stage is a module here with its
 `run`, an entry in `RUNNERS` and a file in `configs/`; a new loss is a pure
 function in `ptx/losses.py` with its step in `ptx/steps.py` (see README, Design).
 """
-from ptx.stages import ai_feedback, best_of_n, export, quickstart, rl, sample, supervised
+from ptx.stages import ai_feedback, best_of_n, export, quickstart, rl, sample, supervised, validate
 
 # config.stage -> the function that runs it. Every stage runs in one process or in
 # several (`distributed.*`): each process holds every host row and places on the mesh
@@ -26,7 +26,9 @@ RUNNERS = {
 
 
 def run(config, workdir: str):
-    """Run the stage `config.stage` into `workdir`."""
-    if config.stage not in RUNNERS:
-        raise ValueError(f"unknown stage {config.stage!r}; stages: {sorted(RUNNERS)}")
+    """Run the stage `config.stage` into `workdir`, once its config passed `validate.check`
+    (a ConfigError names the field before anything is read or written)."""
+    if config.get("stage") not in RUNNERS:
+        raise validate.ConfigError("stage", f"unknown stage {config.get('stage')!r}; stages: {sorted(RUNNERS)}")
+    validate.check(config)
     return RUNNERS[config.stage](config, workdir)

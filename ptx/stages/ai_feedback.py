@@ -32,8 +32,9 @@ def run(config, workdir: str) -> dict:
 
     prompt_path, _ = common.data_paths(config, workdir)
     # Bare requests (an empty template), as the reward and DPO stages expect them in the output.
-    rows, _ = data.load_rows(prompt_path, "prompt", template=PromptTemplate("", ""),
-                             on_bad_row=config.data.on_bad_row)
+    rows, stats = data.load_rows(prompt_path, "prompt", template=PromptTemplate("", ""),
+                                 on_bad_row=config.data.on_bad_row)
+    common.report_skipped(workdir, stats)
     prompts = list(dict.fromkeys(r["prompt"] for r in rows))
     if config.num_prompts:
         prompts = prompts[:config.num_prompts]

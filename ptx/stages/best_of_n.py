@@ -23,8 +23,9 @@ def run(config, workdir: str) -> dict:
     common.write_config(config, workdir)
     policy = inference.load_policy(config.checkpoint, mesh)
     prompt_path = config.prompts or common.make_world(config).write(os.path.join(workdir, "world"))["heldout"]
-    rows, _ = data.load_rows(prompt_path, "prompt", template=common.template(config),
-                             on_bad_row=config.data.on_bad_row)
+    rows, stats = data.load_rows(prompt_path, "prompt", template=common.template(config),
+                                 on_bad_row=config.data.on_bad_row)
+    common.report_skipped(workdir, stats)
     arrays, _ = data.encode_prompts(rows, policy.tok, max_prompt_len=config.data.max_prompt_len)
     source = rewards.make_source(reward_cfg, mesh)
     s = config.sampling

@@ -11,8 +11,9 @@ import os
 import shutil
 
 import jax
+from absl import logging
 
-from ptx import checkpoint, hf, lora, rewards, rollout, sharding, steps, world
+from ptx import checkpoint, data, hf, lora, rewards, rollout, sharding, steps, world
 from ptx.model import ModelConfig, abstract_params
 from ptx.tokenizer import PromptTemplate, Tokenizer, load_tokenizer, train_tokenizer
 
@@ -44,6 +45,24 @@ def write_jsonl(path: str, rows: list[dict]):
     if jax.process_index() == 0:
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def report_skipped(workdir: str, *stats: dict):
+    """Rows `data.load_rows` skipped (data.on_bad_row=skip), from the `stats` of each file read:
+    the first reasons as a warning, every one in `<workdir>/skipped_rows.jsonl` (file, row,
+    line, field, problem; process 0)."""
+    records = [r for s in stats for r in s.get("skipped_rows", [])]
+    path = os.path.join(workdir, "skipped_rows.jsonl")
+    if jax.process_index():
+        return
+    if not records:
+        if os.path.exists(path):  # an earlier attempt's, on data fixed since
+            os.remove(path)
+        return
+    data.write_skipped(path, records)
+    reasons = [reason for s in stats for reason in s.get("skipped_reasons", [])][:3]
+    logging.warning("skipped %d bad rows (data.on_bad_row=skip), all listed in %s; first: %s",
+                    len(records), path, "; ".join(reasons))
 
 
 def template(config) -> PromptTemplate:

@@ -104,8 +104,9 @@ def _run(config, workdir: str, mesh, source: common.InitSource, rl: rollout.RLCo
     texts, scores) and puts on the mesh only the rows its own devices hold."""
     common.write_config(config, workdir)
     prompt_path, _ = common.data_paths(config, workdir)
-    rows, _ = data.load_rows(prompt_path, "prompt", on_bad_row=config.data.on_bad_row,
+    rows, stats = data.load_rows(prompt_path, "prompt", on_bad_row=config.data.on_bad_row,
                                  template=common.template(config))
+    common.report_skipped(workdir, stats)
     tok = common.setup_tokenizer(config, workdir, rows, source)
     arrays, _ = data.encode_prompts(rows, tok, max_prompt_len=config.data.max_prompt_len)
     width = arrays["prompt_tokens"].shape[1]
@@ -179,7 +180,7 @@ def _run(config, workdir: str, mesh, source: common.InitSource, rl: rollout.RLCo
                     state, m = update(state, sharding.put_global({k: v[idx] for k, v in roll.items()}, mesh), frozen)
                     history.append(m)
             scalars = metrics.mean_metrics(history)
-            metrics.check_finite(scalars, it + 1)
+            metrics.check_finite(scalars, it + 1, run.saved)
             scalars.update({k: float(v) for k, v in roll_metrics.items()})
             if rl.adaptive_kl:
                 kl_coef = float(losses.adaptive_kl_update(kl_coef, scalars["objective/kl"], target=rl.kl_target,

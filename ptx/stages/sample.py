@@ -29,7 +29,8 @@ def run(config, workdir: str) -> str:
     if config.prompt:
         rows = [{"prompt": template.format_prompt(config.prompt)}]
     else:
-        rows, _ = data.load_rows(config.prompts, "prompt", template=template, on_bad_row=config.data.on_bad_row)
+        rows, stats = data.load_rows(config.prompts, "prompt", template=template, on_bad_row=config.data.on_bad_row)
+        common.report_skipped(workdir, stats)
     arrays, _ = data.encode_prompts(rows, policy.tok, max_prompt_len=config.data.max_prompt_len)
     s = config.sampling
     tokens = np.repeat(arrays["prompt_tokens"], s.num_samples, axis=0)

@@ -28,6 +28,7 @@ class Run:
         """meta: what this stage adds to every checkpoint's meta (e.g. 'params_key', 'lora')."""
         self.ckpt = checkpoint.Checkpointer(workdir, every=config.train.ckpt_every, keep=config.train.keep_ckpts)
         self.start = self.ckpt.latest_step() or 0
+        self.saved = self.start or None  # this workdir's newest checkpoint (its step), None = none yet
         self.meta = {"stage": config.stage, "model": checkpoint.model_meta(model_cfg),
                      "tokenizer": "tokenizer.model", "config": json.loads(config.to_json_best_effort()),
                      **(meta or {})}
@@ -48,7 +49,10 @@ class Run:
 
     def save(self, step: int, state, *, force: bool = False, **extra) -> bool:
         """Checkpoint `state` at `step` when due (or forced), with this run's meta and `extra`."""
-        return self.ckpt.save(step, state, dict(self.meta, **extra), force=force)
+        if not self.ckpt.save(step, state, dict(self.meta, **extra), force=force):
+            return False
+        self.saved = step
+        return True
 
     def __enter__(self) -> "Run":
         return self

@@ -14,7 +14,7 @@ import numpy as np
 
 from ptx import data, lora, metrics, optim, sharding, steps
 from ptx.model import ModelConfig, Transformer, abstract_params, init_params
-from ptx.stages import common, scaffold
+from ptx.stages import common, scaffold, validate
 from ptx.tokenizer import Tokenizer
 
 
@@ -35,7 +35,9 @@ def model_config(config, tok: Tokenizer, source: common.InitSource | None) -> Mo
     cfg = source.cfg if source is not None else ModelConfig(**dict(config.model))
     cfg = cfg.replace(scalar_head=config.stage == "reward")
     if tok.vocab_size > cfg.vocab_size:
-        raise ValueError(f"tokenizer has {tok.vocab_size} pieces but model.vocab_size={cfg.vocab_size}")
+        raise validate.ConfigError("tokenizer.path" if source is not None else "model.vocab_size",
+                                   f"the tokenizer has {tok.vocab_size} pieces but the model only "
+                                   f"{cfg.vocab_size} embeddings")
     return cfg
 
 
@@ -96,13 +98,12 @@ def _run(config, workdir: str, mesh, source, lcfg: lora.LoraConfig, dpo: steps.D
     template = common.template(config)
     rows, stats = data.load_rows(train_path, config.data.kind, on_bad_row=config.data.on_bad_row,
                                  template=template)
+    eval_rows, eval_stats = (data.load_rows(eval_path, config.data.kind, on_bad_row=config.data.on_bad_row,
+                                            template=template) if eval_path else (None, {}))
+    common.report_skipped(workdir, stats, eval_stats)
     tok = common.setup_tokenizer(config, workdir, rows, source)
     arrays, enc_stats = encode(config, rows, tok)
-    eval_arrays = None
-    if eval_path:
-        eval_rows, _ = data.load_rows(eval_path, config.data.kind, on_bad_row=config.data.on_bad_row,
-                                      template=template)
-        eval_arrays, _ = encode(config, eval_rows, tok)
+    eval_arrays = encode(config, eval_rows, tok)[0] if eval_path else None
 
     cfg = model_config(config, tok, source)
     model = Transformer(cfg)
@@ -142,7 +143,7 @@ def _run(config, workdir: str, mesh, source, lcfg: lora.LoraConfig, dpo: steps.D
                     jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
             return jax.jit(lambda p: steps.init_state(p, tx), out_shardings=state_shardings)(params)
 
-        state, _ = run.restore_or_init(abstract_state, state_shardings, fresh_state)
+        state, saved = run.restore_or_init(abstract_state, state_shardings, fresh_state)
         if frozen is not None and dpo.precompute_ref:
             arrays = precompute_ref_logps(model, frozen, arrays, mesh, config.train.batch_size)
             if eval_arrays is not None:
@@ -169,10 +170,13 @@ def _run(config, workdir: str, mesh, source, lcfg: lora.LoraConfig, dpo: steps.D
         # Every process builds the whole global batch and places the rows its devices hold.
         it = data.BatchIterator(arrays, config.train.batch_size, seed=config.seed)
         start = int(jax.device_get(state.step))
-        run.writer.write(start, {"data/rows": stats["rows"], "data/skipped": stats.get("skipped", 0),
-                                 **{f"data/{k}": v for k, v in enc_stats.items() if isinstance(v, (int, float))}})
+        if not start:  # a resumed run logged its data at step 0
+            run.writer.write(0, {"data/rows": stats["rows"], "data/skipped": stats.get("skipped", 0),
+                                  **{f"data/{k}": v for k, v in enc_stats.items() if isinstance(v, (int, float))}})
         t = config.train
-        history, tokens, last = [], 0, {}
+        # A checkpoint between two logged steps carries its window's metrics, so a run resumed
+        # there logs the same mean over the same steps as an uninterrupted one.
+        history, tokens, last = metrics.window_from_state(saved.get("window")), 0, {}
         for step in range(start, t.steps):
             batch = it.batch(step)
             tokens += tokens_in(batch)
@@ -184,12 +188,13 @@ def _run(config, workdir: str, mesh, source, lcfg: lora.LoraConfig, dpo: steps.D
             # Metrics reach the host only to be logged or to guard a checkpoint against NaN.
             if logged or run.due(done):
                 scalars = metrics.mean_metrics(history)
-                metrics.check_finite(scalars, done)
+                metrics.check_finite(scalars, done, run.saved)
                 if logged:
                     if eval_arrays is not None and (is_last or (t.eval_every and done % t.eval_every == 0)):
                         scalars.update(evaluate(eval_fn, state.params, eval_arrays, frozen, mesh,
                                                 batch_size=t.batch_size, batches=t.eval_batches))
                     last = run.writer.write(done, scalars, tokens=tokens)
                     history, tokens = [], 0
-            run.save(done, state, force=is_last)
+            run.save(done, state, force=is_last,
+                     **({"window": metrics.window_state(history)} if history and run.due(done) else {}))
     return last
