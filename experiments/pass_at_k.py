@@ -4,13 +4,14 @@ large k (Yue et al. 2025, "Does reinforcement learning really incentivize reason
 capacity in LLMs beyond the base model?")?
 
 python -m experiments.pass_at_k --quickstart runs/quickstart --out experiments/results/pass_at_k \
-    [--seeds 0 1 2] [--n 256] [--steps 200]
+    [--seeds 0 1 2] [--n 256] [--steps 200] [--set rl.group_size=16 ...]
 Each policy draws n samples per held-out prompt (the evaluation's temperature 1); pass@k
 for k = 1, 2, 4, ..., n is Chen et al.'s unbiased estimate from those n, averaged over the
 prompts of each task. GRPO is the quickstart's `grpo` stage with reward.source=function
-(ptx.world:oracle_reward) trained for --steps iterations, one run per seed, in
-<runs>/grpo_oracle_seed<S>.
+(ptx.world:oracle_reward) trained for --steps iterations with the --set overrides, one
+run per seed, in <runs>/grpo_oracle[_<overrides>]_seed<S>.
 """
+import json
 import sys
 
 import numpy as np
@@ -47,7 +48,9 @@ def curves(counts: np.ndarray, kinds: list[str], n: int) -> dict:
 def main(argv=None):
     args = common.parse_args("pass_at_k", argv, seeds=(0, 1, 2), options={
         "--n": dict(type=int, default=None, help="samples per prompt (default 256; 4 with --tiny)"),
-        "--steps": dict(type=int, default=None, help="GRPO iterations (default 200; the quickstart's with --tiny)")})
+        "--steps": dict(type=int, default=None, help="GRPO iterations (default 200; the quickstart's with --tiny)"),
+        "--set": dict(action="append", default=[], metavar="FIELD=VALUE",
+                      help="a further override of the grpo stage, e.g. rl.group_size=16 (JSON values)")})
     n = args.n or (4 if args.tiny else 256)
     qs = common.load_quickstart(args.quickstart, args.tiny)
     if qs.config.world.seed != world.WorldConfig().seed:
@@ -59,15 +62,17 @@ def main(argv=None):
     print(f"== SFT, {n} samples per prompt")
     counts = {"sft": correct_counts(ev, ev.params(), n, ev.seed).tolist(), "grpo": []}
     sft = curves(np.asarray(counts["sft"]), kinds, n)
+    overrides = dict(ORACLE, **{"train.steps": steps},
+                     **{k: json.loads(v) for k, v in (a.split("=", 1) for a in args.set)})
+    name = "grpo_oracle" + "".join(f"_{a}" for a in args.set)
     grpo = []
     for seed in args.seeds:
-        workdir = common.train_variant(qs, f"{args.runs}/grpo_oracle_seed{seed}",
-                                       {"grpo": dict(ORACLE, seed=seed, **{"train.steps": steps})})
+        workdir = common.train_variant(qs, f"{args.runs}/{name}_seed{seed}", {"grpo": dict(overrides, seed=seed)})
         print(f"== GRPO (oracle reward), seed {seed}, {n} samples per prompt")
         counts["grpo"].append(correct_counts(ev, ev.params(f"{workdir}/grpo"), n, ev.seed).tolist())
         grpo.append(curves(np.asarray(counts["grpo"][-1]), kinds, n))
     ks = ks_up_to(n)
-    results = {"n_samples": n, "grpo_steps": steps, "seeds": args.seeds, "ks": ks, "kinds": kinds, "counts": counts,
+    results = {"n_samples": n, "grpo_steps": steps, "grpo_overrides": overrides, "seeds": args.seeds, "ks": ks, "kinds": kinds, "counts": counts,
                "sft": sft,
                "grpo": {kind: {str(k): common.over_seeds([{"v": g[kind][k]} for g in grpo], ["v"])["v"] for k in ks}
                         for kind in sft}}
