@@ -37,7 +37,7 @@ INDEX = "model.safetensors.index.json"
 # ModelConfig fields that do not change what the weights compute; every other one must match.
 _RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "scan_unroll", "layer_loop_max", "attention",
                    "attention_block_q", "attention_block_k", "head_dim")
-_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 __all__ = ["CONFIG", "config_from_hf", "to_hf_config", "family_of", "read_config"]
 
 
@@ -207,8 +207,8 @@ def save_params(params, cfg: ModelConfig, path: str, *, dtype: str | None = None
     hosts); process 0 writes.
     """
     dtype = dtype or cfg.param_dtype
-    if dtype not in _DTYPE_NAMES:
-        raise ValueError(f"dtype={dtype!r}; expected one of {_DTYPE_NAMES}")
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype={dtype!r}; expected one of {DTYPE_NAMES}")
     hf_config = to_hf_config(cfg, dtype, tokenizer, max_position_embeddings)  # fails before writing
     np_dtype, abstract = np.dtype(jnp.dtype(dtype)), _abstract(cfg)
     # Plan the shards from shapes alone, so each leaf is gathered only once while writing.

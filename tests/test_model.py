@@ -221,6 +221,13 @@ def test_mixed_sliding_and_global_layers_agree_in_loop_scan_and_cached_decode():
         logits.append(out.logits)
         cache = out.cache
     np.testing.assert_allclose(jnp.concatenate(logits, 1), loop, atol=1e-5)
+    # Packed documents each see only their own window: as if alone.
+    doc1, doc2 = t[:1, :4], t[1:, :6]
+    packed = jnp.concatenate([doc1, doc2], axis=1)
+    pos, seg = jnp.array([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]]), jnp.array([[1] * 4 + [2] * 6])
+    out = Transformer(cfg).apply({"params": p}, packed, pos, seg).logits
+    np.testing.assert_allclose(out[0, :4], Transformer(cfg).apply({"params": p}, doc1).logits[0], atol=1e-5)
+    np.testing.assert_allclose(out[0, 4:], Transformer(cfg).apply({"params": p}, doc2).logits[0], atol=1e-5)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     sharding.tree_specs(p, sharding.param_rules(cfg), mesh, strict=True)  # one rule per parameter
 
