@@ -115,12 +115,13 @@ def test_sft_on_a_conversational_file_trains_and_its_export_loads_in_transformer
     files = data_files(tmp_path)
     c = tiny(sft_config.get_config("tiny"))
     c.init.hf_dir, c.data.train, c.optim.lr = source, files["sft"], 1e-2
+    c.model.remat = "full"  # how the model runs is the stage's; what it computes, the directory's
     last = stages.run(c, str(tmp_path / "sft"))
     assert np.isfinite(last["loss"])
     # The run keeps the model's tokenizer (files, chat template, stop ids) for the next stages.
     assert sorted(os.listdir(tmp_path / "sft" / "tokenizer")) == sorted(os.listdir(tmp_path / "hf" / "tok"))
     params, meta = checkpoint.load_params(str(tmp_path / "sft"))
-    assert meta["origin"] == {"hf_dir": source, "max_position_embeddings": 128}
+    assert meta["origin"] == {"hf_dir": source, "max_position_embeddings": 128} and meta["model"]["remat"] == "full"
     start, _ = hf.load_params(source)
     assert np.abs(np.asarray(params["layers"]["attn"]["q"]["kernel"] - start["layers"]["attn"]["q"]["kernel"])).max() > 0
     tokens = np.random.default_rng(0).integers(0, meta["model"]["vocab_size"], (2, 12))

@@ -15,6 +15,10 @@ from ptx import checkpoint, hf, lora, rewards, rollout, sharding, steps, world
 from ptx.model import ModelConfig, abstract_params
 from ptx.tokenizer import HFTokenizer, PromptTemplate, Tokenizer, load_tokenizer, train_tokenizer
 
+# ModelConfig fields of how a model runs, not what it computes: a Hugging Face source takes them
+# from the stage's `model` section.
+RUNTIME_FIELDS = ("dtype", "remat", "scan_unroll", "layer_loop_max", "attention", "attention_block_q",
+                  "attention_block_k")
 # Which embedded-world file a stage reads when `data.train` is empty: (train, eval).
 WORLD_FILES = {"text": ("pretrain", ""), "sft": ("sft", ""),
                "preference": ("preference", "preference_heldout"), "prompt": ("sft", "heldout")}
@@ -108,6 +112,8 @@ def init_source(config) -> InitSource | None:
     if config.init.hf_dir:
         hf_config = hf.read_config(config.init.hf_dir)
         cfg = hf.config_from_hf(hf_config, where=os.path.join(config.init.hf_dir, hf.CONFIG))
+        # How to run it (compute dtype, remat, attention) is this stage's: config.json has no say.
+        cfg = cfg.replace(**{k: config.model[k] for k in RUNTIME_FIELDS})
         origin = {"hf_dir": os.path.abspath(config.init.hf_dir),
                   "max_position_embeddings": hf_config.get("max_position_embeddings") or 0}
         return InitSource("hf", config.init.hf_dir, cfg, origin)
