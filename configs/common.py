@@ -57,7 +57,11 @@ def base_config(stage: str, arg=None) -> ml_collections.ConfigDict:
     c.model = model_config(args.get("size", "tiny" if tiny else "small"))
 
     c.tokenizer = ml_collections.ConfigDict()
-    c.tokenizer.path = ""  # an existing sentencepiece .model; '' = train one on the train data
+    c.tokenizer.path = ""  # a sentencepiece .model or a Hugging Face tokenizer directory; '' = the init
+    # source's, else train one on the train data
+    # Render conversations with the tokenizer's chat template when it has one (a Hugging Face model's);
+    # False, or a tokenizer without one: the prompt template below.
+    c.tokenizer.use_chat_template = True
     c.tokenizer.user_prefix = "\n\nHuman: "  # prompt template (Anthropic HH format)
     c.tokenizer.assistant_prefix = "\n\nAssistant:"
 

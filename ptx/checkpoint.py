@@ -3,8 +3,9 @@
 Each checkpoint holds the train state (params, optimiser state, step) and a
 JSON `meta` item with the stage, the model config and the tokenizer, so
 sampling or the next stage rebuilds the model from the checkpoint alone.
-Layout: `<workdir>/checkpoints/<step>/{state,meta}`; the tokenizer model is
-copied to `<workdir>/tokenizer.model`.
+Layout: `<workdir>/checkpoints/<step>/{state,meta}`; the tokenizer is
+copied to `<workdir>/tokenizer.model` (sentencepiece) or `<workdir>/tokenizer/`
+(a Hugging Face tokenizer's files, with its chat template).
 """
 import dataclasses
 import json
@@ -147,6 +148,9 @@ def _load_lora(directory, step, meta, cfg, mesh):
 
 
 def tokenizer_path(path: str) -> str:
-    """The tokenizer that belongs to a checkpoint's workdir."""
+    """The tokenizer that belongs to a checkpoint's workdir: its `tokenizer/` directory (a Hugging
+    Face tokenizer's files) when it has one, else its sentencepiece `tokenizer.model`."""
     directory, _ = resolve(path)
-    return os.path.join(os.path.dirname(directory), "tokenizer.model")
+    workdir = os.path.dirname(directory)
+    hf_dir = os.path.join(workdir, "tokenizer")
+    return hf_dir if os.path.isdir(hf_dir) else os.path.join(workdir, "tokenizer.model")

@@ -1,12 +1,20 @@
 """Data: source -> schema check -> tokenize -> pad / pack -> numpy batches.
 
-`load_rows` reads a local file or a hub data set (`ptx.sources`) and
-normalises each row for its kind; a bad row (a line that does not parse, a
-field of the wrong shape) is a DataError that names the file, the line or
-0-based row and the field, or is skipped and recorded.
+`load_rows` (`ptx.schemas`) reads and normalises rows: strings in the
+configured prompt template, or, for a tokenizer with a chat template,
+message lists. The `encode_*` functions turn rows into fixed-shape numpy
+arrays. A sequence is a list of ids with a per-id trained flag:
 
-The `encode_*` functions turn rows into fixed-shape numpy arrays. A sequence
-`seq = [bos] + prompt_ids + completion_ids + [eos]` becomes a "sequence batch":
+- template rows: `[bos] + prompt + completion (+ turns) + [eos]`, each part
+  encoded on its own (so the prompt / completion boundary is a token
+  boundary), trained on the replies and the eos; no bos when the tokenizer
+  has none (Qwen);
+- chat rows: the chat template's ids (`HFTokenizer.assistant_spans`), which
+  hold bos and stop tokens themselves, trained on each assistant turn's
+  span: what the model generates from the generation prompt up to its stop
+  token, inclusive.
+
+A sequence becomes a "sequence batch":
 
     inputs      [N, L] int32    seq[:-1], right-padded with pad_id
     targets     [N, L] int32    seq[1:], right-padded with pad_id
@@ -14,189 +22,24 @@ The `encode_*` functions turn rows into fixed-shape numpy arrays. A sequence
     segment_ids [N, L] int32    1.. = document within the row, 0 = padding
     loss_mask   [N, L] float32  1 where the target is trained on
 
-The prompt keeps its last `max_prompt_len - 1` ids, so that `[bos] + prompt`
-fits `max_prompt_len` exactly as the sampler sees it (`encode_prompts`); the
-whole sequence then keeps its first `max_len + 1` ids.
+The prompt (what precedes the first trained id) keeps its last ids, so that
+it fits `max_prompt_len` exactly as the sampler sees it (`encode_prompts`);
+the whole sequence then keeps its first `max_len + 1` ids.
 
 `BatchIterator.batch(step)` is a pure function of the step, so a resumed run
 sees the same data order as an uninterrupted one.
 """
-import dataclasses
-import json
 from collections.abc import Sequence
 
 import numpy as np
 
-from ptx.sources import BadRow, DataError, read
-from ptx.tokenizer import PromptTemplate, Tokenizer
+from ptx.schemas import load_rows, write_skipped
+from ptx.sources import DataError
+from ptx.tokenizer import HFTokenizer, Tokenizer
 
-_MAX_REASONS = 10
-_FIRST_REASONS = 3  # in the error when no row is usable
-_ROLES = ("system", "user", "assistant")
+__all__ = ["load_rows", "write_skipped", "DataError", "encode_sft", "encode_text", "encode_preference",
+           "encode_prompts", "prompt_text", "BatchIterator"]
 
-
-class _BadField(Exception):
-    """Raised inside row normalisation; `load_rows` adds the file and row."""
-
-    def __init__(self, field: str, problem: str):
-        super().__init__(field, problem)
-        self.field, self.problem = field, problem
-
-
-# Loading and schema checks.
-
-def _text(row: dict, field: str) -> str:
-    value = row.get(field)
-    if value is None:
-        raise _BadField(field, "missing")
-    if not isinstance(value, str):
-        raise _BadField(field, f"expected str, got {type(value).__name__}")
-    if not value.strip():
-        raise _BadField(field, "empty")
-    return value
-
-
-def _prob(row: dict, field: str) -> float:
-    value = row.get(field)
-    if value is None:
-        return 1.0
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _BadField(field, f"expected a number, got {type(value).__name__}")
-    if not 0.0 <= value <= 1.0:  # also rejects NaN
-        raise _BadField(field, f"{value} outside [0, 1]")
-    return float(value)
-
-
-def _sft(row: dict, columns: set, template: PromptTemplate) -> dict:
-    if "messages" not in columns:
-        return {"prompt": template.format_prompt(_text(row, "prompt")),
-                "completion": template.format_completion(_text(row, "completion"))}
-    messages = row.get("messages")
-    if messages is None:
-        raise _BadField("messages", "missing")
-    if not isinstance(messages, list):
-        raise _BadField("messages", f"expected list, got {type(messages).__name__}")
-    if not messages:
-        raise _BadField("messages", "empty")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise _BadField(f"messages[{i}]",
-                            f"expected dict, got {type(message).__name__}")
-        try:
-            role, _ = _text(message, "role"), _text(message, "content")
-        except _BadField as e:
-            raise _BadField(f"messages[{i}].{e.field}", e.problem) from None
-        if role not in _ROLES:
-            raise _BadField(f"messages[{i}].role", f"expected one of {_ROLES}, got {role!r}")
-    if messages[-1]["role"] != "assistant":
-        raise _BadField("messages", f"last message must have role 'assistant', "
-                                    f"got {messages[-1]['role']!r}")
-    prompt, completion = template.messages_to_pair(messages)
-    return {"prompt": prompt, "completion": completion}
-
-
-def _preference(row: dict, columns: set, template: PromptTemplate) -> dict:
-    if "prompt" in columns:
-        return {"prompt": template.format_prompt(_text(row, "prompt")),
-                "chosen": template.format_completion(_text(row, "chosen")),
-                "rejected": template.format_completion(_text(row, "rejected")),
-                "prob_chosen": _prob(row, "prob_chosen")}
-    # HH-RLHF: two whole dialogues that differ only in the last reply.
-    marker = template.assistant_prefix
-    split = {}
-    for field in ("chosen", "rejected"):
-        text = _text(row, field)
-        cut = text.rfind(marker)
-        if cut < 0:
-            raise _BadField(field, f"no {marker!r} turn in the transcript")
-        cut += len(marker)
-        if not text[cut:].strip():
-            raise _BadField(field, "empty final reply")
-        split[field] = text[:cut], text[cut:]
-    if split["chosen"][0] != split["rejected"][0]:
-        raise _BadField("rejected", "dialogue before the last reply differs from 'chosen'")
-    return {"prompt": split["chosen"][0],
-            "chosen": template.format_completion(split["chosen"][1]),
-            "rejected": template.format_completion(split["rejected"][1]),
-            "prob_chosen": _prob(row, "prob_chosen")}
-
-
-def _prompt(row: dict, columns: set, template: PromptTemplate) -> dict:
-    out = {"prompt": template.format_prompt(_text(row, "prompt"))}
-    # Extra fields (answer, kind, ...) ride along for evaluation and rewards.
-    out.update({k: v for k, v in row.items()
-                if k != "prompt" and isinstance(v, (str, int, float))})
-    return out
-
-
-def _text_row(row: dict, columns: set, template: PromptTemplate) -> dict:
-    return {"text": _text(row, "text")}
-
-
-_NORMALISERS = {"sft": _sft, "preference": _preference, "prompt": _prompt,
-                "text": _text_row}
-
-
-def load_rows(source: str, kind: str, *, template: PromptTemplate = PromptTemplate(),
-              on_bad_row: str = "error", split: str = "train") -> tuple[list[dict], dict]:
-    """Reads and normalises rows of one kind.
-
-    source: a local .json / .jsonl / .parquet / .csv file, or otherwise a
-      hub data set name (loaded with `split`).
-    kind: 'sft' ({prompt, completion} or {messages}), 'preference'
-      ({prompt, chosen, rejected[, prob_chosen]} or HH-RLHF {chosen, rejected}
-      transcripts), 'prompt' ({prompt, ...extras}) or 'text' ({text}).
-      The schema variant is chosen from the file's columns.
-    on_bad_row: 'error' raises DataError at the first bad row or line; 'skip'
-      drops it and records it. A problem with the whole file (missing,
-      empty, another format) is a DataError either way, and so is a file
-      with no usable row.
-
-    Returns (rows, stats): rows are dicts of str (prompts formatted with
-    `template`, replies with `template.format_completion`) plus
-    'prob_chosen': float for preferences; stats has 'rows' (kept),
-    'skipped' (count), 'skipped_reasons' (the first 10 messages) and
-    'skipped_rows' (every skipped row as {file, row, line, field, problem},
-    for `write_skipped`).
-    """
-    if kind not in _NORMALISERS:
-        raise ValueError(f"unknown data kind {kind!r}; expected one of {tuple(_NORMALISERS)}")
-    if on_bad_row not in ("error", "skip"):
-        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
-    entries = read(source, split)
-    # The schema variant follows every column present, as a table's would.
-    columns = set().union(*(e for e in entries if isinstance(e, dict)))
-    normalise = _NORMALISERS[kind]
-    rows, skipped = [], []
-    for i, entry in enumerate(entries):
-        if isinstance(entry, BadRow):
-            bad = entry
-        else:
-            try:
-                rows.append(normalise(entry, columns, template))
-                continue
-            except _BadField as e:
-                bad = BadRow(source, i, None, e.field, e.problem)
-        if on_bad_row == "error":
-            raise DataError(str(bad))
-        skipped.append(bad)
-    if not rows:
-        detail = "the file holds no rows" if not skipped else (
-            f"{len(skipped)} skipped; first reasons: "
-            + "; ".join(f"{b.location()}: {b.problem}" for b in skipped[:_FIRST_REASONS]))
-        raise DataError(f"no usable rows in {source}: {detail}")
-    return rows, {"rows": len(rows), "skipped": len(skipped),
-                  "skipped_reasons": [str(b) for b in skipped[:_MAX_REASONS]],
-                  "skipped_rows": [dataclasses.asdict(b) for b in skipped]}
-
-
-def write_skipped(path: str, records: Sequence[dict]):
-    """Writes `stats["skipped_rows"]` of `load_rows` as JSON lines, one record a line."""
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-
-
-# Tokenisation to fixed-shape arrays.
 
 def _check_lens(max_len: int, max_prompt_len: int):
     if not 1 <= max_prompt_len <= max_len:
@@ -205,29 +48,77 @@ def _check_lens(max_len: int, max_prompt_len: int):
                          f"max_prompt_len={max_prompt_len}, max_len={max_len}")
 
 
-def _keep_end(ids: list[int], n: int) -> tuple[list[int], bool]:
-    return (ids[len(ids) - n:], True) if len(ids) > n else (ids, False)
+def _bos(tok) -> list[int]:
+    return [tok.bos_id] if tok.bos_id >= 0 else []
 
 
-def _join(tok: Tokenizer, prompt: list[int], completion: list[int],
-          max_len: int) -> tuple[list[int], bool]:
-    seq = [tok.bos_id] + prompt + completion + [tok.eos_id]
-    return (seq[:max_len + 1], True) if len(seq) > max_len + 1 else (seq, False)
+def _chat_ids(tok: HFTokenizer, messages: list[dict], train_from: int) -> tuple[list[int], list[int]]:
+    """(ids, trained flags) of a conversation in the chat template: the spans of its assistant
+    messages from index `train_from` on."""
+    ids, spans = tok.assistant_spans(messages)
+    assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    trained = [0] * len(ids)
+    for index, (start, end) in zip(assistants, spans):
+        if index >= train_from:
+            trained[start:end] = [1] * (end - start)
+    return ids, trained
 
 
-def _to_arrays(docs: Sequence[tuple[list[int], int]], max_len: int, pad_id: int,
+def _document(head: list[int], prompt: list[int], rest: list[int], trained: list[int], *, max_len: int,
+              max_prompt_len: int, all_tokens: bool) -> tuple[tuple[list[int], list[int]], bool, bool]:
+    """((seq, trained flags), prompt cut, sequence cut) of head + prompt + rest: head and the prompt's
+    last ids fill at most max_prompt_len, the whole is cut to max_len + 1 ids. all_tokens: every id
+    is trained."""
+    budget = max_prompt_len - len(head)
+    cut_prompt = len(prompt) > budget
+    prompt = prompt[len(prompt) - budget:] if cut_prompt else prompt
+    seq = head + prompt + rest
+    flags = [1] * len(seq) if all_tokens else [0] * (len(head) + len(prompt)) + trained
+    return (seq[:max_len + 1], flags[:max_len + 1]), cut_prompt, len(seq) > max_len + 1
+
+
+def _documents(tok, parts: list, *, max_len: int, max_prompt_len: int, all_tokens: bool):
+    """(docs, prompts cut, sequences cut) of examples given as `parts`: for a template row (prompt
+    text, [(text, trained), ...]), encoded part by part between bos and eos (trained); for a chat
+    row (messages, train_from), the chat template's ids and spans."""
+    texts = [t for p in parts if not isinstance(p[0], list) for t in [p[0]] + [text for text, _ in p[1]]]
+    encoded = iter(tok.encode_batch(texts) if texts else [])
+    docs, cut_prompts, cut_seqs = [], 0, 0
+    for i, p in enumerate(parts):
+        if isinstance(p[0], list):
+            try:
+                ids, trained = _chat_ids(tok, *p)
+            except ValueError as e:  # a template that raises, or turns that cannot be located
+                raise ValueError(f"example {i}: {e}") from e
+            first = trained.index(1) if 1 in trained else len(ids)
+            head, prompt, rest, trained = [], ids[:first], ids[first:], trained[first:]
+        else:
+            head, prompt, rest, trained = _bos(tok), next(encoded), [], []
+            for _, flag in p[1]:
+                ids = next(encoded)
+                rest, trained = rest + ids, trained + [int(flag)] * len(ids)
+            rest, trained = rest + [tok.eos_id], trained + [1]
+        doc, cut_prompt, cut_seq = _document(head, prompt, rest, trained, max_len=max_len,
+                                             max_prompt_len=max_prompt_len, all_tokens=all_tokens)
+        docs.append(doc)
+        cut_prompts += cut_prompt
+        cut_seqs += cut_seq
+    return docs, cut_prompts, cut_seqs
+
+
+def _to_arrays(docs: Sequence[tuple[list[int], list[int]]], max_len: int, pad_id: int,
                pack: bool) -> dict[str, np.ndarray]:
-    """docs: (seq, loss_from) pairs, len(seq) <= max_len + 1, whose targets
-    seq[1:] carry loss from index loss_from on. Returns a sequence batch."""
-    rows: list[list[tuple[list[int], int]]] = []
+    """docs: (seq, trained) pairs, len(seq) <= max_len + 1; target t (seq[t + 1]) carries loss
+    where trained[t + 1]. Returns a sequence batch."""
+    rows: list[list[tuple[list[int], list[int]]]] = []
     used = max_len  # forces a new row for the first document
-    for seq, loss_from in docs:
+    for seq, trained in docs:
         n = len(seq) - 1
         # Next-fit in input order: cheap, deterministic; rows are shuffled later.
         if not pack or used + n > max_len:
             rows.append([])
             used = 0
-        rows[-1].append((seq, loss_from))
+        rows[-1].append((seq, trained))
         used += n
     shape = (len(rows), max_len)
     out = {k: np.full(shape, pad_id, np.int32) for k in ("inputs", "targets")}
@@ -235,14 +126,14 @@ def _to_arrays(docs: Sequence[tuple[list[int], int]], max_len: int, pad_id: int,
     out["loss_mask"] = np.zeros(shape, np.float32)
     for r, row in enumerate(rows):
         start = 0
-        for segment, (seq, loss_from) in enumerate(row, start=1):
+        for segment, (seq, trained) in enumerate(row, start=1):
             n = len(seq) - 1
             window = slice(start, start + n)
             out["inputs"][r, window] = seq[:-1]
             out["targets"][r, window] = seq[1:]
             out["positions"][r, window] = np.arange(n)
             out["segment_ids"][r, window] = segment
-            out["loss_mask"][r, start + loss_from:start + n] = 1.0
+            out["loss_mask"][r, window] = trained[1:]
             start += n
     return out
 
@@ -254,13 +145,21 @@ def _seq_stats(arrays: dict[str, np.ndarray], examples: int) -> dict:
             "fill": real / max(arrays["inputs"].size, 1)}
 
 
-def encode_sft(rows: Sequence[dict], tok: Tokenizer, *, max_len: int, max_prompt_len: int,
-               loss_on_prompt: bool = False, pack: bool = False
-               ) -> tuple[dict[str, np.ndarray], dict]:
-    """SFT rows {prompt, completion} -> a sequence batch [N, max_len].
+def _sft_parts(row: dict):
+    if "messages" in row:
+        return row["messages"], row["train_from"]
+    return row["prompt"], [(row["completion"], True)] + [
+        part for between, reply in row.get("turns", ()) for part in ((between, False), (reply, True))]
 
-    loss_mask is 1 on targets that are completion tokens or the final eos
-    (all real targets if `loss_on_prompt`). With `pack`, consecutive examples
+
+def encode_sft(rows: Sequence[dict], tok: Tokenizer | HFTokenizer, *, max_len: int, max_prompt_len: int,
+               loss_on_prompt: bool = False, pack: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+    """SFT rows (`load_rows`) -> a sequence batch [N, max_len].
+
+    loss_mask is 1 on targets that are reply tokens: template rows' completion,
+    later turns' replies and the final eos; chat rows' assistant spans (every
+    assistant turn, or a prompt-completion row's completion). With
+    `loss_on_prompt`, on every real target. With `pack`, consecutive examples
     share a row as separate documents (segment ids 1, 2, ..., positions
     restarting at 0); each document carries its own targets, so no target
     crosses a document boundary.
@@ -269,23 +168,15 @@ def encode_sft(rows: Sequence[dict], tok: Tokenizer, *, max_len: int, max_prompt
     truncated_prompts, truncated_sequences.
     """
     _check_lens(max_len, max_prompt_len)
-    prompts = tok.encode_batch([r["prompt"] for r in rows])
-    completions = tok.encode_batch([r["completion"] for r in rows])
-    docs, cut_prompts, cut_seqs = [], 0, 0
-    for prompt, completion in zip(prompts, completions):
-        prompt, cut = _keep_end(prompt, max_prompt_len - 1)
-        seq, cut_seq = _join(tok, prompt, completion, max_len)
-        cut_prompts += cut
-        cut_seqs += cut_seq
-        # Target t predicts seq[t + 1]; the first completion token is seq[1 + len(prompt)].
-        docs.append((seq, 0 if loss_on_prompt else len(prompt)))
+    docs, cut_prompts, cut_seqs = _documents(tok, [_sft_parts(r) for r in rows], max_len=max_len,
+                                             max_prompt_len=max_prompt_len, all_tokens=loss_on_prompt)
     arrays = _to_arrays(docs, max_len, tok.pad_id, pack)
     stats = _seq_stats(arrays, len(rows))
     stats.update(truncated_prompts=cut_prompts, truncated_sequences=cut_seqs)
     return arrays, stats
 
 
-def encode_text(rows: Sequence[dict], tok: Tokenizer, *, max_len: int, pack: bool = True
+def encode_text(rows: Sequence[dict], tok: Tokenizer | HFTokenizer, *, max_len: int, pack: bool = True
                 ) -> tuple[dict[str, np.ndarray], dict]:
     """Corpus rows {text} -> a sequence batch [N, max_len], loss on every token.
 
@@ -295,61 +186,70 @@ def encode_text(rows: Sequence[dict], tok: Tokenizer, *, max_len: int, pack: boo
     """
     docs, split_docs = [], 0
     for ids in tok.encode_batch([r["text"] for r in rows]):
-        seq = [tok.bos_id] + ids + [tok.eos_id]
+        seq = _bos(tok) + ids + [tok.eos_id]
         # Windows overlap by one id: the last target of one is the next one's first input.
         starts = range(0, len(seq) - 1, max_len)
         split_docs += len(starts) > 1
-        docs.extend((seq[s:s + max_len + 1], 0) for s in starts)
+        docs.extend((seq[s:s + max_len + 1], [1] * len(seq[s:s + max_len + 1])) for s in starts)
     arrays = _to_arrays(docs, max_len, tok.pad_id, pack)
     stats = _seq_stats(arrays, len(rows))
     stats["split_documents"] = split_docs
     return arrays, stats
 
 
-def encode_preference(rows: Sequence[dict], tok: Tokenizer, *, max_len: int,
+def encode_preference(rows: Sequence[dict], tok: Tokenizer | HFTokenizer, *, max_len: int,
                       max_prompt_len: int) -> tuple[dict[str, np.ndarray], dict]:
     """Preference rows -> two aligned sequence batches and the label.
 
     Returns arrays 'chosen_inputs', 'chosen_targets', 'chosen_positions',
     'chosen_segment_ids', 'chosen_loss_mask' ([N, max_len]; loss on the reply
-    and its eos), the same with 'rejected_', and 'prob_chosen' [N] float32.
-    stats: examples, truncated_prompts (rows), truncated_sequences (chosen
-    and rejected sides counted separately).
+    and its eos, or a chat row's assistant spans after the prompt), the same
+    with 'rejected_', and 'prob_chosen' [N] float32. stats: examples,
+    truncated_prompts (rows), truncated_sequences (chosen and rejected sides
+    counted separately).
     """
     _check_lens(max_len, max_prompt_len)
-    prompts = tok.encode_batch([r["prompt"] for r in rows])
-    sides = {s: tok.encode_batch([r[s] for r in rows]) for s in ("chosen", "rejected")}
-    kept = [_keep_end(p, max_prompt_len - 1) for p in prompts]
-    cut_prompts = sum(cut for _, cut in kept)
-    arrays, cut_seqs = {}, 0
-    for side, completions in sides.items():
-        docs = []
-        for (prompt, _), completion in zip(kept, completions):
-            seq, cut = _join(tok, prompt, completion, max_len)
-            cut_seqs += cut
-            docs.append((seq, len(prompt)))
-        arrays.update({f"{side}_{k}": v for k, v in
-                       _to_arrays(docs, max_len, tok.pad_id, pack=False).items()})
+    arrays, cut_prompts, cut_seqs = {}, 0, 0
+    for side in ("chosen", "rejected"):
+        parts = [(r["prompt"] + r[side], len(r["prompt"])) if isinstance(r["prompt"], list)
+                 else (r["prompt"], [(r[side], True)]) for r in rows]
+        docs, cut_p, cut_s = _documents(tok, parts, max_len=max_len, max_prompt_len=max_prompt_len,
+                                        all_tokens=False)
+        cut_prompts, cut_seqs = cut_p if side == "chosen" else cut_prompts, cut_seqs + cut_s
+        arrays.update({f"{side}_{k}": v for k, v in _to_arrays(docs, max_len, tok.pad_id, pack=False).items()})
     arrays["prob_chosen"] = np.array([r["prob_chosen"] for r in rows], np.float32)
-    return arrays, {"examples": len(rows), "truncated_prompts": cut_prompts,
-                    "truncated_sequences": cut_seqs}
+    return arrays, {"examples": len(rows), "truncated_prompts": cut_prompts, "truncated_sequences": cut_seqs}
 
 
-def encode_prompts(rows: Sequence[dict], tok: Tokenizer, *, max_prompt_len: int
+def prompt_text(row: dict, tok) -> str:
+    """A prompt row's prompt as text: the template's string, or the chat template's rendering
+    with the generation prompt."""
+    return row["prompt"] if isinstance(row["prompt"], str) else tok.render_chat(row["prompt"], True)
+
+
+def encode_prompts(rows: Sequence[dict], tok: Tokenizer | HFTokenizer, *, max_prompt_len: int
                    ) -> tuple[dict[str, np.ndarray], dict]:
-    """Prompt rows -> 'prompt_tokens' [N, max_prompt_len] int32 ([bos] + the
-    prompt's last max_prompt_len - 1 ids, right-padded with pad_id) and
-    'prompt_lens' [N] int32. stats: examples, truncated_prompts."""
+    """Prompt rows -> 'prompt_tokens' [N, max_prompt_len] int32 (a template prompt's
+    [bos] + ids, or a chat prompt's template ids with the generation prompt, keeping
+    the last max_prompt_len; right-padded with pad_id) and 'prompt_lens' [N] int32.
+    stats: examples, truncated_prompts."""
     if max_prompt_len < 1:
         raise ValueError(f"max_prompt_len must be >= 1, got {max_prompt_len}")
     tokens = np.full((len(rows), max_prompt_len), tok.pad_id, np.int32)
     lens = np.zeros(len(rows), np.int32)
     cut_prompts = 0
-    for i, ids in enumerate(tok.encode_batch([r["prompt"] for r in rows])):
-        ids, cut = _keep_end(ids, max_prompt_len - 1)
+    texts = iter(tok.encode_batch([r["prompt"] for r in rows if isinstance(r["prompt"], str)]))
+    for i, row in enumerate(rows):
+        if isinstance(row["prompt"], str):
+            head, ids = _bos(tok), next(texts)
+        else:
+            head, ids = [], tok.apply_chat_template(row["prompt"], add_generation_prompt=True)
+        budget = max_prompt_len - len(head)
+        cut = len(ids) > budget
+        ids = head + (ids[len(ids) - budget:] if cut else ids)
         cut_prompts += cut
-        lens[i] = len(ids) + 1
-        tokens[i, :lens[i]] = [tok.bos_id] + ids
+        lens[i] = len(ids)
+        tokens[i, :lens[i]] = ids
     return ({"prompt_tokens": tokens, "prompt_lens": lens},
             {"examples": len(rows), "truncated_prompts": cut_prompts})
 

@@ -1,17 +1,17 @@
-"""Hugging Face safetensors import / export for the Llama family.
+"""Hugging Face safetensors import / export.
 
 Reads and writes the directory layout of `save_pretrained`: `config.json`
-plus `model.safetensors`, or shards named in `model.safetensors.index.json`.
-Supported: LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (and
-their ForSequenceClassification reward-model form with one label), which are
-all exactly ptx's Transformer. Gemma is refused: it needs (1 + scale)
-RMSNorm, sqrt(d_model) embedding scaling and a GELU MLP. Export writes
-LlamaForCausalLM, or Qwen2ForCausalLM when the model has qkv biases.
+plus `model.safetensors`, or shards named in `model.safetensors.index.json`,
+with the tokenizer files beside them. The families and how their config.json
+maps onto ModelConfig are in `ptx.hf_config`: Llama (3.1 / 3.2 rope scaling
+included), Mistral, Qwen2, Qwen3 and the text Gemma 3, as ...ForCausalLM or a
+one-label ...ForSequenceClassification. Export writes the family that
+computes the model exactly (`hf_config.family_of`).
 
 HF's Linear weight is [out, in]; ptx kernels are [in, ...out] with heads
-split out and layers stacked on a leading axis. HF Llama applies RoPE in the
-same half-split (rotate_half) layout as `ptx.model.rope`, so q / k weights
-need no permutation. Only numpy and safetensors run here (bfloat16 through
+split out and layers stacked on a leading axis. HF applies RoPE in the same
+half-split (rotate_half) layout as `ptx.layers.rope`, so q / k weights need
+no permutation. Only numpy and safetensors run here (bfloat16 through
 ml_dtypes); torch is never imported.
 """
 import contextlib
@@ -20,7 +20,6 @@ import functools
 import json
 import math
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -29,82 +28,17 @@ from jax.experimental import multihost_utils
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from ptx.hf_config import CONFIG, config_from_hf, family_of, read_config, to_hf_config
 from ptx.model import ModelConfig, Output, Transformer, init_params
-from ptx.tokenizer import TOKENIZER_JSON, HFTokenizer, Tokenizer
+from ptx.tokenizer import SPM_MODEL, TOKENIZER_JSON, HFTokenizer, Tokenizer, load_tokenizer as _load_tokenizer
 
-CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-_FAMILIES = {"Llama": "llama", "Mistral": "mistral", "Qwen2": "qwen2"}
-_HEADS = ("ForCausalLM", "ForSequenceClassification")
-# ModelConfig fields that change what the weights compute (dtype, remat, ... do not).
-_ARCH_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_size", "d_ff",
-                "rope_theta", "norm_eps", "qkv_bias", "tie_embeddings", "scalar_head")
-_DTYPE_NAMES = ("float32", "bfloat16", "float16")
-SPM_MODEL = "tokenizer.model"
-
-
-def config_from_hf(hf_config: dict, *, max_len: int | None = None) -> ModelConfig:
-    """A Hugging Face config.json (as a dict) -> ModelConfig.
-
-    max_len: the longest sequence (prompt + generation) the model will see;
-    default `max_position_embeddings`. It only matters for a sliding window
-    (Mistral v0.1): ptx attends every earlier position, which equals HF's
-    windowed attention only up to `sliding_window` tokens, so a window shorter
-    than max_len is refused. param_dtype is the checkpoint's dtype.
-    ValueError names the config.json field that ptx cannot represent.
-    """
-    archs = hf_config.get("architectures") or []
-    arch = archs[0] if len(archs) == 1 else ""
-    if arch.startswith("Gemma"):
-        raise ValueError(f"config.json architectures={archs}: Gemma needs (1 + scale) RMSNorm, "
-                         "sqrt(d_model) embedding scaling and a GELU MLP, which ptx.model lacks")
-    family = next((f for f in _FAMILIES if arch in (f + h for h in _HEADS)), None)
-    if family is None:
-        raise ValueError(f"config.json architectures={archs}: ptx imports exactly one of "
-                         f"{[f + h for f in _FAMILIES for h in _HEADS]}")
-
-    def refuse(field, why):
-        raise ValueError(f"config.json {field}={hf_config.get(field)!r}: {why}")
-
-    act = hf_config.get("hidden_act", "silu")
-    if act != "silu":
-        refuse("hidden_act", "ptx's MLP is SwiGLU (silu)")
-    if hf_config.get("mlp_bias"):
-        refuse("mlp_bias", "ptx's MLP has no biases")
-    # Llama's attention_bias also puts a bias on o_proj, which ptx lacks; Qwen2 always
-    # has q/k/v biases and none on o_proj.
-    if family == "Llama" and hf_config.get("attention_bias"):
-        refuse("attention_bias", "ptx has q/k/v biases but no o_proj bias")
-    rope = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        field = "rope_parameters" if "rope_parameters" in hf_config else "rope_scaling"
-        refuse(field, f"rope type {rope_type!r} is not representable; ptx.model.rope is plain RoPE")
-    if hf_config.get("partial_rotary_factor", 1.0) != 1.0:
-        refuse("partial_rotary_factor", "ptx rotates the whole head")
-    # Qwen2 keeps a sliding_window value that is ignored unless use_sliding_window.
-    window = hf_config.get("sliding_window") if hf_config.get("use_sliding_window", family != "Qwen2") else None
-    limit = max_len or hf_config.get("max_position_embeddings")
-    if window is not None and (limit is None or window < limit):
-        refuse("sliding_window", f"ptx attends the full context, so it equals HF only for sequences of "
-                                 f"at most {window} tokens; max_len={limit}: pass max_len <= {window}")
-    labels = hf_config.get("id2label") or {"0": "LABEL_0"}
-    if arch.endswith("ForSequenceClassification") and len(labels) != 1:
-        refuse("id2label", "a ptx scalar head has exactly one label")
-
-    d, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
-    head_dim = hf_config.get("head_dim") or d // heads
-    dtype = hf_config.get("dtype") or hf_config.get("torch_dtype")
-    return ModelConfig(
-        vocab_size=hf_config["vocab_size"], d_model=d, n_layers=hf_config["num_hidden_layers"],
-        n_heads=heads, n_kv_heads=hf_config.get("num_key_value_heads") or heads,
-        head_dim=0 if head_dim == d // heads else head_dim, d_ff=hf_config["intermediate_size"],
-        rope_theta=float(rope.get("rope_theta", hf_config.get("rope_theta", 10000.0))),
-        norm_eps=hf_config.get("rms_norm_eps", 1e-6), qkv_bias=family == "Qwen2",
-        tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
-        scalar_head=arch.endswith("ForSequenceClassification"),
-        param_dtype=dtype if dtype in _DTYPE_NAMES else "float32")
+# ModelConfig fields that do not change what the weights compute; every other one must match.
+_RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "scan_unroll", "layer_loop_max", "attention",
+                   "attention_block_q", "attention_block_k", "head_dim")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+__all__ = ["CONFIG", "config_from_hf", "to_hf_config", "family_of", "read_config"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,9 +85,16 @@ def _tensors(cfg: ModelConfig) -> list:
         _Tensor(("layers", "up", "kernel"), f"{layer}mlp.up_proj.weight", n_in=1),
         _Tensor(("layers", "down", "kernel"), f"{layer}mlp.down_proj.weight", n_in=1),
         _Tensor(("layers", "attn_norm", "scale"), f"{layer}input_layernorm.weight"),
-        _Tensor(("layers", "mlp_norm", "scale"), f"{layer}post_attention_layernorm.weight"),
         _Tensor(("final_norm", "scale"), "model.norm.weight"),
     ]
+    if cfg.qk_norm:
+        out += [_Tensor(("layers", "attn", f"{p}_norm", "scale"), f"{attn}{p}_norm.weight") for p in "qk"]
+    if cfg.post_norms:  # Gemma: post_attention_layernorm is the attention output's norm
+        out += [_Tensor(("layers", "attn_post_norm", "scale"), f"{layer}post_attention_layernorm.weight"),
+                _Tensor(("layers", "mlp_norm", "scale"), f"{layer}pre_feedforward_layernorm.weight"),
+                _Tensor(("layers", "mlp_post_norm", "scale"), f"{layer}post_feedforward_layernorm.weight")]
+    else:
+        out.append(_Tensor(("layers", "mlp_norm", "scale"), f"{layer}post_attention_layernorm.weight"))
     if not cfg.tie_embeddings:
         out.append(_Tensor(("lm_head", "kernel"), "lm_head.weight", n_in=1))
     if cfg.scalar_head:
@@ -194,7 +135,7 @@ def _weight_files(path: str) -> dict:
         return {name: single for name in f.keys()}
 
 
-def load_params(path: str, cfg: ModelConfig | None = None, shardings=None, *, max_len: int | None = None):
+def load_params(path: str, cfg: ModelConfig | None = None, shardings=None):
     """Reads a Hugging Face checkpoint directory -> (params, cfg).
 
     cfg: None = from config.json (`config_from_hf`); given, its architecture must
@@ -204,19 +145,17 @@ def load_params(path: str, cfg: ModelConfig | None = None, shardings=None, *, ma
     host from its per-layer tensors, cast to cfg.param_dtype and put straight
     onto its sharding, so the host holds one leaf at a time and each device
     receives only its shard. A missing, misshapen or unexpected tensor is a
-    ValueError naming it.
+    ValueError naming it; so is a config.json field ptx cannot read (`hf_config`).
     """
-    with open(os.path.join(path, CONFIG)) as f:
-        hf_config = json.load(f)
-    derived = config_from_hf(hf_config, max_len=max_len)
+    derived = config_from_hf(read_config(path), where=os.path.join(path, CONFIG))
     files = _weight_files(path)
     # A reward model's HF class has no lm_head: score it with the tied embedding.
     if derived.scalar_head and "lm_head.weight" not in files:
         derived = derived.replace(tie_embeddings=True)
     if cfg is None:
         cfg = derived
-    diff = {k: (getattr(cfg, k), getattr(derived, k)) for k in _ARCH_FIELDS
-            if getattr(cfg, k) != getattr(derived, k)}
+    fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in _RUNTIME_FIELDS] + ["head_size"]
+    diff = {k: (getattr(cfg, k), getattr(derived, k)) for k in fields if getattr(cfg, k) != getattr(derived, k)}
     if diff:
         raise ValueError(f"cfg differs from {path}/{CONFIG} in (given, checkpoint): {diff}")
     abstract, specs = _abstract(cfg), _tensors(cfg)
@@ -255,20 +194,22 @@ def load_params(path: str, cfg: ModelConfig | None = None, shardings=None, *, ma
 
 
 def save_params(params, cfg: ModelConfig, path: str, *, dtype: str | None = None,
-                tokenizer: Tokenizer | None = None, max_position_embeddings: int = 4096,
+                tokenizer: Tokenizer | HFTokenizer | None = None, max_position_embeddings: int = 4096,
                 max_shard_bytes: int = 2 << 30) -> None:
     """Writes params as a Hugging Face checkpoint directory that `transformers` loads.
 
     dtype: tensor dtype name ("float32", "bfloat16", "float16"); None = cfg.param_dtype.
-    tokenizer: gives bos / eos / pad ids in config.json and is copied to
-    tokenizer.model. Tensors go to `model.safetensors`, or to numbered shards of
+    tokenizer: gives bos / eos / pad ids in config.json, and its files are copied
+    (`save`: tokenizer.model, or tokenizer.json with its config, chat template and
+    generation_config.json). The architecture is `hf_config.family_of(cfg)`. Tensors go to `model.safetensors`, or to numbered shards of
     at most max_shard_bytes with an index; old model*.safetensors files in
     `path` are removed. Every process must call it (leaves are gathered across
     hosts); process 0 writes.
     """
     dtype = dtype or cfg.param_dtype
-    if dtype not in _DTYPE_NAMES:
-        raise ValueError(f"dtype={dtype!r}; expected one of {_DTYPE_NAMES}")
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype={dtype!r}; expected one of {DTYPE_NAMES}")
+    hf_config = to_hf_config(cfg, dtype, tokenizer, max_position_embeddings)  # fails before writing
     np_dtype, abstract = np.dtype(jnp.dtype(dtype)), _abstract(cfg)
     # Plan the shards from shapes alone, so each leaf is gathered only once while writing.
     shards, size, total = [[]], 0, 0
@@ -306,34 +247,9 @@ def save_params(params, cfg: ModelConfig, path: str, *, dtype: str | None = None
         with open(os.path.join(path, INDEX), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(path, CONFIG), "w") as f:
-        json.dump(to_hf_config(cfg, dtype, tokenizer, max_position_embeddings), f, indent=2)
+        json.dump(hf_config, f, indent=2)
     if tokenizer is not None:
-        shutil.copyfile(tokenizer.path, os.path.join(path, "tokenizer.model"))
-
-
-def to_hf_config(cfg: ModelConfig, dtype: str, tokenizer: Tokenizer | None, max_position_embeddings: int) -> dict:
-    """The config.json that makes `transformers` build exactly this model."""
-    family = "Qwen2" if cfg.qkv_bias else "Llama"
-    out = {
-        "architectures": [family + ("ForSequenceClassification" if cfg.scalar_head else "ForCausalLM")],
-        "model_type": _FAMILIES[family], "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_size, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_scaling": None,
-        "max_position_embeddings": max_position_embeddings, "tie_word_embeddings": cfg.tie_embeddings,
-        "torch_dtype": dtype, "use_cache": True, "initializer_range": 0.02,
-    }
-    if family == "Llama":
-        out.update(attention_bias=False, mlp_bias=False)
-    else:
-        out.update(use_sliding_window=False, sliding_window=None)
-    if cfg.scalar_head:
-        out.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
-    if tokenizer is not None:
-        out.update({f"{k}_token_id": v for k in ("bos", "eos", "pad")
-                    if (v := getattr(tokenizer, f"{k}_id")) >= 0})
-    return out
+        tokenizer.save(path)
 
 
 def load_tokenizer(path: str) -> HFTokenizer | Tokenizer:
@@ -344,11 +260,9 @@ def load_tokenizer(path: str) -> HFTokenizer | Tokenizer:
     tokenizer.model gives a Tokenizer. FileNotFoundError names the directory
     and both files when it has neither; ValueError names a malformed file.
     """
-    if os.path.isfile(os.path.join(path, TOKENIZER_JSON)):
-        return HFTokenizer(path)
-    if os.path.isfile(os.path.join(path, SPM_MODEL)):
-        return Tokenizer(os.path.join(path, SPM_MODEL))
-    raise FileNotFoundError(f"{path}: no tokenizer (looked for {TOKENIZER_JSON} and {SPM_MODEL})")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such directory")
+    return _load_tokenizer(path)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -358,14 +272,14 @@ def _forward(cfg, params, tokens):
 
 @dataclasses.dataclass
 class HFModel:
-    """An imported checkpoint: config, params, and the tokenizer when it has tokenizer.model.
+    """An imported checkpoint: config, params, and the directory's tokenizer (None when it has none).
 
     max_len: the longest sequence it was imported for (written back as
     max_position_embeddings).
     """
     cfg: ModelConfig
     params: dict
-    tokenizer: Tokenizer | None = None
+    tokenizer: Tokenizer | HFTokenizer | None = None
     max_len: int = 4096
 
     def __call__(self, tokens) -> Output:
@@ -374,12 +288,13 @@ class HFModel:
 
 
 def load_model(path: str, *, max_len: int | None = None, shardings=None) -> HFModel:
-    """A Hugging Face directory -> HFModel (see `load_params` for max_len and shardings)."""
-    params, cfg = load_params(path, shardings=shardings, max_len=max_len)
-    with open(os.path.join(path, CONFIG)) as f:
-        max_len = max_len or json.load(f).get("max_position_embeddings", 4096)
-    has_spm = os.path.isfile(os.path.join(path, "tokenizer.model"))
-    return HFModel(cfg, params, load_tokenizer(path) if has_spm else None, max_len)
+    """A Hugging Face directory -> HFModel with its tokenizer (`load_tokenizer`; None when the directory
+    holds neither tokenizer.json nor tokenizer.model). max_len: written back as max_position_embeddings
+    (default the directory's). shardings: see `load_params`."""
+    params, cfg = load_params(path, shardings=shardings)
+    max_len = max_len or read_config(path).get("max_position_embeddings") or 4096
+    has_tokenizer = any(os.path.isfile(os.path.join(path, f)) for f in (TOKENIZER_JSON, SPM_MODEL))
+    return HFModel(cfg, params, load_tokenizer(path) if has_tokenizer else None, max_len)
 
 
 def save_model(model: HFModel, path: str, *, dtype: str | None = None) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 
 from ptx import checkpoint, rollout, sampler, sharding
 from ptx.model import ModelConfig
-from ptx.tokenizer import Tokenizer, load_tokenizer
+from ptx.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
 
 @dataclasses.dataclass
@@ -17,7 +17,7 @@ class Policy:
 
     cfg: ModelConfig
     params: dict
-    tok: Tokenizer
+    tok: Tokenizer | HFTokenizer
     mesh: jax.sharding.Mesh
 
 
@@ -38,7 +38,7 @@ class Sampler:
         sharding.check_batch(policy.mesh, batch_size, "sampling batch_size")
         self.policy, self.batch_size = policy, batch_size
         self.fn = sampler.make_generate_fn(policy.cfg, max_new_tokens=max_new_tokens,
-                                           eos_id=policy.tok.eos_id, pad_id=policy.tok.pad_id,
+                                           eos_id=policy.tok.eos_ids, pad_id=policy.tok.pad_id,
                                            stop_sequences=stop_ids(policy.tok, stops), keep_stop=keep_stop,
                                            n_tokens=policy.tok.vocab_size)
         self.build = jax.jit(lambda t, n, out: rollout.build_sequences(t, n, out, pad_id=policy.tok.pad_id))

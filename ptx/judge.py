@@ -123,13 +123,15 @@ class Judge:
     def option_logits(self, texts: list[str], prefix: list[int], option_ids: list[int]) -> np.ndarray:
         """Next-token logits of the options after each text: [n, len(option_ids)] float32.
 
-        Each row is [bos] + encode(text) + prefix, right-padded to a shared
-        width; chunks of batch_size, the last one padded by repetition.
+        Each row is [bos] + encode(text) + prefix (no bos when the tokenizer has
+        none), right-padded to a shared width; chunks of batch_size, the last
+        one padded by repetition.
         """
         n, bs, tok = len(texts), self.batch_size, self.policy.tok
         if not n:
             return np.zeros((0, len(option_ids)), np.float32)
-        ids = [[tok.bos_id] + e + prefix for e in tok.encode_batch(texts)]
+        bos = [tok.bos_id] if tok.bos_id >= 0 else []  # Qwen has none
+        ids = [bos + e + prefix for e in tok.encode_batch(texts)]
         lens = np.array([len(i) for i in ids], np.int32)
         width = -(-int(lens.max()) // _WIDTH_MULTIPLE) * _WIDTH_MULTIPLE
         tokens = np.full((n, width), tok.pad_id, np.int32)

@@ -5,6 +5,12 @@ optional qkv bias, tied or untied embeddings) whose layers are scanned, so
 compile time does not grow with depth. Without a KV cache, attention runs by
 `cfg.attention` (ptx.attention); with one, it is the dense path reading keys
 and values from the cache, so decoding equals the full forward.
+
+The open families are fields of the one config, not copies of the model:
+scaled RoPE (Llama 3.1 / 3.2), q / k RMSNorm per head (Qwen3, Gemma 3), a
+sliding window on every layer (Mistral) or on all but `global_layers` with
+their own rope base (Gemma 3), and Gemma's (1 + w) norms, norms after
+attention and MLP, sqrt(d_model) embedding scale, GeGLU and query scalar.
 """
 import dataclasses
 import math
@@ -17,6 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from ptx import attention, sharding
+from ptx.layers import ACTIVATIONS, ROPE_TYPES, Dense, RMSNorm, rope, rope_tables, split_layers
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -52,6 +59,21 @@ class ModelConfig:
     attention_block_q: int = 512  # query / key blocks of blockwise and splash
     attention_block_k: int = 512
     sliding_window: int = 0  # keys visible to a query, its own included; 0 = all earlier ones
+    # Layers that attend the whole context when sliding_window > 0 (Gemma 3: every 6th);
+    # () = every layer slides (Mistral).
+    global_layers: tuple = ()
+    rope_local_theta: float = 0.0  # rope base of the sliding layers, unscaled (Gemma 3); 0 = as the others
+    rope_type: str = "default"  # default | linear | dynamic | llama3 (ptx.layers.rope_frequencies)
+    rope_factor: float = 1.0  # linear / dynamic / llama3 scaling factor
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_original_max_len: int = 0  # dynamic / llama3: the pre-training context length
+    qk_norm: bool = False  # RMSNorm over each q and k head before RoPE (Qwen3, Gemma 3)
+    norm_plus_one: bool = False  # RMSNorm scale is 1 + weight (Gemma)
+    post_norms: bool = False  # RMSNorm on the attention and MLP outputs too (Gemma 2 / 3)
+    scale_embed: bool = False  # embeddings times sqrt(d_model), rounded to param_dtype (Gemma)
+    mlp_act: str = "silu"  # gated MLP activation: silu (SwiGLU) | gelu_tanh (GeGLU, Gemma)
+    query_pre_attn_scalar: float = 0.0  # attention logits scaled by its -1/2 power (Gemma); 0 = head_size
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
@@ -60,7 +82,26 @@ class ModelConfig:
     def head_size(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
 
+    def is_local(self, layer: int) -> bool:
+        """Whether `layer` attends through the sliding window."""
+        return bool(self.sliding_window) and layer not in self.global_layers
+
+    @property
+    def mixed_layers(self) -> bool:
+        """Some layers slide and some attend globally: each layer picks its window and rope."""
+        return len({self.is_local(i) for i in range(self.n_layers)}) > 1
+
     def __post_init__(self):
+        # A config read back from JSON (checkpoint meta) holds a list: keep it hashable.
+        object.__setattr__(self, "global_layers", tuple(int(i) for i in self.global_layers))
+        if any(not 0 <= i < self.n_layers for i in self.global_layers):
+            raise ValueError(f"model.global_layers={self.global_layers}: each must be in [0, {self.n_layers})")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"model.rope_type={self.rope_type!r}; expected one of {ROPE_TYPES}")
+        if self.rope_type in ("dynamic", "llama3") and self.rope_original_max_len < 1:
+            raise ValueError(f"model.rope_type={self.rope_type!r} needs model.rope_original_max_len >= 1")
+        if self.mlp_act not in ACTIVATIONS:
+            raise ValueError(f"model.mlp_act={self.mlp_act!r}; expected one of {tuple(ACTIVATIONS)}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         for field in ("param_dtype", "dtype"):
@@ -124,110 +165,33 @@ def unstack_cache(cache: dict) -> dict:
     return dict(cache, **{n: tuple(cache[n]) for n in ("k", "v")})
 
 
-@jax.custom_vjp
-def split_layers(stacked):
-    """Stacked layer parameters (leaves [n_layers, ...]) -> a tuple of per-layer trees.
-
-    The gradient is one stack of the per-layer gradients; plain slicing would
-    transpose to a zero-padded [n_layers, ...] copy per layer, all added up.
-    """
-    n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
-    return tuple(jax.tree.map(lambda w, i=i: w[i], stacked) for i in range(n))
-
-
-def _split_layers_fwd(stacked):
-    return split_layers(stacked), None
-
-
-def _split_layers_bwd(_, grads):
-    return (jax.tree.map(lambda *g: jnp.stack(g), *grads),)
-
-
-split_layers.defvjp(_split_layers_fwd, _split_layers_bwd)
-
-
-def rope_tables(positions: jax.Array, head_size: int, theta: float) -> tuple:
-    """Rotary sin and cos for positions [b, t] int32: each [b, t, 1, head_size / 2] float32.
-
-    Made once per forward and shared by every layer's q and k.
-    """
-    freq = theta ** (-jnp.arange(0, head_size, 2, dtype=jnp.float32) / head_size)
-    angle = positions[..., None].astype(jnp.float32) * freq
-    # Through a product with the identity: XLA's fusion copies an elementwise producer
-    # into each consumer when that adds no memory traffic, so without a matmul (whose
-    # output is always a buffer) sin and cos were evaluated per element inside every
-    # layer's rotary fusions, per head and again in the backward pass (~250 ms of
-    # thread time per SFT step on CPU at the bench size). HIGHEST keeps them exact on TPU.
-    eye = jnp.eye(angle.shape[-1], dtype=jnp.float32)
-    return tuple(jnp.einsum("btf,fg->btg", fn(angle), eye, precision=jax.lax.Precision.HIGHEST)[:, :, None, :]
-                 for fn in (jnp.sin, jnp.cos))
-
-
-def rope(x: jax.Array, tables: tuple) -> jax.Array:
-    """Rotary embedding, Llama's half-split layout. x: [b, t, heads, d]; tables: `rope_tables`."""
-    sin, cos = tables
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
-
-
-class RMSNorm(nn.Module):
-    eps: float
-    dtype: Any
-    param_dtype: Any
-
-    @nn.compact
-    def __call__(self, x):
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
-
-
-class Dense(nn.Module):
-    """A linear layer over the last `in_axes` axes of x, with the parameters of
-    `nn.DenseGeneral` (kernel [*in, *features], bias [*features], the same init),
-    computed as one 2-D matmul on the kernel flattened to [prod(in), prod(features)].
-
-    DenseGeneral contracts the multi-axis attention kernels ([d, heads, hd],
-    [heads, hd, d]) as they are, and XLA's CPU backend then copies a transposed
-    kernel for the backward pass, per layer and step; the flattened kernel is a
-    free reshape and its gradients are plain matmuls, as the MLP's are.
-    """
-    features: tuple
-    in_axes: int
-    use_bias: bool
-    dtype: Any
-    param_dtype: Any
-
-    @nn.compact
-    def __call__(self, x):
-        lead, in_shape = x.shape[:-self.in_axes], x.shape[-self.in_axes:]
-        n_in, n_out = math.prod(in_shape), math.prod(self.features)
-        normal = nn.initializers.normal(0.02)
-        kernel = self.param("kernel", lambda rng, shape, dt: normal(rng, (n_in, n_out), dt).reshape(shape),
-                            in_shape + self.features, self.param_dtype)
-        y = x.reshape(lead + (n_in,)).astype(self.dtype) @ kernel.reshape(n_in, n_out).astype(self.dtype)
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, self.features,
-                               self.param_dtype).reshape(n_out).astype(self.dtype)
-        return y.reshape(lead + self.features)
-
-
 def _dense(features, in_axes, cfg, name, use_bias=False):
     features = features if isinstance(features, tuple) else (features,)
     return Dense(features, in_axes, use_bias, _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype], name=name)
+
+
+def _norm(cfg: ModelConfig, name: str):
+    return RMSNorm(cfg.norm_eps, _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype], cfg.norm_plus_one, name=name)
+
+
+def _pick(local, if_local, if_global):
+    """if_local or if_global (pytrees alike) by `local`: a Python bool, or a traced one (a mixed scan)."""
+    if isinstance(local, bool):
+        return if_local if local else if_global
+    return jax.tree.map(lambda a, b: jnp.where(local, a, b), if_local, if_global)
 
 
 class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, rotary, segment_ids, kv, layer, k_pos, k_seg, cache_index):
-        """rotary: `rope_tables` of positions. kv: None (keys are this chunk's, attended by
-        `cfg.attention`), the whole cache (k, v) [L, b, kvh, S, hd] carried through the
-        layer scan with `layer` this layer's index, or (layer None) this layer's own
-        (k, v) [b, kvh, S, hd]. The new rows are written at cache_index, in place."""
+    def __call__(self, x, positions, rotary, segment_ids, kv, layer, k_pos, k_seg, cache_index, local):
+        """rotary: (`rope_tables` of the global layers, of the sliding ones). kv: None (keys are
+        this chunk's, attended by `cfg.attention`), the whole cache (k, v) [L, b, kvh, S, hd]
+        carried through the layer scan with `layer` this layer's index, or (layer None) this
+        layer's own (k, v) [b, kvh, S, hd]. The new rows are written at cache_index, in place.
+        local: whether this layer slides (`cfg.is_local`), a bool or, in a scan over mixed
+        layers, a traced one."""
         cfg = self.cfg
         h, kvh = cfg.n_heads, cfg.n_kv_heads
         b, t = x.shape[:2]
@@ -236,13 +200,19 @@ class Attention(nn.Module):
         q = _dense((h, cfg.head_size), 1, cfg, "q", cfg.qkv_bias)(x2).reshape(b, t, h, cfg.head_size)
         k = _dense((kvh, cfg.head_size), 1, cfg, "k", cfg.qkv_bias)(x2).reshape(b, t, kvh, cfg.head_size)
         v = _dense((kvh, cfg.head_size), 1, cfg, "v", cfg.qkv_bias)(x2).reshape(b, t, kvh, cfg.head_size)
-        q = rope(q, rotary)
-        k = rope(k, rotary)
-        masks = dict(q_positions=positions, k_positions=k_pos, q_segment_ids=segment_ids, k_segment_ids=k_seg,
-                     window=cfg.sliding_window)
+        if cfg.qk_norm:
+            q, k = _norm(cfg, "q_norm")(q), _norm(cfg, "k_norm")(k)
+        tables = _pick(local, rotary[1], rotary[0])
+        q = rope(q, tables)
+        k = rope(k, tables)
+        if cfg.query_pre_attn_scalar and cfg.query_pre_attn_scalar != cfg.head_size:
+            # attend() divides by sqrt(head_size); the logits are to be divided by sqrt(scalar).
+            q = (q.astype(jnp.float32) * math.sqrt(cfg.head_size / cfg.query_pre_attn_scalar)).astype(q.dtype)
+        masks = dict(q_positions=positions, k_positions=k_pos, q_segment_ids=segment_ids, k_segment_ids=k_seg)
         if kv is None:
-            out = attention.attend(q, k, v, **masks, impl=cfg.attention, block_q=cfg.attention_block_q,
-                                   block_k=cfg.attention_block_k)
+            attend = lambda window: attention.attend(
+                q, k, v, **masks, window=window, impl=cfg.attention, block_q=cfg.attention_block_q,
+                block_k=cfg.attention_block_k)
         else:
             lead = () if layer is None else (layer,)
             put = lambda buf, new: jax.lax.dynamic_update_slice(
@@ -252,29 +222,43 @@ class Attention(nn.Module):
             keys, values = kv if layer is None else (
                 jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in kv)
             # The cache path stays dense: a decode step's scores are [b, heads, t, cache length].
-            out = attention.xla_attention(q, keys, values, **masks, kv_heads_first=True)
+            attend = lambda window: attention.xla_attention(q, keys, values, **masks, window=window,
+                                                            kv_heads_first=True)
+        if isinstance(local, bool):
+            out = attend(cfg.sliding_window if local else 0)
+        else:  # the window is static to every implementation: one branch per kind of layer
+            out = jax.lax.cond(local, lambda: attend(cfg.sliding_window), lambda: attend(0))
         out = out.reshape(b * t, h, cfg.head_size)
         return _dense(cfg.d_model, 2, cfg, "o")(out).reshape(b, t, cfg.d_model), kv
 
 
 class Block(nn.Module):
+    """One decoder layer. local: whether it slides (`cfg.is_local`); None in a scan over mixed
+    layers, whose scanned `layer` is then (index, local)."""
     cfg: ModelConfig
+    local: bool | None = False
 
     @nn.compact
     def __call__(self, carry, layer, positions, rotary, segment_ids, k_pos, k_seg, cache_index):
         x, kv = carry
         cfg = self.cfg
-        dt, pdt = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
-        a, kv = Attention(cfg, name="attn")(
-            RMSNorm(cfg.norm_eps, dt, pdt, name="attn_norm")(x), positions, rotary, segment_ids,
-            kv, layer, k_pos, k_seg, cache_index)
+        local = self.local
+        if local is None:
+            layer, local = layer
+        a, kv = Attention(cfg, name="attn")(_norm(cfg, "attn_norm")(x), positions, rotary, segment_ids,
+                                            kv, layer, k_pos, k_seg, cache_index, local)
+        if cfg.post_norms:
+            a = _norm(cfg, "attn_post_norm")(a)
         x = x + a
         # The MLP on [b * t, d]: with one token axis, each weight gradient is a plain
         # matmul; with two, XLA's CPU backend copies a transposed [ff, b * t] operand.
-        y = RMSNorm(cfg.norm_eps, dt, pdt, name="mlp_norm")(x).reshape(-1, cfg.d_model)
+        y = _norm(cfg, "mlp_norm")(x).reshape(-1, cfg.d_model)
         gate = _dense(cfg.d_ff, 1, cfg, "gate")(y)
         up = _dense(cfg.d_ff, 1, cfg, "up")(y)
-        x = x + _dense(cfg.d_model, 1, cfg, "down")(nn.silu(gate) * up).reshape(x.shape)
+        m = _dense(cfg.d_model, 1, cfg, "down")(ACTIVATIONS[cfg.mlp_act](gate) * up).reshape(x.shape)
+        if cfg.post_norms:
+            m = _norm(cfg, "mlp_post_norm")(m)
+        x = x + m
         # The residual stream between blocks: batch over the data axes, d_model whole.
         return (sharding.constrain(x, sharding.RESIDUAL), kv), None
 
@@ -327,7 +311,10 @@ class Transformer(nn.Module):
         # The row lookup reads whole rows: gather the table's FSDP shards first, or the
         # partitioner would have to replicate the looked-up activations to re-split them.
         table = sharding.constrain(embed.embedding, sharding.EMBED_LOOKUP).astype(_DTYPES[cfg.dtype])
-        x = sharding.constrain(jnp.take(table, tokens, axis=0), sharding.RESIDUAL)
+        x = jnp.take(table, tokens, axis=0)
+        if cfg.scale_embed:  # sqrt(d_model) rounded to the weights' dtype, as Gemma's embedding scales
+            x = x * jnp.asarray(math.sqrt(cfg.d_model), _DTYPES[cfg.param_dtype]).astype(x.dtype)
+        x = sharding.constrain(x, sharding.RESIDUAL)
         if cache is None:
             kv, k_pos, k_seg = None, positions, segment_ids
         else:
@@ -335,31 +322,42 @@ class Transformer(nn.Module):
             spec = sharding.KV_CACHE if self.scan_layers else P(*sharding.KV_CACHE[1:])
             kv = tuple(jax.tree.map(lambda c: sharding.constrain(c, spec), cache[n]) for n in ("k", "v"))
             k_pos, k_seg = put(cache["positions"], positions), put(cache["segment_ids"], segment_ids)
-        rotary = rope_tables(positions, cfg.head_size, cfg.rope_theta)
+        rotary = rope_tables(positions, cfg.head_size, cfg.rope_theta, cfg.rope_type, factor=cfg.rope_factor,
+                             low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+                             original_max_len=cfg.rope_original_max_len)
+        # (global layers' tables, sliding layers' tables).
+        rotary = (rotary, rope_tables(positions, cfg.head_size, cfg.rope_local_theta)
+                  if cfg.rope_local_theta and cfg.mixed_layers else rotary)
         loop = cache is None and cfg.n_layers <= cfg.layer_loop_max and not self.is_initializing()
         if self.scan_layers and loop:
-            block = _block_cls(cfg)(cfg, parent=None)  # applied to each slice, owns no parameters
-            for layer_params in split_layers(self.variables["params"]["layers"]):
-                (x, _), _ = block.apply({"params": layer_params}, (x, None), None,
-                                        positions, rotary, segment_ids, k_pos, k_seg, cache_index)
+            # Applied to each slice, they own no parameters: one per kind of layer.
+            blocks = {local: _block_cls(cfg)(cfg, local, parent=None) for local in (False, True)}
+            for i, layer_params in enumerate(split_layers(self.variables["params"]["layers"])):
+                (x, _), _ = blocks[cfg.is_local(i)].apply({"params": layer_params}, (x, None), None,
+                                                          positions, rotary, segment_ids, k_pos, k_seg, cache_index)
         elif self.scan_layers:
             layers = nn.scan(
                 _block_cls(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
                 in_axes=(0,) + (nn.broadcast,) * 6,
                 length=cfg.n_layers, unroll=cfg.scan_unroll)
-            (x, kv), _ = layers(cfg, name="layers")((x, kv), jnp.arange(cfg.n_layers, dtype=jnp.int32),
-                                                    positions, rotary, segment_ids, k_pos, k_seg, cache_index)
+            index = jnp.arange(cfg.n_layers, dtype=jnp.int32)
+            # Mixed layers scan (index, local) and pick their window and rope per layer.
+            local = None if cfg.mixed_layers else cfg.is_local(0)
+            if cfg.mixed_layers:
+                index = (index, jnp.asarray([cfg.is_local(i) for i in range(cfg.n_layers)]))
+            (x, kv), _ = layers(cfg, local, name="layers")((x, kv), index, positions, rotary, segment_ids,
+                                                           k_pos, k_seg, cache_index)
         else:
             new = []
             for i in range(cfg.n_layers):
-                (x, kv_i), _ = _block_cls(cfg)(cfg, name=f"layers_{i}")(
+                (x, kv_i), _ = _block_cls(cfg)(cfg, cfg.is_local(i), name=f"layers_{i}")(
                     (x, None if kv is None else (kv[0][i], kv[1][i])), None, positions, rotary, segment_ids,
                     k_pos, k_seg, cache_index)
                 new.append(kv_i)
             kv = None if kv is None else tuple(zip(*new))
         if cache is not None:
             cache = {"k": kv[0], "v": kv[1], "positions": k_pos, "segment_ids": k_seg}
-        hidden = RMSNorm(cfg.norm_eps, _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype], name="final_norm")(x)
+        hidden = _norm(cfg, "final_norm")(x)
         out_logits = None
         if logits:
             head_in = hidden[:, -1:] if logits == "last" else hidden

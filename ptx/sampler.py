@@ -6,6 +6,7 @@ Transformer's KV cache into it after a single prefill forward. Row r's token
 at step i is drawn with `fold_in(keys[r], i)`, so a row sampled in a batch
 gets the same tokens as the row sampled alone with the same key.
 """
+import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -163,7 +164,7 @@ class _Carry:
 
 
 def decode(step_fn: Callable, state, first_logits, keys, *, max_new_tokens: int,
-           temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, eos_id: int, pad_id: int = 0,
+           temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, eos_id: int | tuple, pad_id: int = 0,
            stop_sequences: tuple = (), keep_stop: bool = False):
     """Sample up to max_new_tokens per row in one `lax.while_loop`.
 
@@ -176,7 +177,8 @@ def decode(step_fn: Callable, state, first_logits, keys, *, max_new_tokens: int,
     keys: [b] PRNG keys; step i of row r draws with fold_in(keys[r], i).
     Settings: scalars or [b] arrays (see `filter_logits`).
     max_new_tokens, eos_id, pad_id, stop_sequences, keep_stop: static Python
-      values. eos_id outside the vocabulary (e.g. -1) never matches.
+      values. eos_id: an id or a tuple of ids, any of which ends a row (a chat
+      model's stop ids); one outside the vocabulary (e.g. -1) never matches.
     stop_sequences: tuple of non-empty token-id tuples, matched against the
       generated tokens only. If several end at the same step the longest one
       counts; an eos at that step takes precedence (FINISH_EOS, eos kept).
@@ -185,6 +187,7 @@ def decode(step_fn: Callable, state, first_logits, keys, *, max_new_tokens: int,
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}; expected >= 1")
     stops = tuple(tuple(int(t) for t in s) for s in stop_sequences)
+    eos_ids = (eos_id,) if isinstance(eos_id, int) else tuple(eos_id) or (-1,)
     if any(not s for s in stops):
         raise ValueError("stop_sequences must not contain an empty sequence")
     b = first_logits.shape[0]
@@ -211,7 +214,7 @@ def decode(step_fn: Callable, state, first_logits, keys, *, max_new_tokens: int,
         for s in stops:
             hit = jnp.all(recent[:, window - len(s):] == jnp.asarray(s, jnp.int32), axis=1)
             stop_len = jnp.where(hit, jnp.maximum(stop_len, len(s)), stop_len)
-        is_eos = tok == eos_id
+        is_eos = functools.reduce(jnp.logical_or, [tok == e for e in eos_ids])
         ends = ~c.done & (is_eos | (stop_len > 0))
         kept = i + 1 - jnp.where(is_eos | keep_stop, 0, stop_len)
         return c.replace(
@@ -304,7 +307,7 @@ def layered_step_fn(layered, cfg: ModelConfig, prompt_width: int) -> Callable:
 
 
 def generate(params, cfg: ModelConfig, prompt_tokens, prompt_lens, keys, *, max_new_tokens: int,
-             temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, eos_id: int, pad_id: int = 0,
+             temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, eos_id: int | tuple, pad_id: int = 0,
              stop_sequences: tuple = (), keep_stop: bool = False, n_tokens: int | None = None) -> SampleOutput:
     """Sample continuations of right-padded prompts with the KV cache.
 
@@ -333,7 +336,7 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_lens, keys, *, max_
     return out
 
 
-def make_generate_fn(cfg: ModelConfig, *, max_new_tokens: int, eos_id: int, pad_id: int = 0,
+def make_generate_fn(cfg: ModelConfig, *, max_new_tokens: int, eos_id: int | tuple, pad_id: int = 0,
                      stop_sequences: tuple = (), keep_stop: bool = False, n_tokens: int | None = None) -> Callable:
     """`generate` jitted with its static arguments bound.
 

@@ -50,6 +50,10 @@ def param_rules(cfg) -> list:
         (r"layers/(attn_norm|mlp_norm)/scale", P(None, None)),
         (r"final_norm/scale", P(None)),
     ]
+    if cfg.qk_norm:
+        rules.append((r"layers/attn/(q_norm|k_norm)/scale", P(None, None)))  # [L, hd]
+    if cfg.post_norms:
+        rules.append((r"layers/(attn_post_norm|mlp_post_norm)/scale", P(None, None)))
     if cfg.qkv_bias:
         rules.append((r"layers/attn/(q|k|v)/bias", P(None, "tensor", None)))
     if not cfg.tie_embeddings:

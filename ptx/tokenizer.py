@@ -22,6 +22,7 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterable, Sequence
 
@@ -36,6 +37,10 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 TOKENIZER_JSON = "tokenizer.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 GENERATION_CONFIG = "generation_config.json"
+SPM_MODEL = "tokenizer.model"
+# What HFTokenizer.save copies: the files transformers' AutoTokenizer and generate read.
+HF_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, CHAT_TEMPLATE, GENERATION_CONFIG,
+            "added_tokens.json", "vocab.json", "merges.txt", SPM_MODEL)
 # AddedToken flags that a tokenizer_config.json token dict may carry.
 _ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized")
 
@@ -121,6 +126,15 @@ class Tokenizer:
         """Ids -> text, dropping pad, bos and eos ids (e.g. a padded sample row)."""
         return self._sp.decode([int(i) for i in ids if int(i) not in self._control])
 
+    has_chat_template = False
+
+    def save(self, directory: str):
+        """Copies the model to `directory`/tokenizer.model."""
+        os.makedirs(directory, exist_ok=True)
+        out = os.path.join(directory, SPM_MODEL)
+        if os.path.abspath(out) != os.path.abspath(self.path):
+            shutil.copyfile(self.path, out)
+
     def id_of(self, piece: str) -> int:
         """Id of a vocabulary piece in SentencePiece notation ("▁A", "<0x0A>").
 
@@ -136,9 +150,16 @@ class Tokenizer:
         return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size})"
 
 
-def load_tokenizer(path: str) -> Tokenizer:
-    """Loads a .model file; FileNotFoundError names the path if absent."""
-    return Tokenizer(path)
+def load_tokenizer(path: str) -> "Tokenizer | HFTokenizer":
+    """A SentencePiece .model file, or a directory: its tokenizer.json (an HFTokenizer, with the chat
+    template and stop ids) or else its tokenizer.model. FileNotFoundError names what is missing."""
+    if not os.path.isdir(path):
+        return Tokenizer(path)
+    if os.path.isfile(os.path.join(path, TOKENIZER_JSON)):
+        return HFTokenizer(path)
+    if os.path.isfile(os.path.join(path, SPM_MODEL)):
+        return Tokenizer(os.path.join(path, SPM_MODEL))
+    raise FileNotFoundError(f"{path}: no tokenizer (looked for {TOKENIZER_JSON} and {SPM_MODEL})")
 
 
 def train_tokenizer(texts: Iterable[str], *, vocab_size: int, path: str,
@@ -237,6 +258,18 @@ class HFTokenizer:
         self._template_vars = {name: t.content for name, t in special.items()}
         self.chat_templates, self._template_file = read_templates(path, config)
         self._compiled: dict[str, jinja2.Template] = {}
+
+    @property
+    def has_chat_template(self) -> bool:
+        return "default" in self.chat_templates
+
+    def save(self, directory: str):
+        """Copies the tokenizer's files (`HF_FILES` that exist) to `directory`."""
+        os.makedirs(directory, exist_ok=True)
+        for name in HF_FILES:
+            source, out = os.path.join(self.path, name), os.path.join(directory, name)
+            if os.path.isfile(source) and os.path.abspath(source) != os.path.abspath(out):
+                shutil.copyfile(source, out)
 
     def encode(self, text: str) -> list[int]:
         """Text -> ids, without BOS/EOS; special-token strings in text become their ids."""

@@ -58,12 +58,13 @@ def test_sft_prompt_completion_rows_are_formatted_in_every_format(tmp_path, ext)
 
 
 @pytest.mark.parametrize("ext", [".jsonl", ".parquet"])
-def test_sft_messages_become_prompt_and_last_reply(tmp_path, ext):
+def test_sft_messages_become_prompt_reply_and_later_turns(tmp_path, ext):
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
                 {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Ciao"}]
     rows, _ = load_rows(write(tmp_path / f"m{ext}", [{"messages": messages}]), "sft")
-    assert rows == [{"prompt": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Bye\n\nAssistant:",
-                     "completion": " Ciao"}]
+    # Every assistant turn is trained: the first reply, then [text between, reply] per later one.
+    assert rows == [{"prompt": "\n\nHuman: Hi\n\nAssistant:", "completion": " Hello",
+                     "turns": [["\n\nHuman: Bye\n\nAssistant:", " Ciao"]]}]
 
 
 def test_preference_rows_with_optional_prob_chosen(tmp_path):

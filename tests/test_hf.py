@@ -1,4 +1,9 @@
-"""ptx.hf against transformers: same logits, same greedy tokens, exact round trips, clear errors."""
+"""ptx.hf against transformers: same logits, same greedy tokens, exact round trips, clear errors.
+
+The families: Llama 2 / 3 (tied or not), Llama 3.2 with llama3 rope scaling, Mistral and
+Qwen3 with sliding windows shorter than the sequences, Qwen2 (qkv biases), and Gemma 3
+(interleaved sliding and global layers with their own rope bases, linear scaling on the
+global ones, a query scalar that is not head_dim)."""
 import json
 import os
 import shutil
@@ -10,7 +15,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from ptx import hf, sharding
-from ptx.model import ModelConfig, init_params
+from ptx.model import ModelConfig, Transformer, init_params
 from ptx.sampler import make_generate_fn
 from ptx.tokenizer import train_tokenizer
 
@@ -19,23 +24,35 @@ transformers = pytest.importorskip("transformers")
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=128, intermediate_size=128, max_position_embeddings=64, rms_norm_eps=1e-5)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+               "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+# Windows of 5 and 4 tokens: shorter than every sequence here (12 tokens; prompt 8 + 20 new).
 VARIANTS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False, rope_theta=5e5)),
     "llama_tied": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True, rope_theta=1e4)),
-    # Window 32 >= every sequence here (prompt 8 + 20 new tokens).
-    "mistral": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=32,
+    "llama32": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=5,
                                                            rope_theta=1e6)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=False, rope_theta=1e6)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, use_sliding_window=True, sliding_window=5,
+                                                     max_window_layers=1, rope_theta=1e6)),
+    # Sequences of 12 > max_position_embeddings: the NTK base grows with the length.
+    "llama_dynamic": ("LlamaConfig", "LlamaForCausalLM", dict(max_position_embeddings=8, rope_parameters={
+        "rope_type": "dynamic", "rope_theta": 1e4, "factor": 4.0})),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(head_dim=16, sliding_window=4, sliding_window_pattern=2,
+                                                            query_pre_attn_scalar=24, rope_parameters=GEMMA3_ROPE)),
 }
-MAX_LEN = {"mistral": 32}
+EXPORTED = {"llama_tied": "LlamaForCausalLM", "llama32": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
 TOKENS = np.random.default_rng(0).integers(0, 128, (2, 12), dtype=np.int32)
 
 
 def build(config_cls, model_cls, seed, **kw):
     """A transformers model with every weight random (norm scales and biases too), float32 CPU."""
-    rope_theta = kw.pop("rope_theta", 1e4)
-    config = getattr(transformers, config_cls)(
-        **TINY, **kw, rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
+    rope = kw.pop("rope_parameters", {"rope_type": "default", "rope_theta": kw.pop("rope_theta", 1e4)})
+    config = getattr(transformers, config_cls)(**{**TINY, **kw}, rope_parameters=rope)
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():
@@ -61,20 +78,33 @@ def variant(request, tmp_path_factory):
     model = build(config_cls, model_cls, seed=len(request.param), **kw)
     path = str(tmp_path_factory.mktemp(request.param))
     model.save_pretrained(path, safe_serialization=True)
-    return request.param, model, path, hf.load_model(path, max_len=MAX_LEN.get(request.param))
+    return request.param, model, path, hf.load_model(path)
 
 
 def test_logits_equal_transformers(variant):
     name, model, _, ptx_model = variant
-    assert ptx_model.cfg.qkv_bias == (name == "qwen2")
-    assert ptx_model.cfg.tie_embeddings == (name == "llama_tied")
+    cfg = ptx_model.cfg
+    assert cfg.qkv_bias == (name == "qwen2")
+    assert cfg.tie_embeddings == (name in ("llama_tied", "llama32", "gemma3"))
+    assert cfg.qk_norm == (name in ("qwen3", "gemma3")) and cfg.post_norms == (name == "gemma3")
+    assert (cfg.sliding_window, cfg.global_layers) == {"mistral": (5, ()), "qwen3": (5, (0,)),
+                                                       "gemma3": (4, (1,))}.get(name, (0, ()))
+    assert cfg.rope_type == {"llama32": "llama3", "gemma3": "linear", "llama_dynamic": "dynamic"}.get(name, "default")
     logits = ptx_model(TOKENS).logits
     assert logits.shape == (2, 12, 128)
     np.testing.assert_allclose(np.asarray(logits), torch_logits(model, TOKENS), atol=1e-4, rtol=0)
+    # The scan over stacked layers (deep models) picks each layer's window and rope as the loop does.
+    scanned = Transformer(cfg.replace(layer_loop_max=0)).apply({"params": ptx_model.params}, TOKENS).logits
+    np.testing.assert_allclose(np.asarray(scanned), torch_logits(model, TOKENS), atol=1e-4, rtol=0)
+    if cfg.sliding_window:  # the window is shorter than the sequence: it changes the logits
+        full = hf.HFModel(cfg.replace(sliding_window=0), ptx_model.params)(TOKENS).logits
+        assert np.abs(np.asarray(full) - np.asarray(logits)).max() > 1e-2
 
 
 def test_greedy_generation_equals_transformers(variant):
-    _, model, _, ptx_model = variant
+    name, model, path, ptx_model = variant
+    if name == "llama_dynamic":  # transformers' dynamic RoPE keeps the longest length it has seen: a fresh one
+        model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     prompt = TOKENS[:, :8]
     model.generation_config.eos_token_id = None  # no EOS stopping on either side
     with torch.no_grad():
@@ -107,7 +137,7 @@ def test_export_loads_in_transformers_with_same_logits(variant, tmp_path):
     name, model, _, ptx_model = variant
     hf.save_model(ptx_model, str(tmp_path))
     with open(tmp_path / "config.json") as f:
-        assert json.load(f)["architectures"] == ["Qwen2ForCausalLM" if name == "qwen2" else "LlamaForCausalLM"]
+        assert json.load(f)["architectures"] == [EXPORTED.get(name, "LlamaForCausalLM")]
     exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     np.testing.assert_allclose(torch_logits(exported, TOKENS), torch_logits(model, TOKENS), atol=1e-4, rtol=0)
 
@@ -262,13 +292,18 @@ BASE = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128, "hidden_size":
 
 
 @pytest.mark.parametrize("override, match", [
-    ({"architectures": ["GPT2LMHeadModel"]}, r"architectures=\['GPT2LMHeadModel'\]"),
-    ({"architectures": ["GemmaForCausalLM"]}, r"Gemma needs \(1 \+ scale\) RMSNorm.*GELU"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, r"rope_scaling=.*'llama3'"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, r"rope_parameters=.*'yarn'"),
+    ({"architectures": ["GPT2LMHeadModel"]}, r"config.json architectures=\['GPT2LMHeadModel'\]: ptx imports"),
+    ({"architectures": ["GemmaForCausalLM"]}, r"architectures=\['GemmaForCausalLM'\]"),
+    ({"architectures": ["Gemma3ForConditionalGeneration"]}, r"multimodal Gemma 3.*Gemma3ForCausalLM"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 8.0}}, r"rope_scaling=.*'yarn'"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, r"rope_parameters=.*'longrope'"),
+    ({"rope_scaling": {"rope_type": "llama3"}}, r"rope_scaling=.*needs a numeric factor"),
     ({"attention_bias": True}, r"attention_bias=True.*o_proj"),
     ({"hidden_act": "gelu"}, r"hidden_act='gelu'"),
-    ({"architectures": ["MistralForCausalLM"], "sliding_window": 16}, r"sliding_window=16.*max_len=64"),
+    ({"architectures": ["Gemma3ForCausalLM"], "final_logit_softcapping": 30.0}, r"final_logit_softcapping=30.0"),
+    ({"architectures": ["Qwen3ForCausalLM"], "layer_types": ["full_attention"]}, r"layer_types=.*expected 2"),
+    ({"num_attention_heads": None}, r"config.json: field 'num_attention_heads' missing"),
+    ({"hidden_size": "64"}, r"config.json hidden_size='64': expected int"),
 ])
 def test_unsupported_config_is_a_clear_error(override, match):
     with pytest.raises(ValueError, match=match):
@@ -278,20 +313,64 @@ def test_unsupported_config_is_a_clear_error(override, match):
 def test_config_mapping():
     cfg = hf.config_from_hf({**BASE, "architectures": ["MistralForCausalLM"], "num_key_value_heads": 2,
                              "head_dim": 32, "sliding_window": 16, "rope_theta": 5e5, "rms_norm_eps": 1e-6,
-                             "tie_word_embeddings": True, "torch_dtype": "bfloat16"}, max_len=16)
+                             "tie_word_embeddings": True, "torch_dtype": "bfloat16"})
     assert cfg == ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32,
                               d_ff=128, rope_theta=5e5, norm_eps=1e-6, tie_embeddings=True,
-                              param_dtype="bfloat16")
+                              param_dtype="bfloat16", sliding_window=16)
     # Qwen2 stores a sliding_window that only counts with use_sliding_window.
     qwen = hf.config_from_hf({**BASE, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 16,
                               "use_sliding_window": False})
-    assert qwen.qkv_bias and qwen.head_dim == 0 and qwen.n_kv_heads == 4
+    assert qwen.qkv_bias and qwen.head_dim == 0 and qwen.n_kv_heads == 4 and qwen.sliding_window == 0
+    # Llama 3.2 as downloaded: rope_theta beside rope_scaling.
+    llama = hf.config_from_hf({**BASE, "rope_theta": 5e5, "rope_scaling": {
+        "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}})
+    assert (llama.rope_type, llama.rope_theta, llama.rope_factor, llama.rope_original_max_len) == (
+        "llama3", 5e5, 32.0, 8192)
+    # Gemma 3 1B as downloaded: no layer_types, the pattern and both rope bases as plain fields,
+    # and transformers' Gemma 3 defaults (head_dim 256, query_pre_attn_scalar 256) where absent.
+    gemma = hf.config_from_hf({**BASE, "architectures": ["Gemma3ForCausalLM"], "num_hidden_layers": 12,
+                               "sliding_window": 512, "sliding_window_pattern": 6, "rope_theta": 1e6,
+                               "rope_local_base_freq": 1e4, "rope_scaling": None})
+    assert gemma.global_layers == (5, 11) and gemma.sliding_window == 512 and gemma.head_size == 256
+    assert (gemma.rope_theta, gemma.rope_local_theta, gemma.query_pre_attn_scalar) == (1e6, 1e4, 256.0)
+    assert gemma.norm_plus_one and gemma.scale_embed and gemma.mlp_act == "gelu_tanh" and gemma.tie_embeddings
 
 
-def test_load_model_refuses_a_sliding_window_shorter_than_max_len(tmp_path):
-    config = {**BASE, "architectures": ["MistralForCausalLM"], "sliding_window": 32}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"sliding_window=32.*pass max_len <= 32"):
+@pytest.mark.parametrize("cfg", [
+    ModelConfig(vocab_size=64, d_model=32, n_heads=4, n_kv_heads=2, rope_type="dynamic", rope_factor=2.0,
+                rope_original_max_len=16),
+    ModelConfig(vocab_size=64, d_model=32, rope_type="linear", rope_factor=4.0, qk_norm=True, sliding_window=8,
+                n_layers=3, global_layers=(0, 2)),
+    ModelConfig(vocab_size=64, d_model=32, qkv_bias=True, scalar_head=True, tie_embeddings=False),
+    ModelConfig(vocab_size=64, d_model=32, n_layers=4, head_dim=16, qk_norm=True, norm_plus_one=True,
+                post_norms=True, scale_embed=True, mlp_act="gelu_tanh", query_pre_attn_scalar=24.0,
+                sliding_window=4, global_layers=(3,), rope_local_theta=1e4, rope_theta=1e6, scalar_head=True),
+])
+def test_exported_config_reads_back_as_the_same_model(cfg):
+    hf_config = hf.to_hf_config(cfg, "float32", max_position_embeddings=16)
+    assert hf.config_from_hf(hf_config) == cfg
+    # transformers builds it: its config class accepts every field.
+    config_cls = transformers.AutoConfig.for_model(hf_config["model_type"]).__class__
+    config_cls.from_dict(hf_config)
+
+
+def test_a_config_no_transformers_family_computes_is_refused_before_writing(tmp_path):
+    cfg = ModelConfig(vocab_size=64, d_model=32, qk_norm=True, qkv_bias=True)
+    with pytest.raises(ValueError, match="q / k norms with qkv biases"):
+        hf.save_params(init_params(cfg, jax.random.PRNGKey(0)), cfg, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_broken_directory_is_an_error_naming_the_file_and_field(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], ')
+    with pytest.raises(ValueError, match=r"config\.json: malformed JSON"):
+        hf.load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in BASE.items() if k != "num_attention_heads"}))
+    with pytest.raises(ValueError, match=rf"{tmp_path}/config\.json: field 'num_attention_heads' missing"):
+        hf.load_model(str(tmp_path))
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"config\.json: no such file"):
         hf.load_model(str(tmp_path))
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ptx import losses, sharding
+from ptx.layers import rope_frequencies
 from ptx.model import (Dense, ModelConfig, Transformer, count_params, init_cache, init_params, lm_head,
                        rope_tables, unstack_cache, unstack_layers)
 
@@ -184,6 +185,69 @@ def test_sliding_window_limits_what_a_token_sees_and_cached_decode_honours_it(pa
     np.testing.assert_allclose(jnp.concatenate(logits, 1), full, atol=1e-5)
 
 
+GEMMA_LIKE = CFG.replace(qkv_bias=False, sliding_window=3, global_layers=(1,), rope_local_theta=100.0,
+                         rope_type="linear", rope_factor=4.0, qk_norm=True, norm_plus_one=True, post_norms=True,
+                         scale_embed=True, mlp_act="gelu_tanh", query_pre_attn_scalar=12.0)
+
+
+def test_mixed_sliding_and_global_layers_agree_in_loop_scan_and_cached_decode():
+    cfg = GEMMA_LIKE
+    p = jax.tree.map(lambda x: x + 0.1, init_params(cfg, jax.random.PRNGKey(2)))  # norm weights off zero
+    assert p["layers"]["attn"]["q_norm"]["scale"].shape == (3, 8)
+    assert p["layers"]["mlp_post_norm"]["scale"].shape == (3, 32)
+    t = tokens(12, (2, 10))
+    fwd = lambda c, q: Transformer(c).apply({"params": q}, t).logits
+    loop, scan = fwd(cfg, p), fwd(cfg.replace(layer_loop_max=0), p)
+    np.testing.assert_allclose(scan, loop, atol=1e-5)
+    per_layer = Transformer(cfg, scan_layers=False).apply({"params": unstack_layers(p)}, t).logits
+    np.testing.assert_allclose(per_layer, loop, atol=1e-5)
+    grads = [jax.grad(lambda q, c=c: jnp.sum(fwd(c, q) ** 2))(p) for c in (cfg, cfg.replace(layer_loop_max=0))]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max()), *grads)
+    # The global layer 1 sees the whole context: token 0 reaches every position, where three
+    # sliding layers of window 3 would stop at position 6.
+    changed = Transformer(cfg).apply({"params": p}, t.at[:, 0].set((t[:, 0] + 1) % CFG.vocab_size)).logits
+    assert np.abs(changed[:, 9] - loop[:, 9]).max() > 0
+    all_local = cfg.replace(global_layers=())
+    changed = Transformer(all_local).apply({"params": p}, t.at[:, 0].set((t[:, 0] + 1) % CFG.vocab_size)).logits
+    np.testing.assert_array_equal(changed[:, 7:], fwd(all_local, p)[:, 7:])
+    # Prefill through the scan (each layer's window picked by lax.cond), then decode a token a step.
+    model = Transformer(cfg)
+    step = jax.jit(lambda q, x, pos, c, i: model.apply({"params": q}, x, pos, jnp.ones_like(x), cache=c,
+                                                        cache_index=i))
+    out = step(p, t[:, :4], default_pos_seg(2, 4)[0], init_cache(cfg, 2, 16), 0)
+    logits, cache = [out.logits], out.cache
+    for i in range(4, 10):
+        out = step(p, t[:, i:i + 1], jnp.full((2, 1), i), cache, i)
+        logits.append(out.logits)
+        cache = out.cache
+    np.testing.assert_allclose(jnp.concatenate(logits, 1), loop, atol=1e-5)
+    # Packed documents each see only their own window: as if alone.
+    doc1, doc2 = t[:1, :4], t[1:, :6]
+    packed = jnp.concatenate([doc1, doc2], axis=1)
+    pos, seg = jnp.array([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5]]), jnp.array([[1] * 4 + [2] * 6])
+    out = Transformer(cfg).apply({"params": p}, packed, pos, seg).logits
+    np.testing.assert_allclose(out[0, :4], Transformer(cfg).apply({"params": p}, doc1).logits[0], atol=1e-5)
+    np.testing.assert_allclose(out[0, 4:], Transformer(cfg).apply({"params": p}, doc2).logits[0], atol=1e-5)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    sharding.tree_specs(p, sharding.param_rules(cfg), mesh, strict=True)  # one rule per parameter
+
+
+def test_scaled_rope_frequencies_follow_their_closed_forms():
+    base = 10000.0 ** (-np.arange(0, 16, 2) / 16)
+    np.testing.assert_allclose(rope_frequencies(16, 1e4, "linear", factor=4.0), base / 4, rtol=1e-6)
+    # llama3: short wavelengths kept, long ones divided by the factor, a ramp between.
+    freq = np.asarray(rope_frequencies(16, 1e4, "llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                       original_max_len=64))
+    wavelen = 2 * np.pi / base
+    np.testing.assert_allclose(freq[wavelen < 16], base[wavelen < 16], rtol=1e-6)
+    np.testing.assert_allclose(freq[wavelen > 64], base[wavelen > 64] / 8, rtol=1e-6)
+    # dynamic: the base grows only past the original length.
+    short, long = (rope_frequencies(16, 1e4, "dynamic", factor=2.0, original_max_len=8,
+                                    positions=jnp.arange(n)[None]) for n in (8, 16))
+    np.testing.assert_allclose(short, base, rtol=1e-6)
+    np.testing.assert_allclose(long, (1e4 * 3 ** (16 / 14)) ** (-np.arange(0, 16, 2) / 16), rtol=1e-5)
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_hidden_states_and_lm_head_give_the_logits_log_probs_in_chunks(params, tie):
     cfg = CFG.replace(tie_embeddings=tie)
@@ -239,6 +303,16 @@ def test_bad_model_config_is_a_clear_error():
         ModelConfig(attention="flash")
     with pytest.raises(ValueError, match="sliding_window"):
         ModelConfig(sliding_window=-1)
+    with pytest.raises(ValueError, match="rope_type='yarn'"):
+        ModelConfig(rope_type="yarn")
+    with pytest.raises(ValueError, match="rope_original_max_len"):
+        ModelConfig(rope_type="llama3")
+    with pytest.raises(ValueError, match=r"global_layers=\(2,\)"):
+        ModelConfig(n_layers=2, global_layers=(2,))
+    with pytest.raises(ValueError, match="mlp_act"):
+        ModelConfig(mlp_act="relu")
+    # A config read back from JSON holds lists: it stays hashable (a static jit argument).
+    assert hash(ModelConfig(n_layers=4, global_layers=[1, 3])) == hash(ModelConfig(n_layers=4, global_layers=(1, 3)))
 
 
 def test_every_parameter_matches_exactly_one_sharding_rule(params):

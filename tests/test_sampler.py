@@ -313,6 +313,19 @@ def test_decode_loop_stops_calling_step_fn_once_every_row_is_done(scripted_decod
     np.testing.assert_array_equal(out.lengths, [3, 0, 1, 3])
 
 
+def test_any_of_several_eos_ids_ends_a_row(scripted_decode):
+    """A chat model stops on any of its stop ids (Llama 3: <|eot_id|>, <|eom_id|>, <|end_of_text|>)."""
+    streams = np.array([[5, 6, 7] + [8] * 7, [5, 11] + [12] * 8, [5] + [6] * 9])  # [3, MAX_NEW]
+    table = scripted_table(streams)
+    b = len(streams)
+    out, _ = jax.jit(lambda t: sampler.decode(
+        scripted_step(t), (jnp.int32(0), jnp.full((b, MAX_NEW), -1, jnp.int32)), t[:, 0],
+        jax.random.split(jax.random.key(0), b), max_new_tokens=MAX_NEW, temperature=0.0, eos_id=(7, 11),
+        pad_id=PAD))(table)
+    np.testing.assert_array_equal(out.lengths, [3, 2, MAX_NEW])  # the eos is kept, as a single eos_id is
+    np.testing.assert_array_equal(out.finish_reason, [sampler.FINISH_EOS, sampler.FINISH_EOS, sampler.FINISH_LENGTH])
+
+
 # ---------------------------------------------------------------- generate with the model
 
 @pytest.fixture(scope="module")

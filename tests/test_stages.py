@@ -8,6 +8,7 @@ import pytest
 from configs import ai_feedback as ai_feedback_config
 from configs import best_of_n as best_of_n_config
 from configs import dpo as dpo_config
+from configs import export as export_config
 from configs import grpo as grpo_config
 from configs import merge as merge_config
 from configs import ppo as ppo_config
@@ -20,7 +21,7 @@ from ptx.stages import common, supervised
 
 def test_every_config_dispatches_to_a_runner():
     for module in (sft_config, dpo_config, ppo_config, grpo_config, sample_config, best_of_n_config,
-                   ai_feedback_config, merge_config, quickstart_config):
+                   ai_feedback_config, merge_config, export_config, quickstart_config):
         assert module.get_config("tiny").stage in stages.RUNNERS
     c = sft_config.get_config("tiny")
     c.stage = "sfft"
@@ -30,6 +31,7 @@ def test_every_config_dispatches_to_a_runner():
 
 @pytest.mark.parametrize("module,field,what", [
     (merge_config, "", "--config.checkpoint"),
+    (export_config, "", "--config.checkpoint"),
     (ai_feedback_config, "", "--config.policy_checkpoint"),
     (ai_feedback_config, "policy_checkpoint", "--config.judge_checkpoint"),
     (sample_config, "", "--config.checkpoint"),

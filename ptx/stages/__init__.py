@@ -20,7 +20,8 @@ RUNNERS = {
     "sample": sample.run,
     "best_of_n": best_of_n.run,
     "ai_feedback": ai_feedback.run,
-    "merge": export.run,
+    "merge": export.merge,
+    "export": export.export,
     "quickstart": quickstart.run,
 }
 

@@ -24,7 +24,7 @@ def run(config, workdir: str) -> dict:
     policy = inference.load_policy(config.checkpoint, mesh)
     prompt_path = config.prompts or common.make_world(config).write(os.path.join(workdir, "world"))["heldout"]
     rows, stats = data.load_rows(prompt_path, "prompt", template=common.template(config),
-                                 on_bad_row=config.data.on_bad_row)
+                                 chat=common.use_chat(config, policy.tok), on_bad_row=config.data.on_bad_row)
     common.report_skipped(workdir, stats)
     arrays, _ = data.encode_prompts(rows, policy.tok, max_prompt_len=config.data.max_prompt_len)
     source = rewards.make_source(reward_cfg, mesh)
@@ -33,7 +33,7 @@ def run(config, workdir: str) -> dict:
     smp = inference.Sampler(policy, batch_size=config.batch_size, max_new_tokens=s.max_new_tokens,
                             stops=list(s.stop), keep_stop=s.keep_stop)
     settings = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p)
-    prompts = [r["prompt"] for r in rows]
+    prompts = [data.prompt_text(r, policy.tok) for r in rows]
     texts, scores = best_of_n.sample_and_score(smp, source, arrays["prompt_tokens"], arrays["prompt_lens"], n_max,
                                                config.seed, settings, prompts)
     picked = best_of_n.select(scores, config.ns)
@@ -41,8 +41,8 @@ def run(config, workdir: str) -> dict:
                for n, r in picked.items()}
     if jax.process_index() == 0:
         common.write_jsonl(os.path.join(workdir, "candidates.jsonl"), [
-            {"prompt": row["prompt"], "candidate": j, "completion": texts[i][j], "score": float(scores[i, j])}
-            for i, row in enumerate(rows) for j in range(n_max)])
+            {"prompt": prompts[i], "candidate": j, "completion": texts[i][j], "score": float(scores[i, j])}
+            for i in range(len(rows)) for j in range(n_max)])
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
         print(f"{'N':>4} {'best':>8} {'random':>8} {'worst':>8} {'KL bound':>9}")

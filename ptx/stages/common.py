@@ -8,15 +8,18 @@ construction, before a stage writes anything.
 import dataclasses
 import json
 import os
-import shutil
 
 import jax
 from absl import logging
 
 from ptx import checkpoint, data, hf, lora, rewards, rollout, sharding, steps, world
 from ptx.model import ModelConfig, abstract_params
-from ptx.tokenizer import PromptTemplate, Tokenizer, load_tokenizer, train_tokenizer
+from ptx.tokenizer import HFTokenizer, PromptTemplate, Tokenizer, load_tokenizer, train_tokenizer
 
+# ModelConfig fields of how a model runs, not what it computes: a Hugging Face source takes them
+# from the stage's `model` section.
+RUNTIME_FIELDS = ("dtype", "remat", "scan_unroll", "layer_loop_max", "attention", "attention_block_q",
+                  "attention_block_k")
 # Which embedded-world file a stage reads when `data.train` is empty: (train, eval).
 WORLD_FILES = {"text": ("pretrain", ""), "sft": ("sft", ""),
                "preference": ("preference", "preference_heldout"), "prompt": ("sft", "heldout")}
@@ -85,8 +88,9 @@ def data_paths(config, workdir: str) -> tuple[str, str]:
 
 
 def texts_of(rows) -> list[str]:
-    return [t for r in rows for t in (r.get("text"), r.get("prompt"), r.get("completion"),
-                                      r.get("chosen"), r.get("rejected")) if t]
+    """The texts of template rows (`data.load_rows` with chat=False), to train a tokenizer on."""
+    return [t for r in rows for t in (r.get("text"), r.get("prompt"), r.get("completion"), r.get("chosen"),
+                                      r.get("rejected"), *(t for turn in r.get("turns", ()) for t in turn)) if t]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +100,9 @@ class InitSource:
     kind: str  # checkpoint | hf
     path: str
     cfg: ModelConfig
+    # The Hugging Face directory the weights came from, first or through earlier stages:
+    # {"hf_dir", "max_position_embeddings"} ({} for none), kept in every checkpoint's meta.
+    origin: dict = dataclasses.field(default_factory=dict)
 
     def load(self, mesh) -> dict:
         """The source's parameters, read straight onto `mesh`."""
@@ -105,7 +112,8 @@ class InitSource:
                               sharding.param_shardings(abstract_params(self.cfg), self.cfg, mesh))[0]
 
     def tokenizer_path(self) -> str:
-        return checkpoint.tokenizer_path(self.path) if self.kind == "checkpoint" else ""
+        """A checkpoint's workdir tokenizer (`checkpoint.tokenizer_path`), or the Hugging Face directory."""
+        return checkpoint.tokenizer_path(self.path) if self.kind == "checkpoint" else self.path
 
     def as_lora_base(self) -> dict:
         """How a LoRA checkpoint names its frozen base, so the next stage can merge it."""
@@ -119,29 +127,45 @@ def init_source(config) -> InitSource | None:
         raise ValueError("set init.checkpoint or init.hf_dir, not both")
     if config.init.checkpoint:
         meta = checkpoint.read_meta(config.init.checkpoint)
-        return InitSource("checkpoint", config.init.checkpoint, ModelConfig(**meta["model"]))
+        return InitSource("checkpoint", config.init.checkpoint, ModelConfig(**meta["model"]), meta.get("origin", {}))
     if config.init.hf_dir:
-        with open(os.path.join(config.init.hf_dir, hf.CONFIG)) as f:
-            return InitSource("hf", config.init.hf_dir, hf.config_from_hf(json.load(f)))
+        hf_config = hf.read_config(config.init.hf_dir)
+        cfg = hf.config_from_hf(hf_config, where=os.path.join(config.init.hf_dir, hf.CONFIG))
+        # How to run it (compute dtype, remat, attention) is this stage's: config.json has no say.
+        cfg = cfg.replace(**{k: config.model[k] for k in RUNTIME_FIELDS})
+        origin = {"hf_dir": os.path.abspath(config.init.hf_dir),
+                  "max_position_embeddings": hf_config.get("max_position_embeddings") or 0}
+        return InitSource("hf", config.init.hf_dir, cfg, origin)
     return None
 
 
-def setup_tokenizer(config, workdir: str, rows, source: InitSource | None) -> Tokenizer:
-    """`tokenizer.path`, else the init source's, else this workdir's (resume), else one trained on `rows`."""
-    own = os.path.join(workdir, "tokenizer.model")
-    path = config.tokenizer.path
-    if not path and source is not None and source.kind == "hf":
-        return hf.load_tokenizer(source.path)
-    if not path and source is not None:
-        path = source.tokenizer_path()
-    if not path and os.path.exists(own):
-        path = own
-    if path:
-        if jax.process_index() == 0 and os.path.abspath(path) != os.path.abspath(own):
-            shutil.copyfile(path, own)
-        return load_tokenizer(path)
-    return train_tokenizer(texts_of(rows), vocab_size=config.model.vocab_size, path=own,
-                           template=template(config))
+def find_tokenizer(config, workdir: str, source: InitSource | None) -> Tokenizer | HFTokenizer | None:
+    """`tokenizer.path` (a sentencepiece .model or a Hugging Face directory), else the init source's,
+    else this workdir's (resume), or None when there is none yet. It is recorded in the workdir for
+    later stages and export: `tokenizer.model`, or `tokenizer/` with a Hugging Face tokenizer's files
+    (chat template and generation_config.json included)."""
+    own_model, own_dir = os.path.join(workdir, "tokenizer.model"), os.path.join(workdir, "tokenizer")
+    path = config.tokenizer.path or (source.tokenizer_path() if source is not None else "")
+    if not path:
+        path = own_dir if os.path.isdir(own_dir) else own_model if os.path.exists(own_model) else ""
+    if not path:
+        return None
+    tok = load_tokenizer(path)
+    if jax.process_index() == 0:
+        tok.save(own_dir if isinstance(tok, HFTokenizer) else workdir)
+    return tok
+
+
+def train_workdir_tokenizer(config, workdir: str, rows) -> Tokenizer:
+    """A sentencepiece tokenizer trained on template rows, as `<workdir>/tokenizer.model`."""
+    return train_tokenizer(texts_of(rows), vocab_size=config.model.vocab_size,
+                           path=os.path.join(workdir, "tokenizer.model"), template=template(config))
+
+
+def use_chat(config, tok) -> bool:
+    """Whether rows go through the tokenizer's chat template (it has one and
+    `tokenizer.use_chat_template`), else the configured prompt template."""
+    return bool(tok is not None and config.tokenizer.use_chat_template and tok.has_chat_template)
 
 
 def lora_config(config, *, targets=(), full=()) -> lora.LoraConfig:

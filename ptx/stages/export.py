@@ -1,12 +1,16 @@
-"""The `merge` stage: a LoRA run's adapters folded into its base, written as a full
-checkpoint that any stage's `init.checkpoint` reads and, with `hf_out`, as a
-Hugging Face directory.
+"""Export: any checkpoint as a Hugging Face directory (`export`), and a LoRA run's adapters folded
+into its base as a full ptx checkpoint (`merge`).
 
+python -m ptx.main --config=configs/export.py --workdir=runs/hf --config.checkpoint=runs/sft
 python -m ptx.main --config=configs/merge.py --workdir=runs/merged \
     --config.checkpoint=runs/lora_sft [--config.hf_out=runs/merged_hf]
+
+The Hugging Face directory is what transformers loads with AutoModelForCausalLM
+(a reward model: AutoModelForSequenceClassification) and AutoTokenizer: weights,
+config.json, and the tokenizer of the run (for a model started from a Hugging Face
+directory: its tokenizer files, chat template and generation_config.json).
 """
 import os
-import shutil
 
 import jax
 
@@ -15,8 +19,43 @@ from ptx.model import ModelConfig
 from ptx.stages import common
 from ptx.tokenizer import load_tokenizer
 
+DEFAULT_MAX_POSITIONS = 4096
 
-def run(config, workdir: str) -> str:
+
+def write_hf(params, meta: dict, source: str, out: str, *, dtype: str | None = None, max_positions: int = 0):
+    """Writes params (of the checkpoint `source`, whose meta is `meta`) as a Hugging Face directory.
+
+    Only a reward model exports its scalar head (as ...ForSequenceClassification); a policy's value
+    head stays behind. The tokenizer is the run's (`checkpoint.tokenizer_path`). max_positions:
+    config.json's max_position_embeddings; 0 = the Hugging Face model the run started from, else 4096.
+    """
+    cfg = ModelConfig(**meta["model"])
+    head = cfg.scalar_head and meta["stage"] == "reward"
+    params = params if head else {k: v for k, v in params.items() if k != "scalar_head"}
+    tok_path = checkpoint.tokenizer_path(source)
+    tok = load_tokenizer(tok_path) if os.path.exists(tok_path) else None
+    max_positions = max_positions or meta.get("origin", {}).get("max_position_embeddings") or DEFAULT_MAX_POSITIONS
+    hf.save_params(params, cfg.replace(scalar_head=head), out, dtype=dtype, tokenizer=tok,
+                   max_position_embeddings=max_positions)
+
+
+def export(config, workdir: str) -> str:
+    """The newest checkpoint of `config.checkpoint` (full, LoRA merged into its base, an RL policy, a
+    reward model) -> a Hugging Face directory at `workdir`; returns its path. The stage's own config
+    is not written there: config.json is the model's."""
+    common.require(config, "checkpoint")
+    if config.dtype and config.dtype not in hf.DTYPE_NAMES:
+        raise ValueError(f"export dtype={config.dtype!r}; expected one of {hf.DTYPE_NAMES} or ''")
+    meta = checkpoint.read_meta(config.checkpoint)  # fails before anything is written
+    mesh = sharding.make_mesh(config.mesh)
+    params, _ = checkpoint.load_params(config.checkpoint, mesh)
+    out = os.path.abspath(workdir)
+    write_hf(params, meta, config.checkpoint, out, dtype=config.dtype or None,
+             max_positions=config.max_position_embeddings)
+    return out
+
+
+def merge(config, workdir: str) -> str:
     """The newest checkpoint of the LoRA workdir `config.checkpoint` -> a full checkpoint (params
     only, its step kept) in `config.out` ('' = workdir); returns the out dir."""
     common.require(config, "checkpoint")
@@ -26,7 +65,6 @@ def run(config, workdir: str) -> str:
     mesh = sharding.make_mesh(config.mesh)
     workdir = os.path.abspath(workdir)
     common.write_config(config, workdir)
-    cfg = ModelConfig(**meta["model"])
     params, _ = checkpoint.load_params(config.checkpoint, mesh)
     _, step = checkpoint.resolve(config.checkpoint)
     out = os.path.abspath(config.out or workdir)
@@ -41,13 +79,9 @@ def run(config, workdir: str) -> str:
     finally:
         ckpt.close()
     tok_path = checkpoint.tokenizer_path(config.checkpoint)
-    tok = load_tokenizer(tok_path) if os.path.isfile(tok_path) else None
-    if tok is not None and jax.process_index() == 0:
-        shutil.copyfile(tok_path, os.path.join(out, "tokenizer.model"))
+    if os.path.exists(tok_path) and jax.process_index() == 0:
+        tok = load_tokenizer(tok_path)
+        tok.save(os.path.join(out, "tokenizer") if os.path.isdir(tok_path) else out)
     if config.hf_out:
-        # Only a reward model exports its scalar head; a policy's value head stays behind.
-        head = cfg.scalar_head and meta["stage"] == "reward"
-        hf_params = params if head else {k: v for k, v in params.items() if k != "scalar_head"}
-        hf.save_params(hf_params, cfg.replace(scalar_head=head), config.hf_out, tokenizer=tok,
-                       max_position_embeddings=config.hf_max_len)
+        write_hf(params, meta, config.checkpoint, config.hf_out, max_positions=config.hf_max_len)
     return out

@@ -104,10 +104,11 @@ def _run(config, workdir: str, mesh, source: common.InitSource, rl: rollout.RLCo
     texts, scores) and puts on the mesh only the rows its own devices hold."""
     common.write_config(config, workdir)
     prompt_path, _ = common.data_paths(config, workdir)
+    tok = common.find_tokenizer(config, workdir, source)
     rows, stats = data.load_rows(prompt_path, "prompt", on_bad_row=config.data.on_bad_row,
-                                 template=common.template(config))
+                                 template=common.template(config), chat=common.use_chat(config, tok))
     common.report_skipped(workdir, stats)
-    tok = common.setup_tokenizer(config, workdir, rows, source)
+    tok = tok or common.train_workdir_tokenizer(config, workdir, rows)
     arrays, _ = data.encode_prompts(rows, tok, max_prompt_len=config.data.max_prompt_len)
     width = arrays["prompt_tokens"].shape[1]
 
@@ -126,7 +127,7 @@ def _run(config, workdir: str, mesh, source: common.InitSource, rl: rollout.RLCo
     state_sh = state_sh.replace(params=sharding.named(mesh, sharding.tree_specs(init, rules, mesh, strict=True)))
     batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
-    generate = sampler.make_generate_fn(policy_cfg, max_new_tokens=rl.max_new_tokens, eos_id=tok.eos_id,
+    generate = sampler.make_generate_fn(policy_cfg, max_new_tokens=rl.max_new_tokens, eos_id=tok.eos_ids,
                                         pad_id=tok.pad_id, n_tokens=tok.vocab_size)
     build = jax.jit(lambda p, n, out: rollout.build_sequences(p, n, out, pad_id=tok.pad_id))
     prepare = jax.jit(lambda p, r, seq, s, k: rollout.prepare(
@@ -141,7 +142,7 @@ def _run(config, workdir: str, mesh, source: common.InitSource, rl: rollout.RLCo
                  else lambda p, f: p["policy"])
 
     prompts_it = data.BatchIterator(arrays, rl.rollout_batch, seed=config.seed)
-    meta = {"params_key": "policy"}
+    meta = {"params_key": "policy", **({"origin": source.origin} if source.origin else {})}
     if lcfg.enabled:
         meta["lora"] = {"config": dataclasses.asdict(lcfg), "base": source.as_lora_base()}
     key = jax.random.PRNGKey(config.seed)

@@ -1,5 +1,9 @@
 """The `sample` stage: prompts from a file or the command line -> samples.jsonl.
 
+A model whose tokenizer has a chat template gets each prompt as a user message
+(or a file's message lists) rendered with the generation prompt, and stops at
+any of its stop ids; others get the configured prompt template.
+
 python -m ptx.main --config=configs/sample.py --workdir=runs/sample \
     --config.checkpoint=runs/sft --config.prompt="What is 2 + 3?"
 """
@@ -25,11 +29,12 @@ def run(config, workdir: str) -> str:
     workdir = os.path.abspath(workdir)
     common.write_config(config, workdir)
     policy = inference.load_policy(config.checkpoint, mesh)
-    template = common.template(config)
+    template, chat = common.template(config), common.use_chat(config, policy.tok)
     if config.prompt:
-        rows = [{"prompt": template.format_prompt(config.prompt)}]
+        rows = [{"prompt": [{"role": "user", "content": config.prompt}] if chat else template.format_prompt(config.prompt)}]
     else:
-        rows, stats = data.load_rows(config.prompts, "prompt", template=template, on_bad_row=config.data.on_bad_row)
+        rows, stats = data.load_rows(config.prompts, "prompt", template=template, chat=chat,
+                                     on_bad_row=config.data.on_bad_row)
         common.report_skipped(workdir, stats)
     arrays, _ = data.encode_prompts(rows, policy.tok, max_prompt_len=config.data.max_prompt_len)
     s = config.sampling
@@ -45,8 +50,8 @@ def run(config, workdir: str) -> str:
     if jax.process_index() == 0:
         with open(out_path, "w") as f:
             for i, text in enumerate(texts):
-                row = rows[i // s.num_samples]
-                record = {"prompt": row["prompt"], "completion": text, "finish_reason": FINISH_NAMES[int(reasons[i])]}
+                prompt = data.prompt_text(rows[i // s.num_samples], policy.tok)
+                record = {"prompt": prompt, "completion": text, "finish_reason": FINISH_NAMES[int(reasons[i])]}
                 f.write(json.dumps(record) + "\n")
-                print(f"{row['prompt']}{text}\n[{record['finish_reason']}]")
+                print(f"{prompt}{text}\n[{record['finish_reason']}]")
     return out_path

@@ -15,10 +15,10 @@ import numpy as np
 from ptx import data, lora, metrics, optim, sharding, steps
 from ptx.model import ModelConfig, Transformer, abstract_params, init_params
 from ptx.stages import common, scaffold, validate
-from ptx.tokenizer import Tokenizer
+from ptx.tokenizer import HFTokenizer, Tokenizer
 
 
-def encode(config, rows, tok: Tokenizer):
+def encode(config, rows, tok: Tokenizer | HFTokenizer):
     d = config.data
     if d.kind == "sft":
         return data.encode_sft(rows, tok, max_len=d.max_len, max_prompt_len=d.max_prompt_len,
@@ -30,7 +30,7 @@ def encode(config, rows, tok: Tokenizer):
     raise ValueError(f"data.kind={d.kind!r} cannot train stage {config.stage!r}")
 
 
-def model_config(config, tok: Tokenizer, source: common.InitSource | None) -> ModelConfig:
+def model_config(config, tok: Tokenizer | HFTokenizer, source: common.InitSource | None) -> ModelConfig:
     """The init source's architecture when there is one (it wins), else config.model."""
     cfg = source.cfg if source is not None else ModelConfig(**dict(config.model))
     cfg = cfg.replace(scalar_head=config.stage == "reward")
@@ -96,12 +96,15 @@ def _run(config, workdir: str, mesh, source, lcfg: lora.LoraConfig, dpo: steps.D
     common.write_config(config, workdir)
     train_path, eval_path = common.data_paths(config, workdir)
     template = common.template(config)
+    # A known tokenizer (the init source's) first: with a chat template, conversations stay messages.
+    tok = common.find_tokenizer(config, workdir, source)
+    chat = common.use_chat(config, tok)
     rows, stats = data.load_rows(train_path, config.data.kind, on_bad_row=config.data.on_bad_row,
-                                 template=template)
+                                 template=template, chat=chat)
     eval_rows, eval_stats = (data.load_rows(eval_path, config.data.kind, on_bad_row=config.data.on_bad_row,
-                                            template=template) if eval_path else (None, {}))
+                                            template=template, chat=chat) if eval_path else (None, {}))
     common.report_skipped(workdir, stats, eval_stats)
-    tok = common.setup_tokenizer(config, workdir, rows, source)
+    tok = tok or common.train_workdir_tokenizer(config, workdir, rows)
     arrays, enc_stats = encode(config, rows, tok)
     eval_arrays = encode(config, eval_rows, tok)[0] if eval_path else None
 
@@ -123,6 +126,8 @@ def _run(config, workdir: str, mesh, source, lcfg: lora.LoraConfig, dpo: steps.D
     replicated = sharding.replicated(mesh)
     dpo_ref = dpo is not None and dpo.uses_reference
     meta = {"lora": {"config": dataclasses.asdict(lcfg), "base": source.as_lora_base()}} if lcfg.enabled else {}
+    if source is not None and source.origin:
+        meta["origin"] = source.origin
     # Pre-training is the SFT stage on text; its bar says which of the two runs.
     desc = "pretrain" if config.data.kind == "text" else config.stage
 
