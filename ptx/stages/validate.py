@@ -107,6 +107,8 @@ FIELDS = {
                                        "pairs_per_prompt": POSITIVE, "judge.batch_size": POSITIVE,
                                        "judge.threshold": PROBABILITY},
     "merge": COMMON | {"checkpoint": TEXT, "out": TEXT, "hf_out": TEXT, "hf_max_len": POSITIVE},
+    "export": COMMON | {"checkpoint": TEXT, "dtype": one_of("", "float32", "bfloat16", "float16"),
+                        "max_position_embeddings": COUNT},
     "quickstart": COMMON | {"eval.batch_size": POSITIVE, "eval.max_new_tokens": POSITIVE,
                             "eval.temperature": NON_NEGATIVE, "eval.best_of_n": NS, "eval.seed": INT},
 }
@@ -124,7 +126,7 @@ TYPED = {int: INT, float: Need(lambda v: _num(v) or (isinstance(v, float) and no
 # Fields of which a stage needs one set ('a|b': either), in order.
 REQUIRED = {"sample": ("checkpoint", "prompt|prompts"), "best_of_n": ("checkpoint",),
             "ai_feedback": ("policy_checkpoint", "judge_checkpoint"), "merge": ("checkpoint",),
-            "ppo": ("init.checkpoint|init.hf_dir",), "grpo": ("init.checkpoint|init.hf_dir",)}
+            "export": ("checkpoint",), "ppo": ("init.checkpoint|init.hf_dir",), "grpo": ("init.checkpoint|init.hf_dir",)}
 # What each supervised stage trains on.
 KINDS = {"sft": ("sft", "text"), "reward": ("preference",), "dpo": ("preference",)}
 # Batches split over the data-parallel devices: a field, or fields whose product is the batch.
