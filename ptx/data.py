@@ -133,8 +133,25 @@ def _text_row(row: dict, columns: set, template: PromptTemplate) -> dict:
     return {"text": _text(row, "text")}
 
 
+def _unpaired(row: dict, columns: set, template: PromptTemplate) -> dict:
+    """TRL's unpaired preference rows {prompt, completion, label: bool} (text, or
+    conversational: message lists), or a preference pair (`encode_unpaired` splits it)."""
+    if "label" not in columns:
+        return _preference(row, columns, template)
+    label = row.get("label")
+    if not isinstance(label, bool):
+        raise _BadField("label", f"expected a bool, got {type(label).__name__}")
+    if isinstance(row.get("prompt"), list):
+        if not isinstance(row.get("completion"), list):
+            raise _BadField("completion", "expected a list of messages, as the prompt is")
+        pair = _sft({"messages": row["prompt"] + row["completion"]}, {"messages"}, template)
+    else:
+        pair = _sft(row, {"prompt", "completion"}, template)
+    return dict(pair, label=label)
+
+
 _NORMALISERS = {"sft": _sft, "preference": _preference, "prompt": _prompt,
-                "text": _text_row}
+                "text": _text_row, "unpaired": _unpaired}
 
 
 def load_rows(source: str, kind: str, *, template: PromptTemplate = PromptTemplate(),
@@ -145,7 +162,8 @@ def load_rows(source: str, kind: str, *, template: PromptTemplate = PromptTempla
       hub data set name (loaded with `split`).
     kind: 'sft' ({prompt, completion} or {messages}), 'preference'
       ({prompt, chosen, rejected[, prob_chosen]} or HH-RLHF {chosen, rejected}
-      transcripts), 'prompt' ({prompt, ...extras}) or 'text' ({text}).
+      transcripts), 'prompt' ({prompt, ...extras}), 'text' ({text}) or
+      'unpaired' ({prompt, completion, label} or a preference file).
       The schema variant is chosen from the file's columns.
     on_bad_row: 'error' raises DataError at the first bad row or line; 'skip'
       drops it and records it. A problem with the whole file (missing,
@@ -352,6 +370,37 @@ def encode_prompts(rows: Sequence[dict], tok: Tokenizer, *, max_prompt_len: int
         tokens[i, :lens[i]] = [tok.bos_id] + ids
     return ({"prompt_tokens": tokens, "prompt_lens": lens},
             {"examples": len(rows), "truncated_prompts": cut_prompts})
+
+
+def encode_unpaired(rows: Sequence[dict], tok: Tokenizer, *, max_len: int, max_prompt_len: int
+                    ) -> tuple[dict[str, np.ndarray], dict]:
+    """Unpaired feedback rows -> prompts and completions apart, so that a step can join any
+    prompt to any completion (KTO's mismatched pairs; see `steps.join_prompt_completion`).
+
+    Returns 'prompt_tokens' / 'prompt_lens' as `encode_prompts` gives them,
+    'completion' [N, max_len + 1 - max_prompt_len] int32 (the completion's ids and
+    eos, cut to fit, right-padded), 'completion_lens' [N] int32 and 'label' [N]
+    float32 (1 = desirable). A preference row gives two: chosen (1), rejected (0).
+    stats: examples, desirable, truncated_prompts, truncated_completions.
+    """
+    _check_lens(max_len, max_prompt_len)
+    flat = []
+    for r in rows:
+        flat += ([(r["prompt"], r["chosen"], 1.0), (r["prompt"], r["rejected"], 0.0)] if "chosen" in r
+                 else [(r["prompt"], r["completion"], float(r["label"]))])
+    arrays, stats = encode_prompts([{"prompt": p} for p, _, _ in flat], tok, max_prompt_len=max_prompt_len)
+    width = max_len + 1 - max_prompt_len  # [bos] + prompt + completion + [eos] fits max_len + 1, as in SFT
+    completion = np.full((len(flat), width), tok.pad_id, np.int32)
+    lens = np.zeros(len(flat), np.int32)
+    cut = 0
+    for i, ids in enumerate(tok.encode_batch([c for _, c, _ in flat])):
+        cut += len(ids) + 1 > width
+        ids = (ids + [tok.eos_id])[:width]
+        completion[i, :len(ids)], lens[i] = ids, len(ids)
+    labels = np.array([y for _, _, y in flat], np.float32)
+    arrays.update(completion=completion, completion_lens=lens, label=labels)
+    return arrays, {"examples": len(flat), "desirable": int(labels.sum()),
+                    "truncated_prompts": stats["truncated_prompts"], "truncated_completions": cut}
 
 
 # Batches.

@@ -15,6 +15,8 @@ RUNNERS = {
     "sft": supervised.run,
     "reward": supervised.run,
     "dpo": supervised.run,
+    "kto": supervised.run,
+    "orpo": supervised.run,
     "ppo": rl.run,
     "grpo": rl.run,
     "sample": sample.run,

@@ -1,7 +1,7 @@
 """What the stages share: the boundary where a ConfigDict becomes library arguments.
 
 Only `ptx/stages` reads a ConfigDict. The library gets frozen dataclasses
-(`ModelConfig`, `LoraConfig`, `RLConfig`, `DPOConfig`, `SourceConfig`) or
+(`ModelConfig`, `LoraConfig`, `RLConfig`, `DPOConfig`, `KTOConfig`, `ORPOConfig`, `SourceConfig`) or
 keyword arguments, built here from their config sections and validated on
 construction, before a stage writes anything.
 """
@@ -18,7 +18,8 @@ from ptx.tokenizer import PromptTemplate, Tokenizer, load_tokenizer, train_token
 
 # Which embedded-world file a stage reads when `data.train` is empty: (train, eval).
 WORLD_FILES = {"text": ("pretrain", ""), "sft": ("sft", ""),
-               "preference": ("preference", "preference_heldout"), "prompt": ("sft", "heldout")}
+               "preference": ("preference", "preference_heldout"), "prompt": ("sft", "heldout"),
+               "unpaired": ("preference", "preference_heldout")}
 
 
 def require(config, *fields: str):
@@ -140,6 +141,14 @@ def rl_config(config) -> rollout.RLConfig:
 
 def dpo_config(config) -> steps.DPOConfig:
     return steps.DPOConfig(**config.dpo.to_dict())
+
+
+def kto_config(config) -> steps.KTOConfig:
+    return steps.KTOConfig(**config.kto.to_dict())
+
+
+def orpo_config(config) -> steps.ORPOConfig:
+    return steps.ORPOConfig(**config.orpo.to_dict())
 
 
 def reward_source(config) -> rewards.SourceConfig:
