@@ -19,6 +19,8 @@ RUNNERS = {
     "orpo": supervised.run,
     "ppo": rl.run,
     "grpo": rl.run,
+    "gspo": rl.run,
+    "dapo": rl.run,
     "sample": sample.run,
     "best_of_n": best_of_n.run,
     "ai_feedback": ai_feedback.run,
