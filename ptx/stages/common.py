@@ -12,7 +12,7 @@ import shutil
 
 import jax
 
-from ptx import checkpoint, hf, lora, rewards, rollout, sharding, steps, world
+from ptx import checkpoint, hf, lora, online, rewards, rollout, sharding, steps, world
 from ptx.model import ModelConfig, abstract_params
 from ptx.tokenizer import PromptTemplate, Tokenizer, load_tokenizer, train_tokenizer
 
@@ -141,6 +141,10 @@ def rl_config(config) -> rollout.RLConfig:
 
 def dpo_config(config) -> steps.DPOConfig:
     return steps.DPOConfig(**config.dpo.to_dict())
+
+
+def online_config(config) -> online.OnlineConfig:
+    return online.OnlineConfig(**config.online.to_dict())
 
 
 def kto_config(config) -> steps.KTOConfig:
