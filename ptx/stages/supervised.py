@@ -149,13 +149,13 @@ def _run(config, workdir: str, mesh, source, lcfg: lora.LoraConfig, dpo: steps.D
             return jax.jit(lambda p: steps.init_state(p, tx), out_shardings=state_shardings)(params)
 
         state, _ = run.restore_or_init(abstract_state, state_shardings, fresh_state)
-        if base is None and frozen is None:
-            init = None  # the state holds the trained copy: no second one stays alive (SFT, ORPO)
         if dpo is not None and frozen is not None and dpo.precompute_ref:
             arrays = precompute_ref_logps(model, frozen, arrays, mesh, config.train.batch_size)
             if eval_arrays is not None:
                 eval_arrays = precompute_ref_logps(model, frozen, eval_arrays, mesh, config.train.batch_size)
             frozen, frozen_shardings = None, None
+        if base is None and frozen is None:
+            init = None  # the state holds the trained copy: no second one stays alive (SFT, ORPO)
 
         loss_fn = steps.make_loss_fn(config.stage, model, dpo=dpo, kto=kto, orpo=orpo,
                                      center_coef=config.reward.center_coef if config.stage == "reward" else 0.0)
