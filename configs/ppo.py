@@ -24,7 +24,9 @@ def rl_config(arg=None, stage="ppo"):
     c.reward.checkpoint = ""  # a reward-stage workdir; for judge, any language-model workdir
     c.reward.principles = ()  # judge: plain lines above the rating prompt
     c.reward.judge_batch_size = 16  # judge: prompts per forward (a multiple of the data-parallel devices)
-    c.reward.function = "ptx.world:oracle_reward"  # 'module:fn' with fn(prompt, completion) -> float
+    # 'module:fn' with fn(prompt, completion, **fields of the data row it names) -> float; verifiers:
+    # ptx.rewards:math_reward (the row's answer / solution), format_reward, length_penalty
+    c.reward.function = "ptx.world:oracle_reward"
 
     c.rl = common.ml_collections.ConfigDict()
     c.rl.rollout_batch = 64 if not tiny else 16  # prompts sampled per iteration
@@ -55,6 +57,11 @@ def rl_config(arg=None, stage="ppo"):
     c.rl.whiten_advantages = True
     c.rl.whiten_rewards = False
     c.rl.no_eos_penalty = 0.0  # added to the score of completions that never emit EOS (e.g. -1)
+    c.rl.ratio_level = "token"  # token (PPO, GRPO) | sequence (GSPO: length-normalised sequence ratio)
+    c.rl.dynamic_sampling = False  # DAPO: replace groups of equal rewards with fresh prompts
+    c.rl.dynamic_max_retries = 3  # extra prompt batches per iteration; then dropped groups fill the rest
+    c.rl.overlong_buffer = 0  # DAPO: penalty over the last N tokens before max_new_tokens; 0 = off
+    c.rl.overlong_penalty = 1.0  # the penalty at max_new_tokens (falls linearly from 0 over the buffer)
     return c
 
 

@@ -97,7 +97,7 @@ def link_stages(qs: Quickstart, workdir: str, trained=()):
     """Symlink `<workdir>/<stage>` to the quickstart's for every stage not in `trained`
     (a path already there stays); unlink a stage of `trained` that an earlier call linked."""
     os.makedirs(workdir, exist_ok=True)
-    for stage in quickstart.STAGES:
+    for stage in quickstart.stages_of(qs.config):
         link = os.path.join(workdir, stage)
         if stage in trained:
             if os.path.islink(link):

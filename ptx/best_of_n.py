@@ -30,11 +30,13 @@ def select(scores: np.ndarray, ns) -> dict:
 
 
 def sample_and_score(smp: inference.Sampler, source, prompt_tokens, prompt_lens, n: int, seed: int,
-                     settings: dict, prompts_text: list[str]):
-    """n samples per prompt, scored. Returns (texts [prompts][n], scores [prompts, n] float32)."""
+                     settings: dict, prompts_text: list[str], rows: list[dict] = None):
+    """n samples per prompt, scored (rows: each prompt's data row, for a verifier's reference fields).
+    Returns (texts [prompts][n], scores [prompts, n] float32)."""
     tokens = np.repeat(prompt_tokens, n, axis=0)
     lens = np.repeat(prompt_lens, n, axis=0)
     repeated = [p for p in prompts_text for _ in range(n)]
+    repeated_rows = [r for r in rows or [{}] * len(prompts_text) for _ in range(n)]
     chunks = smp(tokens, lens, seed, **settings)
     texts, scores, start = [], [], 0
     for c in chunks:
@@ -43,7 +45,9 @@ def sample_and_score(smp: inference.Sampler, source, prompt_tokens, prompt_lens,
         # A padded last chunk: score the full device batch, keep the real rows.
         full_prompts = chunk_prompts + [chunk_prompts[-1]] * (smp.batch_size - c["rows"])
         full_texts = chunk_texts + [chunk_texts[-1]] * (smp.batch_size - c["rows"])
-        scores.append(source(c["seq"], full_prompts, full_texts)[:c["rows"]])
+        chunk_rows = repeated_rows[start:start + c["rows"]]
+        full_rows = chunk_rows + [chunk_rows[-1]] * (smp.batch_size - c["rows"])
+        scores.append(source(c["seq"], full_prompts, full_texts, rows=full_rows)[:c["rows"]])
         texts.extend(chunk_texts)
         start += c["rows"]
     scores = np.concatenate(scores).reshape(len(prompt_lens), n)

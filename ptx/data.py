@@ -254,6 +254,58 @@ def encode_prompts(rows: Sequence[dict], tok: Tokenizer | HFTokenizer, *, max_pr
             {"examples": len(rows), "truncated_prompts": cut_prompts})
 
 
+def _prompt_and_completion(tok, prompt, completion) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids with its end) of one unpaired example: template strings as
+    [bos] + ids and ids + [eos]; message lists through the chat template, the completion being
+    the last assistant span of the rendered conversation (its stop token included)."""
+    if isinstance(prompt, str):
+        return _bos(tok) + tok.encode(prompt), tok.encode(completion) + [tok.eos_id]
+    ids, spans = tok.assistant_spans(list(prompt) + list(completion))
+    start, end = spans[-1]
+    return ids[:start], ids[start:end]
+
+
+def encode_unpaired(rows: Sequence[dict], tok: Tokenizer | HFTokenizer, *, max_len: int, max_prompt_len: int
+                    ) -> tuple[dict[str, np.ndarray], dict]:
+    """Unpaired feedback rows -> prompts and completions apart, so that a step can join any
+    prompt to any completion (KTO's mismatched pairs; see `steps.join_prompt_completion`).
+
+    rows: `load_rows(kind='unpaired')`: {prompt, completion, label} (template strings, or a
+    chat's {messages, train_from, label}) or preference rows, each giving two examples:
+    chosen (1) and rejected (0). Returns 'prompt_tokens' [N, max_prompt_len] int32 (keeping
+    the last tokens) / 'prompt_lens' [N] int32 as `encode_prompts` gives them, 'completion'
+    [N, max_len + 1 - max_prompt_len] int32 (the completion's ids and its end, cut to fit,
+    right-padded), 'completion_lens' [N] int32 and 'label' [N] float32 (1 = desirable).
+    stats: examples, desirable, truncated_prompts, truncated_completions.
+    """
+    _check_lens(max_len, max_prompt_len)
+    flat = []
+    for r in rows:
+        if "chosen" in r:
+            flat += [(r["prompt"], r["chosen"], 1.0), (r["prompt"], r["rejected"], 0.0)]
+        elif "messages" in r:
+            flat.append((r["messages"][:r["train_from"]], r["messages"][r["train_from"]:], float(r["label"])))
+        else:
+            flat.append((r["prompt"], r["completion"], float(r["label"])))
+    width = max_len + 1 - max_prompt_len  # [bos] + prompt + completion + [eos] fits max_len + 1, as in SFT
+    prompts = np.full((len(flat), max_prompt_len), tok.pad_id, np.int32)
+    completion = np.full((len(flat), width), tok.pad_id, np.int32)
+    prompt_lens, lens = np.zeros(len(flat), np.int32), np.zeros(len(flat), np.int32)
+    cut_prompts = cut = 0
+    for i, (p, c, _) in enumerate(flat):
+        p_ids, c_ids = _prompt_and_completion(tok, p, c)
+        cut_prompts += len(p_ids) > max_prompt_len
+        cut += len(c_ids) > width
+        p_ids, c_ids = p_ids[-max_prompt_len:], c_ids[:width]
+        prompts[i, :len(p_ids)], prompt_lens[i] = p_ids, len(p_ids)
+        completion[i, :len(c_ids)], lens[i] = c_ids, len(c_ids)
+    labels = np.array([y for _, _, y in flat], np.float32)
+    return ({"prompt_tokens": prompts, "prompt_lens": prompt_lens, "completion": completion,
+             "completion_lens": lens, "label": labels},
+            {"examples": len(flat), "desirable": int(labels.sum()), "truncated_prompts": cut_prompts,
+             "truncated_completions": cut})
+
+
 # Batches.
 
 class BatchIterator:

@@ -185,7 +185,7 @@ class JudgeReward:
     def __init__(self, judge: Judge):
         self.judge = judge
 
-    def __call__(self, seq, prompts, completions) -> np.ndarray:
+    def __call__(self, seq, prompts, completions, rows=None) -> np.ndarray:
         return self.judge.score(prompts, completions)
 
 

@@ -1,13 +1,26 @@
-"""Reward sources: one interface that rollouts and best-of-N share.
+"""Reward sources: one interface that rollouts, online DPO and best-of-N share.
 
-A source is called as `source(seq, prompts, completions) -> np.ndarray [b]
-float32` where `seq` is the rollout's sequence batch (see
-`rollout.build_sequences`) and `prompts` / `completions` are the decoded
-texts. A reward model reads `seq`; a Python function reads the texts.
+A source is called as `source(seq, prompts, completions, rows=None) ->
+np.ndarray [b] float32` where `seq` is the rollout's sequence batch (see
+`rollout.build_sequences`), `prompts` / `completions` are the decoded texts
+and `rows` (optional) the data row of each prompt, whose other fields (a
+reference `answer` or `solution`, a `kind`, ...) a verifier may read. A
+reward model reads `seq`; a Python function reads the texts and the fields
+it names.
+
+Verifiable rewards ready to name in `reward.function`: `math_reward` (answer
+equivalence by math-verify: boxed answers, GSM8K's `#### n`, fractions and
+expressions), `format_reward` (a regex the whole completion must match) and
+`length_penalty` (words beyond a limit, by default twice the reference's).
 """
 import dataclasses
 import importlib
+import inspect
+import re
+import threading
 from typing import Callable
+
+import math_verify
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +38,7 @@ class SourceConfig:
 
     source: str = "model"  # model | function | judge
     checkpoint: str = ""  # model: a reward-stage workdir; judge: any language-model workdir
-    function: str = "ptx.world:oracle_reward"  # function: 'module:fn', fn(prompt, completion) -> float
+    function: str = "ptx.world:oracle_reward"  # function: 'module:fn', fn(prompt, completion, **fields) -> float
     principles: tuple = ()  # judge: plain lines above the rating prompt
     judge_batch_size: int = 16  # judge: prompts per forward
 
@@ -62,19 +75,92 @@ class ModelReward:
         # Replicated out: every process reads all the scores back to the host.
         self._score = jax.jit(score, out_shardings=sharding.replicated(mesh))
 
-    def __call__(self, seq, prompts, completions) -> np.ndarray:
+    def __call__(self, seq, prompts, completions, rows=None) -> np.ndarray:
         return np.asarray(self._score(self.params, seq["tokens"], seq["positions"],
                                       seq["segment_ids"], seq["score_index"]), np.float32)
 
 
 class FunctionReward:
-    """A Python function `(prompt, completion) -> float`, e.g. a verifier or the world's oracle."""
+    """A Python function `fn(prompt, completion, **fields) -> float`, e.g. a verifier or the world's
+    oracle. The data row's fields that fn names as parameters after the first two (`answer`,
+    `solution`, ...), or every field when it takes **kwargs, are passed as keywords."""
 
-    def __init__(self, fn: Callable[[str, str], float]):
+    def __init__(self, fn: Callable[..., float]):
         self.fn = fn
+        params = list(inspect.signature(fn).parameters.values())[2:]
+        self.every_field = any(p.kind == p.VAR_KEYWORD for p in params)
+        self.fields = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
-    def __call__(self, seq, prompts, completions) -> np.ndarray:
-        return np.asarray([self.fn(p, c) for p, c in zip(prompts, completions)], np.float32)
+    def _fields(self, row: dict) -> dict:
+        return {k: v for k, v in row.items()
+                if k not in ("prompt", "completion") and (self.every_field or k in self.fields)}
+
+    def __call__(self, seq, prompts, completions, rows=None) -> np.ndarray:
+        rows = [{}] * len(prompts) if rows is None else rows
+        return np.asarray([self.fn(p, c, **self._fields(r)) for p, c, r in zip(prompts, completions, rows)],
+                          np.float32)
+
+
+# Verifiable rewards: each reads the row's reference answer (`answer`, else `solution`).
+
+
+def _reference_text(answer, solution) -> str:
+    text = next((str(x) for x in (answer, solution) if x is not None and str(x).strip()), None)
+    if text is None:
+        raise ValueError("this reward needs the data row's reference answer: an 'answer' or 'solution' field")
+    return text
+
+
+def reference_answer(answer=None, solution=None) -> str:
+    """The row's reference: `answer`, else `solution`; after GSM8K's '####' only the number stays."""
+    text = _reference_text(answer, solution)
+    if "####" in text:
+        text = text.rsplit("####", 1)[1].strip().replace(",", "")
+    return text
+
+
+def _timeout() -> int | None:
+    # math-verify times out by SIGALRM, which only the main thread may set.
+    return 5 if threading.current_thread() is threading.main_thread() else None
+
+
+def math_reward(prompt: str, completion: str, answer=None, solution=None) -> float:
+    """1.0 when the completion's final answer equals the reference (math-verify: a \\boxed{}
+    answer, GSM8K's '#### n' or the last number or expression; 0.5 = 1/2 = \\frac{1}{2}), else 0.0.
+
+    The reference is `answer` or `solution` (a bare number, LaTeX, or a worked solution with
+    '#### n' or a boxed answer). A reference math-verify cannot read is a ValueError.
+    """
+    ref = reference_answer(answer, solution)
+    gold = math_verify.parse(ref, parsing_timeout=_timeout())
+    if not gold:  # bare LaTeX (x^2+1) reads as maths only between dollars; mere text stays unread
+        gold = math_verify.parse(f"${ref}$", parsing_timeout=_timeout())
+        gold = gold if any(not isinstance(g, str) for g in gold) else []
+    if not gold:
+        raise ValueError(f"math-verify cannot read the reference answer {ref!r}")
+    if "####" in completion:
+        completion = completion.rsplit("####", 1)[1]
+    pred = math_verify.parse(completion, parsing_timeout=_timeout())
+    return float(bool(pred) and math_verify.verify(gold, pred, timeout_seconds=_timeout()))
+
+
+# Reasoning in <think> ... </think>, then a non-empty answer, and no other think tag.
+THINK_ANSWER = r"\s*<think>(?:(?!</?think>).)*</think>(?=.*\S)(?:(?!</?think>).)*"
+
+
+def format_reward(prompt: str, completion: str, pattern: str = THINK_ANSWER) -> float:
+    """1.0 when the whole completion matches `pattern` (re.fullmatch, '.' matching newlines), else 0.0.
+    For another pattern: `functools.partial(format_reward, pattern=...)` in a module of your own."""
+    return float(re.fullmatch(pattern, completion, flags=re.DOTALL) is not None)
+
+
+def length_penalty(prompt: str, completion: str, answer=None, solution=None, *, limit: int = 0,
+                   ratio: float = 2.0) -> float:
+    """A reward <= 0 for length: 0 up to `limit` words, then -(words - limit) / limit, at least -1.
+    limit 0: `ratio` times the words of the row's reference (`answer` or `solution`)."""
+    if not limit:
+        limit = max(int(ratio * len(_reference_text(answer, solution).split())), 1)
+    return -min(max(len(completion.split()) - limit, 0) / limit, 1.0)
 
 
 def import_function(name: str) -> Callable:
@@ -87,7 +173,8 @@ def import_function(name: str) -> Callable:
 
 def make_source(cfg: SourceConfig, mesh):
     """The reward source `cfg` names; models are placed on `mesh`, the mesh of the samples they score.
-    model: a reward model's scalar head; function: a Python function of the texts; judge (d-RLAIF):
+    model: a reward model's scalar head; function: a Python function of the texts (and the data
+    row's fields it names); judge (d-RLAIF):
     the expected 1-10 rating of a language model."""
     if cfg.source == "model":
         return ModelReward(cfg.checkpoint, mesh)

@@ -1,4 +1,5 @@
-"""RL rollouts (PPO, GRPO, RLOO): prompts -> sampler -> reward -> reference -> advantages.
+"""RL rollouts (PPO, GRPO, RLOO, GSPO, DAPO's sampling): prompts -> sampler -> reward -> reference
+-> advantages.
 
 Layout: every rollout row is `[left-aligned prompt (P) | completion (N)]`, so
 completion token j sits at column P + j and is predicted by the logits at
@@ -14,6 +15,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ptx import lora, losses, sampler
 from ptx.model import Transformer
@@ -54,6 +56,11 @@ class RLConfig:
     whiten_advantages: bool = True
     whiten_rewards: bool = False
     no_eos_penalty: float = 0.0
+    ratio_level: str = "token"  # token: PPO / GRPO ratios | sequence: GSPO's length-normalised sequence ratio
+    dynamic_sampling: bool = False  # DAPO: groups whose rewards are all equal are replaced by fresh prompts
+    dynamic_max_retries: int = 3  # extra prompt batches an iteration may draw; then dropped groups fill the rest
+    overlong_buffer: int = 0  # DAPO: penalty over the last N tokens before max_new_tokens; 0 = off
+    overlong_penalty: float = 1.0  # the penalty at max_new_tokens, falling linearly from 0
 
     def __post_init__(self):
         for name in ("rollout_batch", "group_size", "max_new_tokens", "num_epochs", "minibatch_size"):
@@ -63,7 +70,8 @@ class RLConfig:
             raise ValueError(f"rl.rollout_batch x rl.group_size = {self.rollout_batch * self.group_size} "
                              f"is not a multiple of rl.minibatch_size={self.minibatch_size}")
         for name, allowed in (("advantage", ADVANTAGES), ("critic", CRITICS),
-                              ("kl_estimator", losses.KL_KINDS), ("aggregation", losses.AGGREGATIONS)):
+                              ("kl_estimator", losses.KL_KINDS), ("aggregation", losses.AGGREGATIONS),
+                              ("ratio_level", losses.RATIO_LEVELS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"rl.{name}={getattr(self, name)!r}; expected one of {allowed}")
         if self.advantage == "gae" and self.critic == "none":
@@ -72,6 +80,12 @@ class RLConfig:
         if self.advantage != "gae" and self.group_size < 2:
             raise ValueError(f"rl.advantage={self.advantage!r} compares samples of one prompt: "
                              f"rl.group_size={self.group_size} must be at least 2")
+        if self.dynamic_sampling and (self.group_size < 2 or self.dynamic_max_retries < 0):
+            raise ValueError(f"rl.dynamic_sampling drops groups of equal rewards: it needs rl.group_size >= 2 "
+                             f"(got {self.group_size}) and rl.dynamic_max_retries >= 0")
+        if not 0 <= self.overlong_buffer <= self.max_new_tokens:
+            raise ValueError(f"rl.overlong_buffer={self.overlong_buffer} must be in [0, rl.max_new_tokens="
+                             f"{self.max_new_tokens}]")
         if self.temperature < 0 or not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
             raise ValueError(f"rl sampling: temperature={self.temperature} must be >= 0, top_p={self.top_p} "
                              f"in (0, 1], top_k={self.top_k} >= 0")
@@ -214,7 +228,7 @@ def rl_loss_fn(params, batch, frozen=None, *, policy_model, critic_model, width:
     logps, entropy, values = response_forward(policy_model, policy, batch, width)
     loss, metrics = losses.ppo_policy_loss(
         logps, batch["old_logps"], batch["advantages"], mask, clip_eps=rl_cfg.clip_eps,
-        clip_eps_high=rl_cfg.clip_eps_high or None, aggregation=rl_cfg.aggregation)
+        clip_eps_high=rl_cfg.clip_eps_high or None, aggregation=rl_cfg.aggregation, ratio_level=rl_cfg.ratio_level)
     metrics["loss/policy"] = loss
     if rl_cfg.kl_in_loss:
         kl = losses.aggregate(losses.kl_penalty(logps, batch["ref_logps"], "k3"), mask, rl_cfg.aggregation)
@@ -230,3 +244,38 @@ def rl_loss_fn(params, batch, frozen=None, *, policy_model, critic_model, width:
         loss = loss + rl_cfg.vf_coef * v_loss
         metrics.update(v_metrics)
     return loss, metrics
+
+
+def fill_groups(draws, groups: int, group_size: int) -> tuple[dict, dict]:
+    """DAPO's dynamic sampling: groups whose scores are all equal (no advantage to learn from)
+    are dropped and replaced by groups of later draws until `groups` are collected.
+
+    draws: an iterable (drawn lazily; its length is the cap on retries) of dicts of
+    host rows, `group_size` consecutive rows per prompt: numpy arrays or lists with
+    a leading dimension, 'scores' [rows] among them. When the draws run out first,
+    dropped groups fill the rest, in draw order.
+    Returns (the rows of `groups` groups, {'draws', 'filled_groups'}: draws taken,
+    groups without signal in the result).
+    """
+    kept, dropped, n = [], [], 0
+    for draw in draws:
+        n += 1
+        scores = np.asarray(draw["scores"]).reshape(-1, group_size)
+        signal = scores.max(axis=1) > scores.min(axis=1)
+        for g in range(len(scores)):
+            (kept if signal[g] else dropped).append((draw, g))
+        if len(kept) >= groups:
+            break
+    chosen = (kept + dropped)[:groups]
+    if len(chosen) < groups:
+        raise ValueError(f"{len(chosen)} groups drawn, fewer than the {groups} a batch needs")
+
+    def rows(value, draw_groups):
+        idx = [g * group_size + j for g in draw_groups for j in range(group_size)]
+        return value[np.asarray(idx)] if isinstance(value, np.ndarray) else [value[i] for i in idx]
+
+    out = {}
+    for k in chosen[0][0]:
+        parts = [rows(d[k], [g]) for d, g in chosen]
+        out[k] = (np.concatenate(parts) if isinstance(parts[0], np.ndarray) else [x for p in parts for x in p])
+    return out, {"draws": n, "filled_groups": max(groups - len(kept), 0)}

@@ -16,6 +16,8 @@ Formats (TRL's names), per kind:
               are the prompt
   prompt      {prompt} string or message list, plus extra fields
   text        {text}
+  unpaired    {prompt, completion, label: bool} (KTO), strings or message
+              lists; or any preference format (a pair gives two examples)
 
 A message is {role: system | user | assistant, content: str}. With
 `chat=True` (the model's tokenizer has a chat template) conversations stay
@@ -236,7 +238,22 @@ def _text_row(row: dict, columns: set, template: PromptTemplate, chat: bool) -> 
     return {"text": _text(row, "text")}
 
 
-_NORMALISERS = {"sft": _sft, "preference": _preference, "prompt": _prompt, "text": _text_row}
+def _unpaired(row: dict, columns: set, template: PromptTemplate, chat: bool) -> dict:
+    """TRL's unpaired preference rows {prompt, completion, label: bool} (text, or message
+    lists), or a preference pair (`data.encode_unpaired` splits it into two examples)."""
+    if "label" not in columns:
+        return _preference(row, columns, template, chat)
+    label = row.get("label")
+    if not isinstance(label, bool):
+        raise _BadField("label", f"expected a bool, got {type(label).__name__}")
+    out = _sft(row, columns - {"messages"}, template, chat)
+    if "turns" in out:
+        raise _BadField("completion", "one assistant reply (the completion a label judges)")
+    return dict(out, label=label)
+
+
+_NORMALISERS = {"sft": _sft, "preference": _preference, "prompt": _prompt, "text": _text_row,
+                "unpaired": _unpaired}
 
 
 def load_rows(source: str, kind: str, *, template: PromptTemplate = PromptTemplate(), chat: bool = False,
@@ -245,7 +262,7 @@ def load_rows(source: str, kind: str, *, template: PromptTemplate = PromptTempla
 
     source: a local .json / .jsonl / .parquet / .csv file, or otherwise a
       hub data set name (loaded with `split`).
-    kind: 'sft', 'preference', 'prompt' or 'text' (formats: the module
+    kind: 'sft', 'preference', 'prompt', 'text' or 'unpaired' (formats: the module
       docstring). The schema variant is chosen from the file's columns and
       the row's values (strings or message lists).
     chat: keep conversations as message lists for a chat template; False

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ptx import losses
+from ptx import losses, sampler
 from ptx.model import Transformer
 
 
@@ -51,6 +51,31 @@ class DPOConfig:
     @property
     def uses_reference(self) -> bool:
         return not (self.reference_free or self.loss_type == "simpo")
+
+
+@dataclasses.dataclass(frozen=True)
+class KTOConfig:
+    """The `kto` config section (Ethayarajh et al. 2024; TRL's KTOConfig names)."""
+
+    beta: float = 0.1  # strength of the implicit KL to the reference
+    desirable_weight: float = 1.0  # λ_D: weight of desirable rows' losses
+    undesirable_weight: float = 1.0  # λ_U: weight of undesirable rows' losses
+
+    def __post_init__(self):
+        if self.beta <= 0 or self.desirable_weight <= 0 or self.undesirable_weight <= 0:
+            raise ValueError(f"kto.beta={self.beta}, kto.desirable_weight={self.desirable_weight} and "
+                             f"kto.undesirable_weight={self.undesirable_weight} must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class ORPOConfig:
+    """The `orpo` config section (Hong et al. 2024): no reference model."""
+
+    lam: float = 0.1  # λ, the weight of the odds-ratio term (TRL's ORPOConfig.beta)
+
+    def __post_init__(self):
+        if self.lam < 0:
+            raise ValueError(f"orpo.lam={self.lam} must be >= 0")
 
 
 @flax.struct.dataclass
@@ -131,6 +156,59 @@ def dpo_loss_fn(model: Transformer, params, batch, frozen, *, dpo_cfg: DPOConfig
     return per_example.mean(), metrics
 
 
+def orpo_loss_fn(model: Transformer, params, batch, frozen=None, *, orpo_cfg: ORPOConfig):
+    """ORPO on one pair batch: the policy's own log-probs only (`frozen` is unused: no reference)."""
+    (pc, pr), (lc, lr) = pair_logps(model, params, batch)
+    per_example, nll, log_odds = losses.orpo_loss(pc, pr, lc, lr, lam=orpo_cfg.lam)
+    return per_example.mean(), losses.orpo_metrics(per_example, nll, log_odds, pc, pr, lc, lr, lam=orpo_cfg.lam)
+
+
+def join_prompt_completion(prompt_tokens, prompt_lens, completion, completion_lens) -> dict:
+    """Prompts and completions as rollout rows `[left-aligned prompt (P) | completion (C)]`, so
+    that any prompt joins any completion (see `data.encode_unpaired`).
+
+    prompt_tokens: [b, P] int32 right-padded; prompt_lens, completion_lens: [b]
+    int32; completion: [b, C] int32. Returns tokens / positions / segment_ids
+    [b, P + C] int32, completion [b, C] int32 and mask [b, C] float32.
+    """
+    tokens_p, pos_p, seg_p = sampler.left_align(prompt_tokens, prompt_lens)
+    j = jnp.arange(completion.shape[1], dtype=jnp.int32)[None, :]
+    live = j < completion_lens[:, None]
+    return {"tokens": jnp.concatenate([tokens_p, completion], axis=1),
+            "positions": jnp.concatenate([pos_p, prompt_lens[:, None].astype(jnp.int32) + j], axis=1),
+            "segment_ids": jnp.concatenate([seg_p, live.astype(jnp.int32)], axis=1),
+            "completion": completion, "mask": live.astype(jnp.float32)}
+
+
+def completion_logps(model: Transformer, params, seq: dict) -> jax.Array:
+    """Summed log-probs [b] float32 of the completion columns of rollout-layout rows."""
+    width = seq["tokens"].shape[1] - seq["completion"].shape[1]
+    out = model.apply({"params": params}, seq["tokens"], seq["positions"], seq["segment_ids"])
+    token_logps = losses.token_logprobs(out.logits[:, width - 1:-1], seq["completion"])
+    return losses.sequence_logps(token_logps, seq["mask"])
+
+
+def kto_loss_fn(model: Transformer, params, batch, frozen, *, kto_cfg: KTOConfig):
+    """KTO on one unpaired batch (prompt_tokens, prompt_lens, completion, completion_lens, label).
+
+    The reference point's mismatched pairs join prompt i to completion i - 1 of the
+    batch, as TRL's KTOTrainer shifts them; they are scored without gradient.
+    """
+    p, n = batch["prompt_tokens"], batch["prompt_lens"]
+    seq = join_prompt_completion(p, n, batch["completion"], batch["completion_lens"])
+    kl_seq = join_prompt_completion(p, n, jnp.roll(batch["completion"], 1, axis=0),
+                                    jnp.roll(batch["completion_lens"], 1, axis=0))
+    ref = jax.lax.stop_gradient(frozen)
+    policy_logps = completion_logps(model, params, seq)
+    kl_policy = completion_logps(model, jax.lax.stop_gradient(params), kl_seq)
+    ref_logps, kl_ref = completion_logps(model, ref, seq), completion_logps(model, ref, kl_seq)
+    per_example, z0 = losses.kto_loss(policy_logps, ref_logps, kl_policy, kl_ref, batch["label"],
+                                      beta=kto_cfg.beta, desirable_weight=kto_cfg.desirable_weight,
+                                      undesirable_weight=kto_cfg.undesirable_weight)
+    return per_example.mean(), losses.kto_metrics(per_example, policy_logps, ref_logps, batch["label"], z0,
+                                                  beta=kto_cfg.beta)
+
+
 def _global_norm(tree) -> jax.Array:
     return optax.tree.norm(tree).astype(jnp.float32)
 
@@ -196,12 +274,18 @@ def compile_step(fn, *, in_shardings, out_shardings, donate_state: bool):
                    donate_argnums=(0,) if donate_state else ())
 
 
-def make_loss_fn(stage: str, model: Transformer, *, dpo: DPOConfig = None, center_coef: float = 0.0) -> Callable:
-    """The loss of a supervised stage: sft, reward (with `center_coef`) or dpo (with `dpo`)."""
+def make_loss_fn(stage: str, model: Transformer, *, dpo: DPOConfig = None, center_coef: float = 0.0,
+                 kto: KTOConfig = None, orpo: ORPOConfig = None) -> Callable:
+    """The loss of a supervised stage: sft, reward (with `center_coef`), dpo (with `dpo`), kto
+    (with `kto`) or orpo (with `orpo`)."""
     if stage == "sft":
         return functools.partial(sft_loss_fn, model)
     if stage == "reward":
         return functools.partial(reward_loss_fn, model, center_coef=center_coef)
     if stage == "dpo":
         return functools.partial(dpo_loss_fn, model, dpo_cfg=dpo)
+    if stage == "kto":
+        return functools.partial(kto_loss_fn, model, kto_cfg=kto)
+    if stage == "orpo":
+        return functools.partial(orpo_loss_fn, model, orpo_cfg=orpo)
     raise ValueError(f"no supervised loss for stage {stage!r}")

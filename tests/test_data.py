@@ -468,3 +468,27 @@ def test_empty_file_is_a_clear_error(tmp_path):
     path.write_text("")
     with pytest.raises(data.DataError, match="empty.jsonl: the file is empty"):
         data.load_rows(str(path), "preference")
+
+
+def test_unpaired_rows_text_and_conversational_and_pairs_split_into_two(tmp_path, tok):
+    rows = [{"prompt": "What is 2 times two?", "completion": "The answer is 4.", "label": True},
+            {"prompt": [{"role": "user", "content": "What is 3 times two?"}],
+             "completion": [{"role": "assistant", "content": "The answer is 5."}], "label": False}]
+    got, _ = load_rows(write_jsonl(tmp_path / "u.jsonl", rows), "unpaired", template=T)
+    assert got[0] == {"prompt": T.format_prompt("What is 2 times two?"),
+                      "completion": T.format_completion("The answer is 4."), "label": True}
+    assert got[1]["prompt"] == T.format_prompt("What is 3 times two?") and got[1]["label"] is False
+    with pytest.raises(DataError, match="row 0: field 'label'"):
+        load_rows(write_jsonl(tmp_path / "bad.jsonl", [dict(rows[0], label=1)]), "unpaired", template=T)
+    pairs = [{"prompt": "What is 1 times two?", "chosen": "The answer is 2.", "rejected": "It is 3."}]
+    paired, _ = load_rows(write_jsonl(tmp_path / "p.jsonl", pairs), "unpaired", template=T)
+    arrays, stats = data.encode_unpaired(got + paired, tok, max_len=40, max_prompt_len=24)
+    assert stats["examples"] == 4 and stats["desirable"] == 2
+    np.testing.assert_array_equal(arrays["label"], [1, 0, 1, 0])
+    assert arrays["completion"].shape == (4, 17) and arrays["prompt_tokens"].shape == (4, 24)
+    # The same tokens as SFT's layout: [bos] + prompt, then the completion and eos.
+    sft, _ = encode_sft([{"prompt": paired[0]["prompt"], "completion": paired[0]["rejected"]}], tok,
+                        max_len=40, max_prompt_len=24)
+    n, m = arrays["prompt_lens"][3], arrays["completion_lens"][3]
+    seq = list(arrays["prompt_tokens"][3, :n]) + list(arrays["completion"][3, :m])
+    assert seq[-1] == tok.eos_id and seq == [sft["inputs"][0, 0]] + list(sft["targets"][0, :n + m - 1])

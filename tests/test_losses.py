@@ -669,3 +669,185 @@ def test_adaptive_kl_controller_follows_ziegler_et_al(current_kl, mult):
     update = jitted(losses.adaptive_kl_update, target=6.0, horizon=10000, n_steps=256)
     new = update(jnp.float32(0.2), jnp.float32(current_kl))
     np.testing.assert_allclose(new, 0.2 * mult, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# KTO, ORPO, GSPO's sequence-level ratio, DAPO's overlong penalty.
+
+
+def kto_inputs(seed=11, n=6):
+    rng = np.random.default_rng(seed)
+    pol, ref = rng.normal(-20, 4, n), rng.normal(-20, 4, n)
+    kl_pol, kl_ref = rng.normal(-30, 4, n), rng.normal(-30, 4, n)
+    labels = np.arange(n) % 3 != 0
+    return (*(a.astype(np.float32) for a in (pol, ref, kl_pol, kl_ref)), labels)
+
+
+def np_kto(pol, ref, kl_pol, kl_ref, labels, beta, wd, wu):
+    z0 = max(np.mean(kl_pol.astype(np.float64) - kl_ref), 0.0)
+    r = pol.astype(np.float64) - ref
+    sig = lambda x: 1.0 / (1.0 + np.exp(-x))
+    return np.where(labels, wd * (1 - sig(beta * (r - z0))), wu * (1 - sig(beta * (z0 - r)))), z0
+
+
+@pytest.mark.parametrize("shift", [0.0, 5.0, -5.0])
+def test_kto_loss_and_reference_point_match_numpy(shift):
+    pol, ref, kl_pol, kl_ref, labels = kto_inputs()
+    kl_pol = kl_pol + shift  # the mean KL estimate positive, or negative (z0 clamped to 0)
+    fn = jitted(losses.kto_loss, beta=0.3, desirable_weight=1.5, undesirable_weight=0.7)
+    got, z0 = fn(pol, ref, kl_pol, kl_ref, labels)
+    want, want_z0 = np_kto(pol, ref, kl_pol, kl_ref, labels, 0.3, 1.5, 0.7)
+    assert got.shape == (6,) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, **TOL)
+    np.testing.assert_allclose(z0, want_z0, **TOL)
+    if np.mean(kl_pol.astype(np.float64) - kl_ref) < 0:
+        assert float(z0) == 0.0
+
+
+def test_kto_gradients_match_finite_differences_and_z0_is_detached(x64):
+    pol, ref, kl_pol, kl_ref, labels = (a.astype(np.float64) if a.dtype != bool else a for a in kto_inputs(n=4))
+    kl_pol = kl_pol + 3.0  # z0 > 0: its gradient would be non-zero if it flowed
+    weights = jnp.arange(1.0, 5.0)
+    kw = dict(beta=0.2, desirable_weight=1.3, undesirable_weight=0.8)
+    fn = lambda p: jnp.sum(losses.kto_loss(p, ref, kl_pol, kl_ref, labels, **kw)[0] * weights)
+    check_grads(jax.jit(fn), (pol,), order=1, modes=["rev"])
+    # Analytic: d/dr of w (1 - σ(β (r - z0))) = -w β σ'(·); undesirable rows the opposite sign.
+    z0 = np.mean(kl_pol - kl_ref)
+    r = pol - ref
+    s_good, s_bad = 1 / (1 + np.exp(-0.2 * (r - z0))), 1 / (1 + np.exp(-0.2 * (z0 - r)))
+    want = np.where(labels, -1.3 * 0.2 * s_good * (1 - s_good), 0.8 * 0.2 * s_bad * (1 - s_bad)) * np.arange(1, 5)
+    np.testing.assert_allclose(jax.grad(fn)(pol), want, rtol=1e-10)
+    # The reference point is held constant: no gradient reaches the mismatched pairs' log-probs.
+    through_z0 = jax.grad(lambda k: jnp.sum(losses.kto_loss(pol, ref, k, kl_ref, labels, **kw)[0]))(kl_pol)
+    np.testing.assert_array_equal(through_z0, 0.0)
+    z0_grad = jax.grad(lambda k: losses.kto_loss(pol, ref, k, kl_ref, labels, **kw)[1])(kl_pol)
+    np.testing.assert_array_equal(z0_grad, 0.0)
+
+
+def test_kto_metrics_average_desirable_and_undesirable_rows_under_trl_names():
+    pol, ref = jnp.array([-1.0, -2.0, -3.0]), jnp.array([-2.0, -2.0, -1.0])
+    labels = jnp.array([True, True, False])
+    out = jitted(losses.kto_metrics, beta=0.5)(jnp.array([0.1, 0.2, 0.3]), pol, ref, labels, jnp.float32(0.25))
+    want = {"loss": 0.2, "rewards/chosen": 0.25, "rewards/rejected": -1.0, "rewards/margins": 1.25,
+            "logps/chosen": -1.5, "logps/rejected": -3.0, "kl": 0.25, "count/chosen": 2, "count/rejected": 1}
+    assert set(out) == set(want)
+    for k, v in want.items():
+        np.testing.assert_allclose(out[k], v, rtol=1e-6, err_msg=k)
+
+
+def orpo_inputs(seed=12, n=6):
+    rng = np.random.default_rng(seed)
+    lc, lr = rng.integers(1, 12, n).astype(np.float32), rng.integers(1, 12, n).astype(np.float32)
+    # Mean token log-probs from -4 to -0.05: both branches of log(1 - e^x) are taken.
+    pc = (rng.uniform(-4, -0.05, n) * lc).astype(np.float32)
+    pr = (rng.uniform(-4, -0.05, n) * lr).astype(np.float32)
+    return pc, pr, lc, lr
+
+
+def np_orpo(pc, pr, lc, lr, lam):
+    c, r = pc.astype(np.float64) / lc, pr.astype(np.float64) / lr
+    odds = lambda x: np.exp(x) / (1 - np.exp(x))
+    log_odds = np.log(odds(c)) - np.log(odds(r))
+    return -c + lam * np.log1p(np.exp(-log_odds)), -c, log_odds
+
+
+def test_orpo_loss_nll_and_log_odds_match_numpy():
+    pc, pr, lc, lr = orpo_inputs()
+    out = jitted(losses.orpo_loss, lam=0.25)(pc, pr, lc, lr)
+    for got, want in zip(out, np_orpo(pc, pr, lc, lr, 0.25)):
+        assert got.shape == (6,) and got.dtype == jnp.float32
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_orpo_gradients_match_finite_differences(x64):
+    pc, pr, lc, lr = (a.astype(np.float64) for a in orpo_inputs(seed=13, n=4))
+    weights = jnp.arange(1.0, 5.0)
+    fn = lambda a, b: jnp.sum(losses.orpo_loss(a, b, lc, lr, lam=0.5)[0] * weights)
+    check_grads(jax.jit(fn), (pc, pr), order=1, modes=["rev"])
+
+
+def test_orpo_is_finite_at_probability_one_and_for_empty_rows():
+    zeros, ones = jnp.zeros(2), jnp.array([3.0, 0.0])
+    fn = lambda a: losses.orpo_loss(a, jnp.array([-5.0, -1.0]), ones, ones, lam=0.1)[0].sum()
+    assert np.isfinite(jax.jit(fn)(zeros))
+    assert np.all(np.isfinite(np.asarray(jax.jit(jax.grad(fn))(zeros))))
+
+
+def test_orpo_metrics_under_trl_names():
+    pc, pr, lc, lr = orpo_inputs()
+    out = jitted(losses.orpo_metrics, lam=0.25)(*losses.orpo_loss(pc, pr, lc, lr, lam=0.25), pc, pr, lc, lr)
+    _, nll, log_odds = np_orpo(pc, pr, lc, lr, 0.25)
+    assert {"nll_loss", "log_odds_ratio", "log_odds_chosen", "rewards/chosen", "rewards/margins",
+            "logps/chosen"} <= set(out)
+    np.testing.assert_allclose(out["nll_loss"], nll.mean(), rtol=1e-5)
+    np.testing.assert_allclose(out["log_odds_ratio"], np.mean(-np.log1p(np.exp(-log_odds))), rtol=1e-5)
+    np.testing.assert_allclose(out["logps/chosen"], np.mean(pc / lc), rtol=1e-5)
+
+
+def np_gspo(logps, old, adv, mask, eps_low, eps_high):
+    """GSPO's objective: mean over sequences of max(-A s, -A clip(s)), s the length-normalised ratio."""
+    out = []
+    for lp, o, a, m in zip(logps.astype(np.float64), old, adv, mask):
+        if m.sum() == 0:
+            continue
+        s = np.exp(np.sum((lp - o) * m) / m.sum())
+        out.append(max(-a * s, -a * np.clip(s, 1 - eps_low, 1 + eps_high)))
+    return np.mean(out)
+
+
+def gspo_inputs(seed=14):
+    rng = np.random.default_rng(seed)
+    mask = ragged_mask(5, 7, rng)
+    old = rng.normal(-2, 0.5, (5, 7)).astype(np.float32)
+    logps = (old + rng.normal(0, 0.3, (5, 7))).astype(np.float32)
+    adv = rng.normal(size=5).astype(np.float32)
+    return logps, old, adv, mask
+
+
+@pytest.mark.parametrize("eps", [(0.2, 0.28), (3e-4, 4e-4)])
+def test_sequence_level_ratio_is_gspo_against_numpy(eps):
+    logps, old, adv, mask = gspo_inputs()
+    fn = jitted(losses.ppo_policy_loss, clip_eps=eps[0], clip_eps_high=eps[1], aggregation="seq_mean_token_mean",
+                ratio_level="sequence")
+    loss, m = fn(logps, old, np.repeat(adv[:, None], 7, 1) * mask, mask)
+    np.testing.assert_allclose(loss, np_gspo(logps, old, adv, mask, *eps), rtol=1e-5, atol=1e-6)
+    s = np.exp(np.sum((logps.astype(np.float64) - old) * mask, 1) / np.maximum(mask.sum(1), 1))
+    np.testing.assert_allclose(m["val/ratio"], np.sum(s * mask.sum(1)) / mask.sum(), rtol=1e-5)
+
+
+def test_sequence_level_ratio_gradients_match_finite_differences_and_gspo(x64):
+    logps, old, adv, mask = (a.astype(np.float64) for a in gspo_inputs(seed=15))
+    adv_t = np.repeat(adv[:, None], 7, 1) * mask
+    kw = dict(clip_eps=0.2, clip_eps_high=0.28, aggregation="seq_mean_token_mean", ratio_level="sequence")
+    fn = lambda lp: losses.ppo_policy_loss(lp, old, adv_t, mask, **kw)[0]
+    check_grads(jax.jit(fn), (logps,), order=1, modes=["rev"])
+    # GSPO's gradient: -A s / |y| on every token of an unclipped sequence, 0 on a clipped one.
+    n = mask.sum(1)
+    s = np.exp(np.sum((logps - old) * mask, 1) / np.maximum(n, 1))
+    clipped = ((adv > 0) & (s > 1.28)) | ((adv < 0) & (s < 0.8))
+    rows = np.sum(n > 0)
+    want = np.where(clipped, 0.0, -adv * s / np.maximum(n, 1))[:, None] * mask / rows
+    np.testing.assert_allclose(jax.grad(fn)(logps), want, rtol=1e-9, atol=1e-12)
+
+
+def test_token_and_sequence_ratios_agree_for_one_token_responses():
+    logps, old, adv, _ = gspo_inputs()
+    mask = np.zeros_like(logps)
+    mask[:, 0] = 1.0
+    adv_t = adv[:, None] * mask
+    kw = dict(clip_eps=0.2, aggregation="seq_mean_token_mean")
+    token = jitted(losses.ppo_policy_loss, **kw)(logps, old, adv_t, mask)
+    sequence = jitted(losses.ppo_policy_loss, ratio_level="sequence", **kw)(logps, old, adv_t, mask)
+    for a, b in zip(jax.tree_util.tree_leaves(token), jax.tree_util.tree_leaves(sequence)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    with pytest.raises(ValueError):
+        jitted(losses.ppo_policy_loss, ratio_level="group")(logps, old, adv_t, mask)
+
+
+def test_overlong_penalty_is_dapos_soft_punishment():
+    lengths = np.array([0, 10, 12, 13, 15, 16, 30])
+    got = jitted(losses.overlong_penalty, max_len=16, buffer=4, factor=0.5)(lengths)
+    want = [-0.5 * min(max((n - 12) / 4, 0.0), 1.0) for n in lengths]
+    np.testing.assert_allclose(got, want, **TOL)
+    with pytest.raises(ValueError):
+        losses.overlong_penalty(lengths, max_len=16, buffer=0)

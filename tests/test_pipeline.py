@@ -60,7 +60,8 @@ def test_pass_at_k_equals_the_combinatorial_formula_and_a_simulation():
 
 def test_shortened_quickstart_runs_end_to_end_and_writes_its_report(quickstart):
     workdir, on_disk = quickstart
-    for method in ("base", "sft", "dpo", "ppo", "grpo", "rlaif", "best_of_2", "best_of_4"):
+    for method in ("base", "sft", "dpo", "ppo", "grpo", "rlaif", "best_of_2", "best_of_4", "online_dpo", "kto",
+                   "orpo", "gspo"):
         assert 0.0 <= on_disk["methods"][method]["oracle_reward"] <= 1.0
     assert 0.0 <= on_disk["reward_model"]["heldout_accuracy"] <= 1.0
     aif = on_disk["ai_feedback"]
@@ -114,3 +115,11 @@ def test_quickstart_seed_arg_reseeds_every_stage_and_the_evaluation_but_not_the_
     assert set(stages) >= set(quickstart_stage.STAGES)
     assert all(c[k].seed == 7 for k in stages) and c.eval.seed == 7 + 1234 and c.world.seed == 0
     assert quickstart_config.get_config("tiny").sft.seed == 0
+
+
+def test_each_extra_method_runs_after_the_recipe_behind_its_flag():
+    c = quickstart_config.get_config("tiny")
+    assert quickstart_stage.stages_of(c) == quickstart_stage.STAGES
+    assert quickstart_stage.STAGES[-4:] == quickstart_stage.EXTRA_METHODS
+    c.methods.kto = c.methods.gspo = False
+    assert quickstart_stage.stages_of(c) == tuple(s for s in quickstart_stage.STAGES if s not in ("kto", "gspo"))

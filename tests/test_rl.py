@@ -6,7 +6,9 @@ import jax
 import numpy as np
 import pytest
 
+from configs import dapo as dapo_config
 from configs import grpo as grpo_config
+from configs import gspo as gspo_config
 from configs import ppo as ppo_config
 from ptx import losses, rollout, sampler, sharding
 from ptx.model import Transformer
@@ -19,7 +21,7 @@ def letter_share(prompt: str, completion: str) -> float:
 
 
 def rl_cfg(kind, sft_dir, seed=0, steps=1):
-    c = (ppo_config if kind == "ppo" else grpo_config).get_config("tiny")
+    c = {"ppo": ppo_config, "gspo": gspo_config, "dapo": dapo_config}.get(kind, grpo_config).get_config("tiny")
     c.seed = seed
     c.init.checkpoint = sft_dir
     c.reward.source = "function"
@@ -37,7 +39,7 @@ def read_metrics(workdir):
         return [r for r in map(json.loads, f) if "loss" in r]
 
 
-@pytest.mark.parametrize("kind", ["ppo", "grpo"])
+@pytest.mark.parametrize("kind", ["ppo", "grpo", "gspo"])
 def test_first_minibatch_ratio_is_one_and_kl_is_zero_at_the_reference(sft_dir, tmp_path, kind):
     c = rl_cfg(kind, sft_dir)
     mesh = sharding.make_mesh(c.mesh)
@@ -61,7 +63,7 @@ def test_first_minibatch_ratio_is_one_and_kl_is_zero_at_the_reference(sft_dir, t
                                     rl_cfg=common.rl_config(c))
     np.testing.assert_allclose(metrics["val/ratio"], 1.0, atol=1e-6)
     assert float(metrics["policy/clipfrac"]) == 0.0
-    if kind == "grpo":
+    if kind != "ppo":
         np.testing.assert_allclose(metrics["loss/kl"], 0.0, atol=1e-7)
 
 
@@ -110,3 +112,61 @@ def test_grpo_killed_resumes_to_the_same_parameters_and_logs(sft_dir, resumes_li
     # Killed while writing the first checkpoint (a fresh start again), and after logging
     # iteration 3 (resumed from 2; iteration 3's metrics and samples lines are written again).
     resumes_like_straight(rl.run, c, [("checkpoint", 2, None), ("log", 3, 2)])
+
+
+def test_fill_groups_replaces_groups_of_equal_rewards_and_fills_with_them_when_draws_run_out():
+    def draw(scores, tag):
+        return {"scores": np.asarray(scores, np.float32), "tag": [f"{tag}{i}" for i in range(len(scores))],
+                "x": np.arange(len(scores)) + 100 * tag}
+
+    # Group size 2: draw 0 has one group with signal (the second), draw 1 two, draw 2 is never taken.
+    draws = iter([draw([1, 1, 0, 1], 0), draw([0, 1, 2, 2, 3, 4], 1), draw([0, 1], 2)])
+    out, stats = rollout.fill_groups(draws, 3, 2)
+    assert stats == {"draws": 2, "filled_groups": 0}
+    np.testing.assert_array_equal(out["x"], [2, 3, 100, 101, 104, 105])
+    assert out["tag"] == ["02", "03", "10", "11", "14", "15"] and next(draws)["x"][0] == 200
+    # The cap: two draws with one group of signal between them; dropped groups fill in draw order.
+    out, stats = rollout.fill_groups([draw([1, 1, 0, 1], 0), draw([5, 5], 1)], 3, 2)
+    assert stats == {"draws": 2, "filled_groups": 2}
+    np.testing.assert_array_equal(out["x"], [2, 3, 0, 1, 100, 101])
+
+
+PROMPTS_SEEN = []
+
+
+def constant_reward(prompt: str, completion: str) -> float:
+    PROMPTS_SEEN.append(prompt)
+    return 0.5
+
+
+def test_dynamic_sampling_draws_fresh_prompts_while_groups_tie_up_to_its_cap(sft_dir, tmp_path):
+    c = rl_cfg("dapo", sft_dir)
+    c.reward.function = "test_rl:constant_reward"
+    c.rl.dynamic_max_retries, c.rl.overlong_buffer = 2, 0
+    PROMPTS_SEEN.clear()
+    row = read_metrics_after(c, tmp_path)[-1]
+    # Every group ties: three prompt batches drawn (the cap), then the tied groups fill the batch.
+    assert row["dynamic/draws"] == 3 and row["dynamic/filled_groups"] == c.rl.rollout_batch
+    assert row["group/zero_advantage_share"] == 1.0
+    n = c.rl.rollout_batch * c.rl.group_size
+    batches = [tuple(PROMPTS_SEEN[i:i + n]) for i in range(0, len(PROMPTS_SEEN), n)]
+    assert len(batches) == 3 and len(set(batches)) == 3
+
+
+LETTER_SCORES = []
+
+
+def recorded_letter_share(prompt: str, completion: str) -> float:
+    LETTER_SCORES.append(letter_share(prompt, completion))
+    return LETTER_SCORES[-1]
+
+
+def test_dynamic_sampling_keeps_a_batch_with_signal_and_overlong_shaping_is_added_to_the_reward(sft_dir, tmp_path):
+    c = rl_cfg("dapo", sft_dir)
+    c.reward.function = "test_rl:recorded_letter_share"
+    c.rl.overlong_buffer = c.rl.max_new_tokens  # the penalty is -length / max_new_tokens
+    LETTER_SCORES.clear()
+    row = read_metrics_after(c, tmp_path)[-1]
+    assert row["dynamic/draws"] == 1 and row["dynamic/filled_groups"] == 0
+    want = np.mean(LETTER_SCORES) - row["response_length"] / c.rl.max_new_tokens
+    np.testing.assert_allclose(row["objective/scores"], want, rtol=1e-5)

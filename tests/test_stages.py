@@ -7,10 +7,15 @@ import pytest
 
 from configs import ai_feedback as ai_feedback_config
 from configs import best_of_n as best_of_n_config
+from configs import dapo as dapo_config
 from configs import dpo as dpo_config
 from configs import export as export_config
 from configs import grpo as grpo_config
+from configs import gspo as gspo_config
+from configs import kto as kto_config
 from configs import merge as merge_config
+from configs import online_dpo as online_dpo_config
+from configs import orpo as orpo_config
 from configs import ppo as ppo_config
 from configs import quickstart as quickstart_config
 from configs import sample as sample_config
@@ -21,7 +26,8 @@ from ptx.stages import common, supervised
 
 def test_every_config_dispatches_to_a_runner():
     for module in (sft_config, dpo_config, ppo_config, grpo_config, sample_config, best_of_n_config,
-                   ai_feedback_config, merge_config, export_config, quickstart_config):
+                   ai_feedback_config, merge_config, export_config, quickstart_config, kto_config, orpo_config,
+                   online_dpo_config, gspo_config, dapo_config):
         assert module.get_config("tiny").stage in stages.RUNNERS
     c = sft_config.get_config("tiny")
     c.stage = "sfft"
@@ -55,6 +61,9 @@ def test_a_missing_required_field_is_named_before_the_workdir_is_written(tmp_pat
     ({"rl.top_p": 0.0}, "top_p=0.0"),
     ({"reward.source": "model", "reward.checkpoint": ""}, "needs reward.checkpoint"),
     ({"reward.source": "oracle"}, "reward.source: 'oracle'"),
+    ({"rl.ratio_level": "group"}, "rl.ratio_level: 'group'"),
+    ({"rl.dynamic_sampling": True}, "needs rl.group_size >= 2"),
+    ({"rl.overlong_buffer": 100}, "rl.overlong_buffer: 100"),
 ])
 def test_bad_rl_configs_are_errors_before_the_workdir_is_written(tmp_path, overrides, match):
     c = ppo_config.get_config("tiny")
@@ -71,6 +80,10 @@ def test_typed_configs_take_every_field_of_their_section():
     assert isinstance(rl, rollout.RLConfig) and rl.critic_kind == "none" and rl.group_size == 4 and hash(rl)
     assert common.rl_config(ppo_config.get_config("tiny")).critic_kind == "reward"
     assert isinstance(common.dpo_config(dpo_config.get_config("tiny")), steps.DPOConfig)
+    assert common.kto_config(kto_config.get_config("tiny")) == steps.KTOConfig()
+    assert common.orpo_config(orpo_config.get_config("tiny")) == steps.ORPOConfig()
+    assert common.online_config(online_dpo_config.get_config()).rollout_batch == 64
+    assert common.rl_config(gspo_config.get_config("tiny")).ratio_level == "sequence"
     c = ppo_config.get_config("tiny")
     c.reward.source, c.reward.principles = "function", ["Be brief."]
     src = common.reward_source(c)

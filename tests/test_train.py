@@ -12,10 +12,14 @@ import optax
 import pytest
 
 from configs import dpo as dpo_config
+from configs import kto as kto_config
+from configs import orpo as orpo_config
 from configs import reward as reward_config
 from configs import sft as sft_config
 from ptx import checkpoint, data, metrics, steps
-from ptx.stages import supervised
+from ptx.losses import sequence_logps, token_logprobs
+from ptx.model import Transformer, init_params
+from ptx.stages import common, supervised
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -209,3 +213,77 @@ def test_unknown_config_override_is_an_error(tmp_path):
          "--config.optim.lrr=1e-3"], cwd=ROOT, capture_output=True, text=True,
         env=dict(os.environ, PYTHONPATH=ROOT))
     assert out.returncode != 0 and "lrr" in out.stderr
+
+
+def preference_stage(module, files, init, **overrides):
+    c = module.get_config("tiny")
+    c.data.train = c.data.eval = files["pref"]
+    c.init.checkpoint = init
+    c.train.log_every, c.train.eval_every = 1, 10
+    c.update_from_flattened_dict(overrides)
+    return c
+
+
+def test_kto_starts_at_the_reference_point_and_kto_and_orpo_learn_a_learnable_preference(files, tmp_path):
+    supervised.run(sft(files, **{"train.steps": 30}), str(tmp_path / "sft"))
+    rows = read_and_run(preference_stage(kto_config, files, str(tmp_path / "sft"), **{"train.steps": 20}),
+                        tmp_path / "kto")
+    # Policy == reference on the first step: every implicit reward and z0 are 0, each loss 1 - σ(0).
+    first = rows[1]
+    assert first["step"] == 1 and first["kl"] == 0.0 and first["rewards/margins"] == 0.0
+    np.testing.assert_allclose(first["loss"], 0.5, rtol=1e-6)
+    assert first["count/chosen"] == first["count/rejected"] == 4  # each pair gives one of each
+    evals = [row for row in rows if "eval/rewards/margins" in row]
+    assert evals[-1]["eval/rewards/margins"] > 0.5
+    assert rows[-1]["kl"] >= 0.0
+    rows = read_and_run(preference_stage(orpo_config, files, str(tmp_path / "sft"),
+                                         **{"train.steps": 20, "orpo.lam": 1.0}), tmp_path / "orpo")
+    evals = [row for row in rows if "eval/log_odds_chosen" in row]
+    assert evals[-1]["eval/log_odds_chosen"] > rows[1]["log_odds_chosen"] + 0.3
+    assert evals[-1]["eval/rewards/accuracies"] > 0.9
+    assert evals[-1]["eval/nll_loss"] < rows[1]["nll_loss"]
+
+
+@pytest.mark.parametrize("stage", ["orpo", "dpo"])
+def test_orpo_holds_no_second_copy_of_the_weights(files, tmp_path, monkeypatch, stage):
+    supervised.run(sft(files, **{"train.steps": 1}), str(tmp_path / "sft"))
+    copies = []
+    original = metrics.MetricWriter.write
+
+    def write(self, step, scalars, **kw):
+        # Arrays shaped like one weight (the MLP's down projection): parameters, Adam's two moments,
+        # and for DPO the frozen reference.
+        shape = (2, 192, 64)
+        copies.append(sum(a.shape == shape for a in jax.live_arrays()))
+        return original(self, step, scalars, **kw)
+
+    monkeypatch.setattr(metrics.MetricWriter, "write", write)
+    module = orpo_config if stage == "orpo" else dpo_config
+    supervised.run(preference_stage(module, files, str(tmp_path / "sft"), **{"train.steps": 2, "train.eval_every": 0}),
+                   str(tmp_path / stage))
+    assert copies[1:] == [3 if stage == "orpo" else 4] * 2
+
+
+def test_kto_rows_score_like_sft_rows_and_its_mismatched_pairs_shift_completions_by_one(files, tmp_path):
+    c = kto_config.get_config("tiny")
+    rows, _ = data.load_rows(files["pref"], "unpaired")
+    tok = common.setup_tokenizer(c, str(tmp_path), rows, None)
+    rows = rows[:4]
+    arrays, _ = data.encode_unpaired(rows, tok, max_len=40, max_prompt_len=24)
+    model = Transformer(supervised.model_config(c, tok, None))
+    params = init_params(model.cfg, jax.random.PRNGKey(1))
+    join = jax.jit(steps.join_prompt_completion)
+    got = steps.completion_logps(model, params, join(arrays["prompt_tokens"], arrays["prompt_lens"],
+                                                     arrays["completion"], arrays["completion_lens"]))
+    shifted = steps.completion_logps(model, params, join(
+        arrays["prompt_tokens"], arrays["prompt_lens"], np.roll(arrays["completion"], 1, 0),
+        np.roll(arrays["completion_lens"], 1, 0)))
+    # The same (prompt, completion) texts in SFT's right-padded layout, scored as DPO scores them.
+    flat = [(r["prompt"], side) for r in rows for side in (r["chosen"], r["rejected"])]
+    for pairs, want in ((flat, got), ([(p, flat[i - 1][1]) for i, (p, _) in enumerate(flat)], shifted)):
+        sft_arrays, _ = data.encode_sft([{"prompt": p, "completion": x} for p, x in pairs], tok, max_len=40,
+                                        max_prompt_len=24)
+        out = model.apply({"params": params}, sft_arrays["inputs"], sft_arrays["positions"],
+                          sft_arrays["segment_ids"])
+        ref = sequence_logps(token_logprobs(out.logits, sft_arrays["targets"]), sft_arrays["loss_mask"])
+        np.testing.assert_allclose(want, ref, rtol=1e-5, atol=1e-4)

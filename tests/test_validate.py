@@ -4,10 +4,15 @@ import pytest
 
 from configs import ai_feedback as ai_feedback_config
 from configs import best_of_n as best_of_n_config
+from configs import dapo as dapo_config
 from configs import dpo as dpo_config
 from configs import export as export_config
 from configs import grpo as grpo_config
+from configs import gspo as gspo_config
+from configs import kto as kto_config
 from configs import merge as merge_config
+from configs import online_dpo as online_dpo_config
+from configs import orpo as orpo_config
 from configs import ppo as ppo_config
 from configs import pretrain as pretrain_config
 from configs import quickstart as quickstart_config
@@ -20,14 +25,16 @@ from ptx.stages import validate
 MODULES = {"sft": sft_config, "pretrain": pretrain_config, "reward": reward_config, "dpo": dpo_config,
            "ppo": ppo_config, "grpo": grpo_config, "sample": sample_config, "best_of_n": best_of_n_config,
            "ai_feedback": ai_feedback_config, "merge": merge_config, "export": export_config,
-           "quickstart": quickstart_config}
+           "quickstart": quickstart_config, "kto": kto_config, "orpo": orpo_config, "gspo": gspo_config,
+           "dapo": dapo_config, "online_dpo": online_dpo_config}
 # What a stage needs to be runnable at all; the files and checkpoints need not exist for the
 # rules tested below, which come before the paths are read.
 REQUIRED = {"ppo": {"init.checkpoint": "x", "reward.checkpoint": "x"}, "grpo": {"init.checkpoint": "x",
                                                                                "reward.checkpoint": "x"},
             "sample": {"checkpoint": "x", "prompt": "hi"}, "best_of_n": {"checkpoint": "x", "reward.checkpoint": "x"},
             "ai_feedback": {"policy_checkpoint": "x", "judge_checkpoint": "x"}, "merge": {"checkpoint": "x"},
-            "export": {"checkpoint": "x"}}
+            "export": {"checkpoint": "x"}, "gspo": {"init.checkpoint": "x", "reward.checkpoint": "x"},
+            "dapo": {"init.checkpoint": "x", "reward.checkpoint": "x"}, "online_dpo": {"init.checkpoint": "x", "reward.checkpoint": "x"}}
 
 
 def config(name, arg="tiny", **overrides):

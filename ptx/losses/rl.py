@@ -1,5 +1,5 @@
-"""RL losses: KL penalties, GAE, the clipped PPO surrogate and value loss, group advantages,
-the adaptive KL controller."""
+"""RL losses: KL penalties, GAE, the clipped PPO surrogate (token- or sequence-level ratios: PPO /
+GSPO) and value loss, group advantages, DAPO's overlong penalty, the adaptive KL controller."""
 import jax
 import jax.numpy as jnp
 
@@ -8,6 +8,7 @@ from ptx.losses.tokens import _check, _float, masked_mean, masked_sum
 KL_KINDS = ("k1", "k2", "k3")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 GROUP_ADVANTAGE_KINDS = ("grpo", "dr_grpo", "rloo")
+RATIO_LEVELS = ("token", "sequence")
 
 
 # RL: KL, advantages, PPO.
@@ -91,8 +92,16 @@ def aggregate(per_token, mask, kind):
 
 
 def ppo_policy_loss(logps, old_logps, advantages, mask, *, clip_eps=0.2,
-                    clip_eps_high=None, aggregation="token_mean"):
+                    clip_eps_high=None, aggregation="token_mean", ratio_level="token"):
     """PPO clipped surrogate: per token max(-A ratio, -A clip(ratio, 1-ε, 1+ε_high)).
+
+    ratio_level 'token' (PPO, GRPO): ratio = π(y_t) / π_old(y_t) per token.
+    'sequence' (GSPO, Zheng et al. 2025): one ratio per sequence, the
+    length-normalised s = exp(mean over its tokens of log π - log π_old),
+    clipped as a whole (GSPO's range is about 3e-4 / 4e-4, not 0.2) and
+    broadcast over its tokens; with 'seq_mean_token_mean' aggregation the loss
+    is GSPO's mean over sequences of max(-A s, -A clip(s)), as TRL's
+    importance_sampling_level='sequence' computes it.
 
     Args:
         logps, old_logps, advantages, mask: [batch, seq] float32; logps are under
@@ -101,6 +110,7 @@ def ppo_policy_loss(logps, old_logps, advantages, mask, *, clip_eps=0.2,
         clip_eps, clip_eps_high: ratio clip range; clip_eps_high (DAPO's
             clip-higher) defaults to clip_eps.
         aggregation: see `aggregate`.
+        ratio_level: 'token' | 'sequence'.
 
     Returns:
         (loss, {'loss/policy', 'policy/clipfrac', 'policy/approxkl', 'val/ratio'}):
@@ -109,12 +119,15 @@ def ppo_policy_loss(logps, old_logps, advantages, mask, *, clip_eps=0.2,
         ratio is the masked mean ratio.
     """
     _check(aggregation, AGGREGATIONS, "aggregation")
+    _check(ratio_level, RATIO_LEVELS, "ratio_level")
     high = clip_eps if clip_eps_high is None else clip_eps_high
     # Gradients flow only through the current policy, whatever the caller did.
     old_logps = jax.lax.stop_gradient(old_logps)
     advantages = jax.lax.stop_gradient(advantages)
     # Padding may hold -inf old log-probs; exp of their difference would be inf.
     log_ratio = jnp.where(mask > 0, _float(logps) - old_logps, 0.0)
+    if ratio_level == "sequence":
+        log_ratio = jnp.broadcast_to(masked_mean(log_ratio, mask, axis=-1)[..., None], log_ratio.shape)
     ratio = jnp.exp(log_ratio)
     pg1 = -advantages * ratio
     pg2 = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + high)
@@ -126,6 +139,25 @@ def ppo_policy_loss(logps, old_logps, advantages, mask, *, clip_eps=0.2,
         "val/ratio": masked_mean(ratio, mask),
     }
     return loss, metrics
+
+
+def overlong_penalty(lengths, *, max_len, buffer, factor=1.0):
+    """DAPO's soft overlong punishment (Yu et al. 2025): a reward added for length.
+
+    0 up to max_len - buffer tokens, then falling linearly to -factor at max_len
+    (and -factor beyond): -factor * clip((length - (max_len - buffer)) / buffer, 0, 1).
+
+    Args:
+        lengths: [batch] response lengths in tokens (int or float).
+        max_len, buffer: Python ints, 0 < buffer <= max_len; factor: Python float.
+
+    Returns:
+        [batch] float32 penalties (<= 0).
+    """
+    if not 0 < buffer <= max_len:
+        raise ValueError(f"overlong buffer={buffer} must be in (0, max_len={max_len}]")
+    over = (jnp.asarray(lengths, jnp.float32) - (max_len - buffer)) / buffer
+    return -factor * jnp.clip(over, 0.0, 1.0)
 
 
 def ppo_value_loss(values, old_values, returns, mask, *, clip_value=0.2):

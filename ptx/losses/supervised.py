@@ -1,4 +1,6 @@
-"""Supervised losses: SFT cross-entropy, the pairwise reward-model loss, the DPO family."""
+"""Supervised losses: SFT cross-entropy, the pairwise reward-model loss, the DPO family, KTO, ORPO."""
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -144,4 +146,117 @@ def dpo_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen_logps,
         "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
         "logps/chosen": jnp.mean(policy_chosen_logps),
         "logps/rejected": jnp.mean(policy_rejected_logps),
+    }
+
+
+# Unpaired binary feedback (KTO) and reference-free odds ratios (ORPO).
+
+
+def kto_loss(policy_logps, ref_logps, kl_policy_logps, kl_ref_logps, labels, *, beta,
+             desirable_weight=1.0, undesirable_weight=1.0):
+    """Kahneman-Tversky optimisation (Ethayarajh et al. 2024) on unpaired feedback.
+
+    With r = policy_logps - ref_logps (the implicit reward, summed over the
+    completion's tokens) and the reference point
+        z0 = max(mean(kl_policy_logps - kl_ref_logps), 0),
+    a batch estimate of KL(policy || reference) from mismatched prompt /
+    completion pairs, held constant (no gradient flows into it), each row's loss is
+        desirable:   desirable_weight   * (1 - σ(β (r - z0)))
+        undesirable: undesirable_weight * (1 - σ(β (z0 - r)))
+    as in the paper and TRL's KTOTrainer.
+
+    Args:
+        policy_logps, ref_logps: [batch] float32 summed completion log-probs of
+            each row's own (prompt, completion).
+        kl_policy_logps, kl_ref_logps: [batch] float32 the same for mismatched
+            pairs (prompt i with another row's completion).
+        labels: [batch] bool or {0, 1}: 1 = desirable.
+        beta, desirable_weight, undesirable_weight: Python floats.
+
+    Returns:
+        (losses [batch] float32, z0 scalar float32).
+    """
+    policy_logps = _float(policy_logps)
+    z0 = jax.lax.stop_gradient(jnp.maximum(jnp.mean(_float(kl_policy_logps) - kl_ref_logps), 0.0))
+    r = policy_logps - ref_logps
+    good = jnp.asarray(labels).astype(bool)
+    losses = jnp.where(good, desirable_weight * (1.0 - jax.nn.sigmoid(beta * (r - z0))),
+                       undesirable_weight * (1.0 - jax.nn.sigmoid(beta * (z0 - r))))
+    return losses, z0
+
+
+def kto_metrics(losses, policy_logps, ref_logps, labels, z0, *, beta):
+    """Batch metrics of kto_loss under TRL's names: rewards (β r) and log-probs averaged over
+    the desirable ('chosen') and undesirable ('rejected') rows, 'kl' the z0 used; [batch] inputs."""
+    good = jnp.asarray(labels).astype(jnp.float32)
+    bad = 1.0 - good
+    rewards = jax.lax.stop_gradient(beta * (_float(policy_logps) - ref_logps))
+    chosen, rejected = masked_mean(rewards, good), masked_mean(rewards, bad)
+    return {
+        "loss": jnp.mean(losses),
+        "rewards/chosen": chosen,
+        "rewards/rejected": rejected,
+        "rewards/margins": chosen - rejected,
+        "logps/chosen": masked_mean(policy_logps, good),
+        "logps/rejected": masked_mean(policy_logps, bad),
+        "kl": z0,
+        "count/chosen": jnp.sum(good),
+        "count/rejected": jnp.sum(bad),
+    }
+
+
+def _log1mexp(x):
+    """log(1 - exp(x)) for x < 0, accurate on both sides of -log 2 (Mächler 2012)."""
+    return jnp.where(x > -math.log(2.0), jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
+
+
+# The largest mean log-prob odds are taken of: a response of probability 1 in float32
+# (every token's log-prob rounds to 0) has infinite odds.
+ORPO_MAX_MEAN_LOGP = -1e-7
+
+
+def orpo_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, *, lam):
+    """Odds-ratio preference optimisation (Hong et al. 2024): no reference model.
+
+    With length-averaged log-probs c = chosen_logps / chosen_lengths and
+    r = rejected_logps / rejected_lengths (each capped at ORPO_MAX_MEAN_LOGP,
+    where the odds would be infinite), odds(p) = p / (1 - p) and
+        log_odds = log odds(c) - log odds(r) = (c - r) - (log(1 - e^c) - log(1 - e^r)),
+    each pair's loss is
+        nll - lam * log σ(log_odds),    nll = -c
+    (the chosen response's mean token NLL plus λ times the odds-ratio term; TRL's
+    ORPOTrainer calls λ `beta` and takes the NLL as a token mean over the batch).
+
+    Args:
+        chosen_logps, rejected_logps: [batch] float32 summed response log-probs.
+        chosen_lengths, rejected_lengths: [batch] float32 response token counts
+            (at least 1 is used).
+        lam: Python float, the weight of the odds-ratio term.
+
+    Returns:
+        (losses [batch], nll [batch], log_odds [batch]) float32.
+    """
+    c = jnp.minimum(_float(chosen_logps) / jnp.maximum(chosen_lengths, 1.0), ORPO_MAX_MEAN_LOGP)
+    r = jnp.minimum(_float(rejected_logps) / jnp.maximum(rejected_lengths, 1.0), ORPO_MAX_MEAN_LOGP)
+    log_odds = (c - r) - (_log1mexp(c) - _log1mexp(r))
+    nll = -c
+    return nll - lam * jax.nn.log_sigmoid(log_odds), nll, log_odds
+
+
+def orpo_metrics(losses, nll, log_odds, chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, *, lam):
+    """Batch means of orpo_loss outputs under TRL's names; as in TRL, logps are the
+    length-averaged log-probs and rewards λ times them."""
+    chosen = jax.lax.stop_gradient(_float(chosen_logps) / jnp.maximum(chosen_lengths, 1.0))
+    rejected = jax.lax.stop_gradient(_float(rejected_logps) / jnp.maximum(rejected_lengths, 1.0))
+    return {
+        "loss": jnp.mean(losses),
+        "nll_loss": jnp.mean(nll),
+        "log_odds_ratio": jnp.mean(jax.nn.log_sigmoid(log_odds)),
+        "log_odds_chosen": jnp.mean(log_odds),
+        "rewards/chosen": jnp.mean(lam * chosen),
+        "rewards/rejected": jnp.mean(lam * rejected),
+        "rewards/accuracies": jnp.mean((chosen > rejected).astype(jnp.float32)),
+        "rewards/margins": jnp.mean(lam * (chosen - rejected)),
+        "logps/chosen": jnp.mean(chosen),
+        "logps/rejected": jnp.mean(rejected),
     }

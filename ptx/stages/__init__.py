@@ -6,7 +6,7 @@ the library never imports `configs`. A new stage is a module here with its
 `run`, an entry in `RUNNERS` and a file in `configs/`; a new loss is a pure
 function in `ptx/losses.py` with its step in `ptx/steps.py` (see README, Design).
 """
-from ptx.stages import ai_feedback, best_of_n, export, quickstart, rl, sample, supervised, validate
+from ptx.stages import ai_feedback, best_of_n, export, online_dpo, quickstart, rl, sample, supervised, validate
 
 # config.stage -> the function that runs it. Every stage runs in one process or in
 # several (`distributed.*`): each process holds every host row and places on the mesh
@@ -15,8 +15,13 @@ RUNNERS = {
     "sft": supervised.run,
     "reward": supervised.run,
     "dpo": supervised.run,
+    "kto": supervised.run,
+    "orpo": supervised.run,
     "ppo": rl.run,
     "grpo": rl.run,
+    "gspo": rl.run,
+    "dapo": rl.run,
+    "online_dpo": online_dpo.run,
     "sample": sample.run,
     "best_of_n": best_of_n.run,
     "ai_feedback": ai_feedback.run,

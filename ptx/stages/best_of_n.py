@@ -35,7 +35,7 @@ def run(config, workdir: str) -> dict:
     settings = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p)
     prompts = [data.prompt_text(r, policy.tok) for r in rows]
     texts, scores = best_of_n.sample_and_score(smp, source, arrays["prompt_tokens"], arrays["prompt_lens"], n_max,
-                                               config.seed, settings, prompts)
+                                               config.seed, settings, prompts, rows=rows)
     picked = best_of_n.select(scores, config.ns)
     results = {f"best_of_{n}": {k: v for k, v in r.items() if k != "best_index"} | {"kl_bound": best_of_n.kl_bound(n)}
                for n, r in picked.items()}

@@ -1,7 +1,7 @@
 """What the stages share: the boundary where a ConfigDict becomes library arguments.
 
 Only `ptx/stages` reads a ConfigDict. The library gets frozen dataclasses
-(`ModelConfig`, `LoraConfig`, `RLConfig`, `DPOConfig`, `SourceConfig`) or
+(`ModelConfig`, `LoraConfig`, `RLConfig`, `DPOConfig`, `KTOConfig`, `ORPOConfig`, `SourceConfig`) or
 keyword arguments, built here from their config sections and validated on
 construction, before a stage writes anything.
 """
@@ -12,7 +12,7 @@ import os
 import jax
 from absl import logging
 
-from ptx import checkpoint, data, hf, lora, rewards, rollout, sharding, steps, world
+from ptx import checkpoint, data, hf, lora, online, rewards, rollout, sharding, steps, world
 from ptx.model import ModelConfig, abstract_params
 from ptx.tokenizer import HFTokenizer, PromptTemplate, Tokenizer, load_tokenizer, train_tokenizer
 
@@ -22,7 +22,8 @@ RUNTIME_FIELDS = ("dtype", "remat", "scan_unroll", "layer_loop_max", "attention"
                   "attention_block_k")
 # Which embedded-world file a stage reads when `data.train` is empty: (train, eval).
 WORLD_FILES = {"text": ("pretrain", ""), "sft": ("sft", ""),
-               "preference": ("preference", "preference_heldout"), "prompt": ("sft", "heldout")}
+               "preference": ("preference", "preference_heldout"), "prompt": ("sft", "heldout"),
+               "unpaired": ("preference", "preference_heldout")}
 
 
 def require(config, *fields: str):
@@ -183,6 +184,18 @@ def rl_config(config) -> rollout.RLConfig:
 
 def dpo_config(config) -> steps.DPOConfig:
     return steps.DPOConfig(**config.dpo.to_dict())
+
+
+def online_config(config) -> online.OnlineConfig:
+    return online.OnlineConfig(**config.online.to_dict())
+
+
+def kto_config(config) -> steps.KTOConfig:
+    return steps.KTOConfig(**config.kto.to_dict())
+
+
+def orpo_config(config) -> steps.ORPOConfig:
+    return steps.ORPOConfig(**config.orpo.to_dict())
 
 
 def reward_source(config) -> rewards.SourceConfig:

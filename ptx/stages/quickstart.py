@@ -9,6 +9,10 @@ Each stage runs its own config (`config.<stage>`, all overridable) in
 `<workdir>/<stage>`; a stage whose final checkpoint exists is not run again,
 so an interrupted quickstart resumes. Evaluation writes results.json,
 report.md and PNG plots into the workdir and prints the table.
+
+After them, the methods of `config.methods` (each on unless its flag is off): online DPO
+and GSPO against the reward model, KTO and ORPO on the human-feedback comparisons. They
+run last and touch nothing the others read, so the rows above stay as they were.
 """
 import json
 import os
@@ -18,14 +22,22 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from ptx import checkpoint, evaluate, rewards, sharding, world
-from ptx.stages import ai_feedback, common, rl, supervised
+from ptx.stages import ai_feedback, common, online_dpo, rl, supervised
 
-METHODS = ("base", "sft", "best_of_4", "best_of_16", "dpo", "ppo", "grpo", "rlaif")
-STAGES = ("pretrain", "sft", "judge", "ai_feedback", "reward", "dpo", "ppo", "grpo", "rlaif")
+# The methods beyond the recipe, each a stage and a row of its own, behind `config.methods.<name>`.
+EXTRA_METHODS = ("online_dpo", "kto", "orpo", "gspo")
+METHODS = ("base", "sft", "best_of_4", "best_of_16", "dpo", "ppo", "grpo", "rlaif") + EXTRA_METHODS
+STAGES = ("pretrain", "sft", "judge", "ai_feedback", "reward", "dpo", "ppo", "grpo", "rlaif") + EXTRA_METHODS
 # The loop that trains each of the quickstart's stages.
 RUNNERS = {"pretrain": supervised.run, "sft": supervised.run, "judge": supervised.run,
            "ai_feedback": ai_feedback.run, "reward": supervised.run, "dpo": supervised.run, "ppo": rl.run,
-           "grpo": rl.run, "rlaif": supervised.run}
+           "grpo": rl.run, "rlaif": supervised.run, "online_dpo": online_dpo.run, "kto": supervised.run,
+           "orpo": supervised.run, "gspo": rl.run}
+
+
+def stages_of(config) -> tuple:
+    """The stages `config` runs: every stage of the recipe, and the extra methods switched on."""
+    return tuple(s for s in STAGES if s not in EXTRA_METHODS or config.methods[s])
 
 
 def _done(path: str, steps: int) -> bool:
@@ -70,16 +82,19 @@ def run_stages(config, workdir: str, files: dict) -> dict:
               "ai_feedback": ("", ""),
               "reward": (human, files["preference_heldout"]), "dpo": (human, files["preference_heldout"]),
               "ppo": (files["sft"], ""), "grpo": (files["sft"], ""),
-              "rlaif": (os.path.join(dirs["ai_feedback"], "preferences.jsonl"), files["preference_heldout"])}
+              "rlaif": (os.path.join(dirs["ai_feedback"], "preferences.jsonl"), files["preference_heldout"]),
+              # Online DPO and GSPO sample the RL prompts; KTO and ORPO learn from DPO's comparisons.
+              "online_dpo": (files["sft"], ""), "gspo": (files["sft"], ""),
+              "kto": (human, files["preference_heldout"]), "orpo": (human, files["preference_heldout"])}
     parents = {"sft": "pretrain", "judge": "pretrain", "reward": "sft", "dpo": "sft", "ppo": "sft",
-               "grpo": "sft", "rlaif": "sft"}
-    for name in STAGES:
+               "grpo": "sft", "rlaif": "sft", "online_dpo": "sft", "kto": "sft", "orpo": "sft", "gspo": "sft"}
+    for name in stages_of(config):
         c = config[name]
         c.world = config.world  # one world for every stage that reads it
         c.data.train, c.data.eval = inputs[name]
         if name in parents:
             c.init.checkpoint = dirs[parents[name]]
-        if name in ("ppo", "grpo"):
+        if name in ("ppo", "grpo", "online_dpo", "gspo"):
             c.reward.checkpoint = dirs["reward"]
         if name == "ai_feedback":
             # The judge learned from review text of the web (right `judge_accuracy` of the
@@ -107,8 +122,9 @@ def evaluate_all(config, workdir: str, files: dict, dirs: dict) -> dict:
     ev = evaluate.Evaluation(**evaluation_args(config, files, dirs["sft"], mesh))
     w = ev.oracle
     methods = {}
-    for name, stage in (("base", "pretrain"), ("sft", "sft"), ("dpo", "dpo"), ("ppo", "ppo"), ("grpo", "grpo"),
-                        ("rlaif", "rlaif")):
+    extra = [(name, name) for name in EXTRA_METHODS if config.methods[name]]
+    for name, stage in [("base", "pretrain"), ("sft", "sft"), ("dpo", "dpo"), ("ppo", "ppo"), ("grpo", "grpo"),
+                        ("rlaif", "rlaif")] + extra:
         print(f"== evaluate {name}")
         methods[name] = ev.policy(ev.params(None if name == "sft" else dirs[stage]))
     print("== evaluate best-of-N")

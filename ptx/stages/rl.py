@@ -1,5 +1,7 @@
-"""The RL loop (PPO with a critic; GRPO / RLOO without): one iteration is
-rollout -> prepare -> `num_epochs` passes over shuffled minibatches.
+"""The RL loop (PPO with a critic; GRPO / RLOO / GSPO without): one iteration is
+rollout -> prepare -> `num_epochs` passes over shuffled minibatches. DAPO's rules:
+dynamic sampling (`rl.dynamic_sampling`: groups of equal rewards are replaced by fresh
+prompts) and overlong reward shaping (`rl.overlong_buffer`).
 
 Models: policy (from the SFT checkpoint, `init.checkpoint`), reference (the
 same weights, frozen; with lora.rank > 0 the policy is adapters on the
@@ -142,10 +144,38 @@ def _run(config, workdir: str, mesh, source: common.InitSource, rl: rollout.RLCo
                  else lambda p, f: p["policy"])
 
     prompts_it = data.BatchIterator(arrays, rl.rollout_batch, seed=config.seed)
+    key = jax.random.PRNGKey(config.seed)
+
+    def sample(policy, it: int, attempt: int, sampled: list):
+        """Iteration it's prompt batch (attempt 0) or a fresh one (dynamic sampling's retries),
+        rl.group_size completions each, scored: (device sequence batch, host rows). Appends the
+        sampled token count to `sampled`."""
+        step = it if not attempt else config.train.steps + it * rl.dynamic_max_retries + attempt - 1
+        idx = prompts_it.indices(step)
+        prompt_tokens = np.repeat(arrays["prompt_tokens"][idx], rl.group_size, axis=0)
+        prompt_lens = np.repeat(arrays["prompt_lens"][idx], rl.group_size, axis=0)
+        step_key = jax.random.fold_in(key, it)
+        step_key = jax.random.fold_in(step_key, attempt) if attempt else step_key
+        keys = np.asarray(jax.random.split(step_key, len(prompt_lens)))
+        placed = sharding.put_global({"tokens": prompt_tokens, "lens": prompt_lens, "keys": keys}, mesh)
+        out = generate(policy, placed["tokens"], placed["lens"], placed["keys"], rl.temperature, rl.top_k, rl.top_p)
+        seq = build(placed["tokens"], placed["lens"], out)
+        host = sharding.gather({"completion": seq["completion"], "lengths": out.lengths,
+                                "finish_reason": out.finish_reason})
+        prompts = [tok.decode(p[:n]) for p, n in zip(prompt_tokens, prompt_lens)]
+        completions = [tok.decode(c[:n]) for c, n in zip(host["completion"], host["lengths"])]
+        # The data row of each prompt: a verifier reads its reference answer.
+        scores = reward(seq, prompts, completions, rows=[rows[i] for i in idx for _ in range(rl.group_size)])
+        scores = scores + rl.no_eos_penalty * (host["finish_reason"] != sampler.FINISH_EOS)
+        if rl.overlong_buffer:
+            scores = scores + np.asarray(losses.overlong_penalty(
+                host["lengths"], max_len=rl.max_new_tokens, buffer=rl.overlong_buffer, factor=rl.overlong_penalty))
+        sampled.append(float(host["lengths"].sum()))
+        return seq, dict(host, prompts=prompts, completions=completions, scores=scores.astype(np.float32))
+
     meta = {"params_key": "policy", **({"origin": source.origin} if source.origin else {})}
     if lcfg.enabled:
         meta["lora"] = {"config": dataclasses.asdict(lcfg), "base": source.as_lora_base()}
-    key = jax.random.PRNGKey(config.seed)
     last = {}
     with scaffold.Run(config, workdir, policy_cfg, total_steps=config.train.steps, meta=meta) as run:
         state, saved = run.restore_or_init(
@@ -153,23 +183,19 @@ def _run(config, workdir: str, mesh, source: common.InitSource, rl: rollout.RLCo
         init = None  # the state holds the trainable copy now
         kl_coef = saved.get("kl_coef", float(rl.kl_coef))
         for it in range(run.start, config.train.steps):
-            batch = prompts_it.batch(it)
-            prompt_tokens = np.repeat(batch["prompt_tokens"], rl.group_size, axis=0)
-            prompt_lens = np.repeat(batch["prompt_lens"], rl.group_size, axis=0)
-            b = len(prompt_lens)
-            keys = np.asarray(jax.random.split(jax.random.fold_in(key, it), b))
-            placed = sharding.put_global({"tokens": prompt_tokens, "lens": prompt_lens, "keys": keys}, mesh)
             policy = policy_of(state.params, frozen)
-            out = generate(policy, placed["tokens"], placed["lens"], placed["keys"], rl.temperature, rl.top_k,
-                           rl.top_p)
-            seq = build(placed["tokens"], placed["lens"], out)
-            host = sharding.gather({"completion": seq["completion"], "lengths": out.lengths,
-                                    "finish_reason": out.finish_reason})
-            prompts = [tok.decode(p[:n]) for p, n in zip(prompt_tokens, prompt_lens)]
-            completions = [tok.decode(c[:n]) for c, n in zip(host["completion"], host["lengths"])]
-            scores = reward(seq, prompts, completions)
-            scores = scores + rl.no_eos_penalty * (host["finish_reason"] != sampler.FINISH_EOS)
-            scores = sharding.put_global({"scores": scores.astype(np.float32)}, mesh)["scores"]
+            sampled = []
+            if rl.dynamic_sampling:
+                # Draws after the first come from prompt batches no iteration trains on otherwise.
+                draws = ({**{f"seq.{k}": v for k, v in sharding.gather(seq).items()}, **host}
+                         for seq, host in (sample(policy, it, a, sampled) for a in range(1 + rl.dynamic_max_retries)))
+                host, dynamic = rollout.fill_groups(draws, rl.rollout_batch, rl.group_size)
+                seq = sharding.put_global({k[4:]: v for k, v in host.items() if k.startswith("seq.")}, mesh)
+            else:
+                seq, host = sample(policy, it, 0, sampled)
+            prompts, completions = host["prompts"], host["completions"]
+            b = len(prompts)
+            scores = sharding.put_global({"scores": host["scores"]}, mesh)["scores"]
             roll, roll_metrics = prepare(dict(state.params, policy=policy), ref, seq, scores, kl_coef)
             del policy  # the update merges its own; free the rollout's copy first
             roll, roll_metrics = sharding.gather((roll, roll_metrics))
@@ -186,7 +212,9 @@ def _run(config, workdir: str, mesh, source: common.InitSource, rl: rollout.RLCo
             if rl.adaptive_kl:
                 kl_coef = float(losses.adaptive_kl_update(kl_coef, scalars["objective/kl"], target=rl.kl_target,
                                                           horizon=rl.kl_horizon, n_steps=b))
-            last = run.writer.write(it + 1, scalars, tokens=float(host["lengths"].sum()),
+            if rl.dynamic_sampling:
+                scalars.update({f"dynamic/{k}": float(v) for k, v in dynamic.items()})
+            last = run.writer.write(it + 1, scalars, tokens=float(sum(sampled)),
                                     rate="completion_tokens_per_s")
             run.writer.text(it + 1, "samples", [p + c for p, c in zip(prompts[:3], completions[:3])])
             run.save(it + 1, state, force=it + 1 == config.train.steps, kl_coef=kl_coef)

@@ -1,5 +1,5 @@
 """The supervised loop for every stage trained on a fixed data set: SFT / pre-training,
-reward model, DPO.
+reward model, DPO, KTO, ORPO.
 
 init or resume -> iterate -> log -> checkpoint. Resume order: this workdir's
 newest checkpoint, then `init.checkpoint` (or `init.hf_dir`), then scratch.
@@ -27,6 +27,8 @@ def encode(config, rows, tok: Tokenizer | HFTokenizer):
         return data.encode_text(rows, tok, max_len=d.max_len, pack=d.pack)
     if d.kind == "preference":
         return data.encode_preference(rows, tok, max_len=d.max_len, max_prompt_len=d.max_prompt_len)
+    if d.kind == "unpaired":
+        return data.encode_unpaired(rows, tok, max_len=d.max_len, max_prompt_len=d.max_prompt_len)
     raise ValueError(f"data.kind={d.kind!r} cannot train stage {config.stage!r}")
 
 
@@ -73,13 +75,15 @@ def evaluate(eval_fn, params, arrays, frozen, mesh, *, batch_size: int, batches:
 
 
 def tokens_in(batch: dict) -> int:
-    return int(sum(v.size for k, v in batch.items() if k.endswith("inputs")))
+    return int(sum(v.size for k, v in batch.items() if k.endswith("inputs") or k in ("prompt_tokens", "completion")))
 
 
 def run(config, workdir: str, devices=None) -> dict:
     """Train one supervised stage; returns the final logged metrics."""
     # Everything that can be checked without reading data, before the workdir is written.
     dpo = common.dpo_config(config) if config.stage == "dpo" else None
+    kto = common.kto_config(config) if config.stage == "kto" else None
+    orpo = common.orpo_config(config) if config.stage == "orpo" else None
     source = common.init_source(config)
     # A reward model's fresh scalar head is adapted too (rank 1 is full rank for it).
     lcfg = common.lora_config(config, targets=(r"scalar_head/kernel",) if config.stage == "reward" else ())
@@ -89,10 +93,11 @@ def run(config, workdir: str, devices=None) -> dict:
     sharding.check_batch(mesh, config.train.batch_size, "train.batch_size")
     # Set as the context, so that the model constrains its activations to it (sharding.constrain).
     with jax.set_mesh(mesh):
-        return _run(config, os.path.abspath(workdir), mesh, source, lcfg, dpo)
+        return _run(config, os.path.abspath(workdir), mesh, source, lcfg, dpo, kto, orpo)
 
 
-def _run(config, workdir: str, mesh, source, lcfg: lora.LoraConfig, dpo: steps.DPOConfig | None) -> dict:
+def _run(config, workdir: str, mesh, source, lcfg: lora.LoraConfig, dpo: steps.DPOConfig | None,
+         kto: steps.KTOConfig | None = None, orpo: steps.ORPOConfig | None = None) -> dict:
     common.write_config(config, workdir)
     train_path, eval_path = common.data_paths(config, workdir)
     template = common.template(config)
@@ -124,7 +129,8 @@ def _run(config, workdir: str, mesh, source, lcfg: lora.LoraConfig, dpo: steps.D
     state_shardings = sharding.named(mesh, sharding.tree_specs(abstract_state, rules, mesh, strict=False))
     state_shardings = state_shardings.replace(params=trainable_shardings)
     replicated = sharding.replicated(mesh)
-    dpo_ref = dpo is not None and dpo.uses_reference
+    # The frozen reference of DPO and KTO (ORPO and SimPO have none).
+    dpo_ref = (dpo is not None and dpo.uses_reference) or kto is not None
     meta = {"lora": {"config": dataclasses.asdict(lcfg), "base": source.as_lora_base()}} if lcfg.enabled else {}
     if source is not None and source.origin:
         meta["origin"] = source.origin
@@ -149,13 +155,15 @@ def _run(config, workdir: str, mesh, source, lcfg: lora.LoraConfig, dpo: steps.D
             return jax.jit(lambda p: steps.init_state(p, tx), out_shardings=state_shardings)(params)
 
         state, saved = run.restore_or_init(abstract_state, state_shardings, fresh_state)
-        if frozen is not None and dpo.precompute_ref:
+        if dpo is not None and frozen is not None and dpo.precompute_ref:
             arrays = precompute_ref_logps(model, frozen, arrays, mesh, config.train.batch_size)
             if eval_arrays is not None:
                 eval_arrays = precompute_ref_logps(model, frozen, eval_arrays, mesh, config.train.batch_size)
             frozen, frozen_shardings = None, None
+        if base is None and frozen is None:
+            init = None  # the state holds the trained copy: no second one stays alive (SFT, ORPO)
 
-        loss_fn = steps.make_loss_fn(config.stage, model, dpo=dpo,
+        loss_fn = steps.make_loss_fn(config.stage, model, dpo=dpo, kto=kto, orpo=orpo,
                                      center_coef=config.reward.center_coef if config.stage == "reward" else 0.0)
         if lcfg.enabled:
             loss_fn = lora.loss_fn(loss_fn, lcfg)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-from ptx import checkpoint, hf, lora, rewards, rollout, sharding, sources, steps
+from ptx import checkpoint, hf, lora, online, rewards, rollout, sharding, sources, steps
 from ptx.model import ModelConfig
 from ptx.stages import common
 
@@ -98,8 +98,13 @@ FIELDS = {
     "sft": COMMON | SUPERVISED,
     "reward": COMMON | SUPERVISED | {"reward.center_coef": NON_NEGATIVE},
     "dpo": COMMON | SUPERVISED,
+    "kto": COMMON | SUPERVISED,
+    "orpo": COMMON | SUPERVISED,
     "ppo": COMMON | TRAIN,
     "grpo": COMMON | TRAIN,
+    "gspo": COMMON | TRAIN,
+    "dapo": COMMON | TRAIN,
+    "online_dpo": COMMON | TRAIN,
     "sample": COMMON | SAMPLING | {"sampling.num_samples": POSITIVE, "checkpoint": TEXT, "prompt": TEXT,
                                    "prompts": TEXT, "output": TEXT},
     "best_of_n": COMMON | SAMPLING | {"checkpoint": TEXT, "prompts": TEXT, "ns": NS},
@@ -114,11 +119,15 @@ FIELDS = {
 }
 # The typed sections each stage builds, with their own checks.
 TRAINED = ("model", "lora")
-SECTIONS = {"sft": TRAINED, "reward": TRAINED, "dpo": TRAINED + ("dpo",), "ppo": TRAINED + ("rl", "reward"),
-            "grpo": TRAINED + ("rl", "reward"), "best_of_n": ("reward",)}
+RL = TRAINED + ("rl", "reward")
+SECTIONS = {"sft": TRAINED, "reward": TRAINED, "dpo": TRAINED + ("dpo",), "kto": TRAINED + ("kto",),
+            "orpo": TRAINED + ("orpo",), "ppo": RL, "grpo": RL, "gspo": RL, "dapo": RL,
+            "online_dpo": TRAINED + ("dpo", "online", "reward"), "best_of_n": ("reward",)}
 BUILDERS = {"model": lambda c: ModelConfig(**dict(c.model)), "lora": common.lora_config,
-            "rl": common.rl_config, "dpo": common.dpo_config, "reward": common.reward_source}
+            "rl": common.rl_config, "dpo": common.dpo_config, "kto": common.kto_config, "orpo": common.orpo_config,
+            "online": common.online_config, "reward": common.reward_source}
 CLASSES = {"model": ModelConfig, "lora": lora.LoraConfig, "rl": rollout.RLConfig, "dpo": steps.DPOConfig,
+           "kto": steps.KTOConfig, "orpo": steps.ORPOConfig, "online": online.OnlineConfig,
            "reward": rewards.SourceConfig}
 # A dataclass field's type -> what its value must be.
 TYPED = {int: INT, float: Need(lambda v: _num(v) or (isinstance(v, float) and not math.isfinite(v)), "a number"),
@@ -128,11 +137,13 @@ REQUIRED = {"sample": ("checkpoint", "prompt|prompts"), "best_of_n": ("checkpoin
             "ai_feedback": ("policy_checkpoint", "judge_checkpoint"), "merge": ("checkpoint",),
             "export": ("checkpoint",), "ppo": ("init.checkpoint|init.hf_dir",), "grpo": ("init.checkpoint|init.hf_dir",)}
 # What each supervised stage trains on.
-KINDS = {"sft": ("sft", "text"), "reward": ("preference",), "dpo": ("preference",)}
+KINDS = {"sft": ("sft", "text"), "reward": ("preference",), "dpo": ("preference",),
+         "kto": ("unpaired", "preference"), "orpo": ("preference",)}
 # Batches split over the data-parallel devices: a field, or fields whose product is the batch.
 BATCHES = {"sft": ("train.batch_size",), "reward": ("train.batch_size",), "dpo": ("train.batch_size",),
-           "ppo": ("rl.rollout_batch*rl.group_size", "rl.minibatch_size"),
-           "grpo": ("rl.rollout_batch*rl.group_size", "rl.minibatch_size"),
+           "kto": ("train.batch_size",), "orpo": ("train.batch_size",),
+           **{s: ("rl.rollout_batch*rl.group_size", "rl.minibatch_size") for s in ("ppo", "grpo", "gspo", "dapo")},
+           "online_dpo": ("online.rollout_batch*online.group_size", "online.minibatch_size"),
            "sample": ("batch_size",), "best_of_n": ("batch_size",),
            "ai_feedback": ("batch_size", "judge.batch_size"), "quickstart": ("eval.batch_size",)}
 # Paths a run reads: ptx checkpoints (a workdir, its checkpoints dir or a step dir) and files.
