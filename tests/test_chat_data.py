@@ -137,3 +137,23 @@ def test_a_template_that_raises_names_the_example_and_the_template_file(toks):
             {"messages": [{"role": "assistant", "content": "Hi"}] * 2, "train_from": 0}]
     with pytest.raises(ValueError, match=r"example 1: .*tokenizer_config.json \(default\): chat template raised"):
         data.encode_sft(rows, gemma, max_len=64, max_prompt_len=32)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unpaired_chat_rows_split_at_the_template_s_last_assistant_span(tmp_path, toks, family):
+    tok = toks[family]
+    rows = [{"prompt": PROMPT, "completion": REPLY, "label": True},
+            {"prompt": PROMPT, "completion": [{"role": "assistant", "content": "Red."}], "label": False}]
+    loaded, _ = load_rows(write_jsonl(tmp_path / "u.jsonl", rows), "unpaired", chat=True)
+    assert [r["label"] for r in loaded] == [True, False] and loaded[0]["messages"] == CHAT
+    arrays, stats = data.encode_unpaired(loaded, tok, max_len=256, max_prompt_len=128)
+    assert stats["desirable"] == 1 and arrays["label"].tolist() == [1.0, 0.0]
+    for i, reply in enumerate((REPLY, rows[1]["completion"])):
+        ids, spans = tok.assistant_spans(PROMPT + reply)
+        start, end = spans[-1]
+        p, c = arrays["prompt_lens"][i], arrays["completion_lens"][i]
+        # The prompt is the rendering up to the reply (its generation prompt included), the
+        # completion the reply's span through its stop token: together, the whole rendering.
+        assert arrays["prompt_tokens"][i, :p].tolist() == ids[:start]
+        assert arrays["completion"][i, :c].tolist() == ids[start:end] and ids[end - 1] in tok.eos_ids
+        assert tok.apply_chat_template(PROMPT, add_generation_prompt=True) == ids[:start]
