@@ -267,7 +267,7 @@ def test_orpo_holds_no_second_copy_of_the_weights(files, tmp_path, monkeypatch, 
 def test_kto_rows_score_like_sft_rows_and_its_mismatched_pairs_shift_completions_by_one(files, tmp_path):
     c = kto_config.get_config("tiny")
     rows, _ = data.load_rows(files["pref"], "unpaired")
-    tok = common.setup_tokenizer(c, str(tmp_path), rows, None)
+    tok = common.train_workdir_tokenizer(c, str(tmp_path), rows)
     rows = rows[:4]
     arrays, _ = data.encode_unpaired(rows, tok, max_len=40, max_prompt_len=24)
     model = Transformer(supervised.model_config(c, tok, None))

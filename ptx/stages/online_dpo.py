@@ -24,12 +24,8 @@ from ptx.stages import common, scaffold
 def run(config, workdir: str, devices=None) -> dict:
     """Train the policy with online DPO; returns the final logged metrics."""
     # Everything that can be checked without reading data, before the workdir is written.
+    # (dpo.precompute_ref, dpo.soft_labels and lora.rank were refused by validate.check.)
     dpo, o, reward_cfg = common.dpo_config(config), common.online_config(config), common.reward_source(config)
-    if dpo.precompute_ref or dpo.soft_labels:
-        raise ValueError("online DPO labels fresh samples with its reward source: dpo.precompute_ref and "
-                         "dpo.soft_labels have no data set to read")
-    if config.lora.rank:
-        raise ValueError("online DPO trains full weights; lora.rank must be 0")
     source = common.init_source(config)
     if source is None:
         raise ValueError("stage 'online_dpo' needs init.checkpoint (an SFT workdir) or init.hf_dir")
@@ -44,9 +40,11 @@ def _run(config, workdir: str, mesh, source: common.InitSource, dpo: steps.DPOCo
          reward_cfg: rewards.SourceConfig) -> dict:
     common.write_config(config, workdir)
     prompt_path, _ = common.data_paths(config, workdir)
-    rows, _ = data.load_rows(prompt_path, "prompt", on_bad_row=config.data.on_bad_row,
-                             template=common.template(config))
-    tok = common.setup_tokenizer(config, workdir, rows, source)
+    tok = common.find_tokenizer(config, workdir, source)
+    rows, stats = data.load_rows(prompt_path, "prompt", on_bad_row=config.data.on_bad_row,
+                                 template=common.template(config), chat=common.use_chat(config, tok))
+    common.report_skipped(workdir, stats)
+    tok = tok or common.train_workdir_tokenizer(config, workdir, rows)
     arrays, _ = data.encode_prompts(rows, tok, max_prompt_len=config.data.max_prompt_len)
 
     cfg = source.cfg.replace(scalar_head=False)

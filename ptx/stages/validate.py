@@ -251,7 +251,13 @@ def _cross_field(config):
         if t.eval_every % t.log_every:
             raise ConfigError("train.eval_every", f"{t.eval_every} is not a multiple of train.log_every="
                                                   f"{t.log_every}; evaluation runs at logged steps")
-    if stage in ("ppo", "grpo") and common.rl_config(config).critic_kind == "reward" and not (
+    if stage == "online_dpo" and (config.dpo.precompute_ref or config.dpo.soft_labels):
+        field = "dpo.precompute_ref" if config.dpo.precompute_ref else "dpo.soft_labels"
+        raise ConfigError(field, "online DPO labels fresh samples with its reward source: there is no data set "
+                                 "to precompute over or to read soft labels from")
+    if stage == "online_dpo" and config.lora.rank:
+        raise ConfigError("lora.rank", "online DPO trains full weights; lora.rank must be 0")
+    if stage in ("ppo", "grpo", "gspo", "dapo") and common.rl_config(config).critic_kind == "reward" and not (
             config.rl.critic_checkpoint or config.reward.checkpoint):
         raise ConfigError("rl.critic", "'reward' starts the critic from a reward model: set reward.checkpoint "
                                        "or rl.critic_checkpoint")
