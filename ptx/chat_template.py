@@ -9,6 +9,8 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from ptx.sources import DataError
+
 CHAT_TEMPLATE = "chat_template.jinja"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
@@ -32,7 +34,7 @@ def read_templates(path: str, config: dict) -> tuple[dict[str, str], str]:
     if isinstance(source, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
                                         and isinstance(t.get("template"), str) for t in source):
         return {t["name"]: t["template"] for t in source}, file
-    raise ValueError(f"{file}: chat_template must be a string or a list of {{name, template}}, "
+    raise DataError(f"{file}: chat_template must be a string or a list of {{name, template}}, "
                      f"got {source!r:.200}")
 
 
@@ -108,4 +110,4 @@ def compile_template(source: str, where: str) -> jinja2.Template:
     try:
         return env.from_string(source)
     except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"{where}: chat template line {e.lineno}: {e.message}") from e
+        raise DataError(f"{where}: chat template line {e.lineno}: {e.message}") from e

@@ -30,6 +30,7 @@ from safetensors.numpy import save_file
 
 from ptx.hf_config import CONFIG, config_from_hf, family_of, read_config, to_hf_config
 from ptx.model import ModelConfig, Output, Transformer, init_params
+from ptx.sources import DataError
 from ptx.tokenizer import SPM_MODEL, TOKENIZER_JSON, HFTokenizer, Tokenizer, load_tokenizer as _load_tokenizer
 
 SINGLE = "model.safetensors"
@@ -162,7 +163,7 @@ def load_params(path: str, cfg: ModelConfig | None = None, shardings=None):
     expected = {n for t in specs for n in _names(t, cfg)}
     missing = sorted(expected - set(files))
     if missing:
-        raise ValueError(f"tensor {missing[0]} missing from {path} ({len(missing)} missing in all)")
+        raise DataError(f"tensor {missing[0]} missing from {path} ({len(missing)} missing in all)")
     # Rotary inverse frequencies that old checkpoints store follow from rope_theta.
     extra = sorted(n for n in set(files) - expected if not n.endswith("rotary_emb.inv_freq"))
     with contextlib.ExitStack() as stack:
@@ -172,7 +173,7 @@ def load_params(path: str, cfg: ModelConfig | None = None, shardings=None):
             handle = handles[files[name]]
             found = tuple(handle.get_slice(name).get_shape())
             if found != tuple(shape):
-                raise ValueError(f"tensor {name} has shape {found} in {path}, expected {tuple(shape)}")
+                raise DataError(f"tensor {name} has shape {found} in {path}, expected {tuple(shape)}")
             return handle.get_tensor(name)
 
         if cfg.tie_embeddings and "lm_head.weight" in extra:
@@ -181,7 +182,7 @@ def load_params(path: str, cfg: ModelConfig | None = None, shardings=None):
             if np.array_equal(read("lm_head.weight", embed.shape), embed):
                 extra.remove("lm_head.weight")
         if extra:
-            raise ValueError(f"unexpected tensor {extra[0]} in {path} for {cfg} ({len(extra)} in all)")
+            raise DataError(f"unexpected tensor {extra[0]} in {path} for {cfg} ({len(extra)} in all)")
         params = {}
         for t in specs:
             leaf = _get(abstract, t.path)

@@ -16,6 +16,7 @@ import json
 import os
 
 from ptx.model import ModelConfig
+from ptx.sources import DataError
 
 CONFIG = "config.json"
 # Architecture in config.json -> (family, has a scalar head).
@@ -54,9 +55,9 @@ def read_config(path: str) -> dict:
         with open(file, encoding="utf-8") as f:
             out = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: malformed JSON: {e}") from e
+        raise DataError(f"{file}: malformed JSON: {e}") from e
     if not isinstance(out, dict):
-        raise ValueError(f"{file}: expected a JSON object, got {type(out).__name__}")
+        raise DataError(f"{file}: expected a JSON object, got {type(out).__name__}")
     return out
 
 
@@ -71,17 +72,17 @@ def config_from_hf(hf_config: dict, *, where: str = CONFIG) -> ModelConfig:
     if arch not in ARCHITECTURES:
         hint = (" (the multimodal Gemma 3; ptx imports its text model, Gemma3ForCausalLM)"
                 if arch == "Gemma3ForConditionalGeneration" else "")
-        raise ValueError(f"{where} architectures={archs}{hint}: ptx imports exactly one of {sorted(ARCHITECTURES)}")
+        raise DataError(f"{where} architectures={archs}{hint}: ptx imports exactly one of {sorted(ARCHITECTURES)}")
     family, scalar_head = ARCHITECTURES[arch]
     defaults = DEFAULTS[family]
 
     def refuse(field, why):
-        raise ValueError(f"{where} {field}={hf_config.get(field)!r}: {why}")
+        raise DataError(f"{where} {field}={hf_config.get(field)!r}: {why}")
 
     def get(field, kind=None, default=None):
         value = hf_config.get(field, defaults.get(field, default))
         if value is None and field in _REQUIRED:
-            raise ValueError(f"{where}: field {field!r} missing ({arch} needs it)")
+            raise DataError(f"{where}: field {field!r} missing ({arch} needs it)")
         if kind is not None and value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
             refuse(field, f"expected {getattr(kind, '__name__', 'a number')}")
         return value

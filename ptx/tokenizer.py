@@ -31,6 +31,7 @@ import sentencepiece as spm
 import tokenizers
 
 from ptx.chat_template import CHAT_TEMPLATE, TOKENIZER_CONFIG, compile_template, plain_message, read_templates
+from ptx.sources import DataError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # The files of a Hugging Face tokenizer directory that HFTokenizer reads.
@@ -231,7 +232,7 @@ class HFTokenizer:
         try:
             self._tok = tokenizers.Tokenizer.from_file(file)
         except Exception as e:  # tokenizers raises a bare Exception for unreadable JSON or a missing model
-            raise ValueError(f"{file}: not a tokenizers file: {e}") from e
+            raise DataError(f"{file}: not a tokenizers file: {e}") from e
         # transformers encodes without the truncation / padding a tokenizer.json may carry.
         self._tok.no_truncation()
         self._tok.no_padding()
@@ -245,7 +246,7 @@ class HFTokenizer:
         stop = _read_json(os.path.join(path, GENERATION_CONFIG)).get("eos_token_id")
         stop = [] if stop is None else [stop] if isinstance(stop, int) else stop
         if not isinstance(stop, list) or not all(isinstance(i, int) for i in stop):
-            raise ValueError(f"{os.path.join(path, GENERATION_CONFIG)}: eos_token_id must be an int or a "
+            raise DataError(f"{os.path.join(path, GENERATION_CONFIG)}: eos_token_id must be an int or a "
                              f"list of ints, got {stop!r}")
         eos = [ids["eos_token"]] if "eos_token" in ids else []
         self.eos_ids: tuple[int, ...] = tuple(dict.fromkeys(eos + stop))
@@ -365,7 +366,7 @@ class HFTokenizer:
                 tools: Sequence[dict] | None, kwargs: dict) -> str:
         name = "tool_use" if tools is not None and "tool_use" in self.chat_templates else "default"
         if name not in self.chat_templates:
-            raise ValueError(f"{self.path}: no chat template {name!r} (looked for {CHAT_TEMPLATE} and "
+            raise DataError(f"{self.path}: no chat template {name!r} (looked for {CHAT_TEMPLATE} and "
                              f"{TOKENIZER_CONFIG}'s chat_template; found {sorted(self.chat_templates)})")
         if name not in self._compiled:
             self._compiled[name] = compile_template(self.chat_templates[name], f"{self._template_file} ({name})")
@@ -374,7 +375,7 @@ class HFTokenizer:
                     messages=[plain_message(m) for m in messages], tools=tools, documents=None,
                     add_generation_prompt=add_generation_prompt, **{**self._template_vars, **kwargs})
         except jinja2.TemplateError as e:
-            raise ValueError(f"{self._template_file} ({name}): chat template raised: {e}") from e
+            raise DataError(f"{self._template_file} ({name}): chat template raised: {e}") from e
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
@@ -388,9 +389,9 @@ def _read_json(file: str) -> dict:
         with open(file, encoding="utf-8") as f:
             out = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: malformed JSON: {e}") from e
+        raise DataError(f"{file}: malformed JSON: {e}") from e
     if not isinstance(out, dict):
-        raise ValueError(f"{file}: expected a JSON object, got {type(out).__name__}")
+        raise DataError(f"{file}: expected a JSON object, got {type(out).__name__}")
     return out
 
 

@@ -118,6 +118,18 @@ def test_a_bad_data_file_is_one_line_naming_file_line_and_field(tmp_path):
     assert_user_error(out, f"ptx: error: {broken}: line 2: invalid JSON...")
 
 
+@pytest.mark.parametrize("text,problem", [("{\"hidden_size\": 64", "malformed JSON"),
+                                          ("{\"architectures\": [\"LlamaForCausalLM\"], \"hidden_size\": 64}",
+                                           "field 'vocab_size' missing")])
+def test_a_broken_hf_config_json_is_one_line_naming_the_file_and_field(tmp_path, text, problem):
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text(text)
+    out = ptx(SFT, f"--workdir={tmp_path / 'run'}", f"--config.init.hf_dir={hf_dir}")
+    assert_user_error(out, f"ptx: error: {hf_dir / 'config.json'}...")
+    assert problem in out.stderr
+
+
 def test_verbose_shows_the_traceback_of_a_user_error(tmp_path):
     out = ptx(SFT, f"--workdir={tmp_path}", "--config.train.steps=-5", "--verbose")
     assert out.returncode != 0 and "Traceback" in out.stderr
