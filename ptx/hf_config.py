@@ -12,11 +12,10 @@ config.json that does not parse or lacks a field.
 Fields a config.json leaves out take transformers' defaults for its family
 (Qwen3's head_dim is 128, Gemma 3's 256, ...), as transformers would.
 """
-import json
 import os
 
 from ptx.model import ModelConfig
-from ptx.sources import DataError
+from ptx.sources import DataError, read_json_object
 
 CONFIG = "config.json"
 # Architecture in config.json -> (family, has a scalar head).
@@ -51,14 +50,7 @@ def read_config(path: str) -> dict:
     file = os.path.join(path, CONFIG)
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{file}: no such file (a Hugging Face model directory has a {CONFIG})")
-    try:
-        with open(file, encoding="utf-8") as f:
-            out = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{file}: malformed JSON: {e}") from e
-    if not isinstance(out, dict):
-        raise DataError(f"{file}: expected a JSON object, got {type(out).__name__}")
-    return out
+    return read_json_object(file)
 
 
 def config_from_hf(hf_config: dict, *, where: str = CONFIG) -> ModelConfig:

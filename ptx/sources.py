@@ -249,3 +249,16 @@ def _parquet(path: str, data: bytes) -> list[dict | BadRow]:
                     columns[name].append(None)
     return [bad.get(i) or {name: values[i] for name, values in columns.items()}
             for i in range(table.num_rows)]
+
+
+def read_json_object(file: str) -> dict:
+    """A JSON file holding one object (a model's config.json, tokenizer_config.json, ...);
+    DataError naming the file when it does not parse or holds something else."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            out = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{file}: malformed JSON: {e}") from e
+    if not isinstance(out, dict):
+        raise DataError(f"{file}: expected a JSON object, got {type(out).__name__}")
+    return out

@@ -20,7 +20,6 @@ renders it.
 import bisect
 import dataclasses
 import io
-import json
 import os
 import shutil
 import uuid
@@ -31,7 +30,7 @@ import sentencepiece as spm
 import tokenizers
 
 from ptx.chat_template import CHAT_TEMPLATE, TOKENIZER_CONFIG, compile_template, plain_message, read_templates
-from ptx.sources import DataError
+from ptx.sources import DataError, read_json_object
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 # The files of a Hugging Face tokenizer directory that HFTokenizer reads.
@@ -382,17 +381,8 @@ class HFTokenizer:
 
 
 def _read_json(file: str) -> dict:
-    """A JSON object file; {} when absent, ValueError naming the file when malformed."""
-    if not os.path.isfile(file):
-        return {}
-    try:
-        with open(file, encoding="utf-8") as f:
-            out = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{file}: malformed JSON: {e}") from e
-    if not isinstance(out, dict):
-        raise DataError(f"{file}: expected a JSON object, got {type(out).__name__}")
-    return out
+    """A JSON object file of the tokenizer directory; {} when absent (each is optional)."""
+    return read_json_object(file) if os.path.isfile(file) else {}
 
 
 def _special_tokens(config: dict, legacy: dict) -> dict[str, tokenizers.AddedToken]:
