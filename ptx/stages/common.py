@@ -163,6 +163,20 @@ def train_workdir_tokenizer(config, workdir: str, rows) -> Tokenizer:
                            path=os.path.join(workdir, "tokenizer.model"), template=template(config))
 
 
+def load_prompts(config, workdir: str, source: InitSource | None):
+    """The prompt rows of an RL-style stage (`data.train`, else the world's), its tokenizer and
+    the encoded prompts: (rows, tokenizer, {'prompt_tokens', 'prompt_lens'}). Skipped rows are
+    reported into the workdir."""
+    prompt_path, _ = data_paths(config, workdir)
+    tok = find_tokenizer(config, workdir, source)
+    rows, stats = data.load_rows(prompt_path, "prompt", on_bad_row=config.data.on_bad_row,
+                                 template=template(config), chat=use_chat(config, tok))
+    report_skipped(workdir, stats)
+    tok = tok or train_workdir_tokenizer(config, workdir, rows)
+    arrays, _ = data.encode_prompts(rows, tok, max_prompt_len=config.data.max_prompt_len)
+    return rows, tok, arrays
+
+
 def use_chat(config, tok) -> bool:
     """Whether rows go through the tokenizer's chat template (it has one and
     `tokenizer.use_chat_template`), else the configured prompt template."""

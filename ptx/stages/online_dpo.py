@@ -39,13 +39,7 @@ def run(config, workdir: str, devices=None) -> dict:
 def _run(config, workdir: str, mesh, source: common.InitSource, dpo: steps.DPOConfig, o: online.OnlineConfig,
          reward_cfg: rewards.SourceConfig) -> dict:
     common.write_config(config, workdir)
-    prompt_path, _ = common.data_paths(config, workdir)
-    tok = common.find_tokenizer(config, workdir, source)
-    rows, stats = data.load_rows(prompt_path, "prompt", on_bad_row=config.data.on_bad_row,
-                                 template=common.template(config), chat=common.use_chat(config, tok))
-    common.report_skipped(workdir, stats)
-    tok = tok or common.train_workdir_tokenizer(config, workdir, rows)
-    arrays, _ = data.encode_prompts(rows, tok, max_prompt_len=config.data.max_prompt_len)
+    rows, tok, arrays = common.load_prompts(config, workdir, source)
 
     cfg = source.cfg.replace(scalar_head=False)
     model = Transformer(cfg)

@@ -105,13 +105,7 @@ def _run(config, workdir: str, mesh, source: common.InitSource, rl: rollout.RLCo
     """The loop on every process: each holds the whole rollout on the host (prompts, decoded
     texts, scores) and puts on the mesh only the rows its own devices hold."""
     common.write_config(config, workdir)
-    prompt_path, _ = common.data_paths(config, workdir)
-    tok = common.find_tokenizer(config, workdir, source)
-    rows, stats = data.load_rows(prompt_path, "prompt", on_bad_row=config.data.on_bad_row,
-                                 template=common.template(config), chat=common.use_chat(config, tok))
-    common.report_skipped(workdir, stats)
-    tok = tok or common.train_workdir_tokenizer(config, workdir, rows)
-    arrays, _ = data.encode_prompts(rows, tok, max_prompt_len=config.data.max_prompt_len)
+    rows, tok, arrays = common.load_prompts(config, workdir, source)
     width = arrays["prompt_tokens"].shape[1]
 
     policy_cfg, critic_cfg, init, ref = build_models(config, mesh, source)
