@@ -14,9 +14,10 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from ptx import attention, sharding
+from ptx import attention, remat, sharding
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -39,7 +40,7 @@ class ModelConfig:
     scalar_head: bool = False  # reward / value head on the same trunk
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype: bfloat16 on TPU / GPU
-    remat: str = "none"  # none | full | dots
+    remat: str = "none"  # none | full | dots | offload (ptx.remat: what the backward keeps per layer)
     scan_unroll: int = 1  # layers unrolled per scan step; n_layers = no loop
     # Up to this depth a forward without a KV cache runs the layers as a Python loop
     # over slices of the stacked weights instead of a scan: no stacked residuals to
@@ -66,8 +67,8 @@ class ModelConfig:
         for field in ("param_dtype", "dtype"):
             if getattr(self, field) not in _DTYPES:
                 raise ValueError(f"model.{field}={getattr(self, field)!r}; expected one of {sorted(_DTYPES)}")
-        if self.remat not in ("none", "full", "dots"):
-            raise ValueError(f"model.remat={self.remat!r}; expected none, full or dots")
+        if self.remat not in remat.POLICIES:
+            raise ValueError(f"model.remat={self.remat!r}; expected one of {remat.POLICIES}")
         if self.layer_loop_max < 0:
             raise ValueError(f"model.layer_loop_max={self.layer_loop_max}; expected >= 0 (0 = always scan)")
         if self.attention not in attention.IMPLS:
@@ -263,6 +264,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, carry, layer, positions, rotary, segment_ids, k_pos, k_seg, cache_index):
         x, kv = carry
+        x = checkpoint_name(x, remat.RESIDUAL)  # what remat='offload' moves to the host
         cfg = self.cfg
         dt, pdt = _DTYPES[cfg.dtype], _DTYPES[cfg.param_dtype]
         a, kv = Attention(cfg, name="attn")(
@@ -279,20 +281,13 @@ class Block(nn.Module):
         return (sharding.constrain(x, sharding.RESIDUAL), kv), None
 
 
-def _block_cls(cfg: ModelConfig):
-    if cfg.remat == "none":
-        return Block
-    policy = None if cfg.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    return nn.remat(Block, policy=policy, prevent_cse=False)
-
-
 class Transformer(nn.Module):
     """Decoder-only transformer with an LM head and an optional scalar head.
 
     scan_layers: True (training, prefill) keeps the parameters stacked as
     'layers' [n_layers, ...] and scans one Block over them, or, without a KV
-    cache and for at most `cfg.layer_loop_max` layers, runs the Block on each
-    layer's slice in a Python loop (`split_layers`); False runs 'layers_0' ...
+    cache or remat (ptx.remat) and for at most `cfg.layer_loop_max` layers, runs
+    the Block on each layer's slice in a Python loop (`split_layers`); False runs 'layers_0' ...
     'layers_{n-1}' one after another with a per-layer KV cache (`unstack_layers`,
     `unstack_cache`): the decode step, where slicing a layer's weights and cache
     out of the stacks would copy them on every token.
@@ -336,15 +331,15 @@ class Transformer(nn.Module):
             kv = tuple(jax.tree.map(lambda c: sharding.constrain(c, spec), cache[n]) for n in ("k", "v"))
             k_pos, k_seg = put(cache["positions"], positions), put(cache["segment_ids"], segment_ids)
         rotary = rope_tables(positions, cfg.head_size, cfg.rope_theta)
-        loop = cache is None and cfg.n_layers <= cfg.layer_loop_max and not self.is_initializing()
-        if self.scan_layers and loop:
-            block = _block_cls(cfg)(cfg, parent=None)  # applied to each slice, owns no parameters
+        loop = cache is None and cfg.remat == "none" and cfg.n_layers <= cfg.layer_loop_max
+        if self.scan_layers and loop and not self.is_initializing():
+            block = Block(cfg, parent=None)  # applied to each slice, owns no parameters
             for layer_params in split_layers(self.variables["params"]["layers"]):
                 (x, _), _ = block.apply({"params": layer_params}, (x, None), None,
                                         positions, rotary, segment_ids, k_pos, k_seg, cache_index)
         elif self.scan_layers:
             layers = nn.scan(
-                _block_cls(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
+                remat.wrap(Block, cfg.remat), variable_axes={"params": 0}, split_rngs={"params": True},
                 in_axes=(0,) + (nn.broadcast,) * 6,
                 length=cfg.n_layers, unroll=cfg.scan_unroll)
             (x, kv), _ = layers(cfg, name="layers")((x, kv), jnp.arange(cfg.n_layers, dtype=jnp.int32),
@@ -352,7 +347,7 @@ class Transformer(nn.Module):
         else:
             new = []
             for i in range(cfg.n_layers):
-                (x, kv_i), _ = _block_cls(cfg)(cfg, name=f"layers_{i}")(
+                (x, kv_i), _ = remat.wrap(Block, cfg.remat)(cfg, name=f"layers_{i}")(
                     (x, None if kv is None else (kv[0][i], kv[1][i])), None, positions, rotary, segment_ids,
                     k_pos, k_seg, cache_index)
                 new.append(kv_i)
