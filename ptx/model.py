@@ -53,6 +53,9 @@ class ModelConfig:
     attention_block_q: int = 512  # query / key blocks of blockwise and splash
     attention_block_k: int = 512
     sliding_window: int = 0  # keys visible to a query, its own included; 0 = all earlier ones
+    # Tokens per chunk of the LM head under a loss (ptx.logprobs): [chunk, vocab] logits at a time.
+    # 0 = auto, 2**26 // vocab_size. A batch within one chunk runs the unchunked path, bit for bit.
+    loss_chunk: int = 0
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
@@ -75,6 +78,8 @@ class ModelConfig:
             raise ValueError(f"model.attention={self.attention!r}; expected one of {attention.IMPLS}")
         if min(self.attention_block_q, self.attention_block_k, self.sliding_window + 1) < 1:
             raise ValueError("model.attention_block_q / _k must be >= 1 and model.sliding_window >= 0")
+        if self.loss_chunk < 0:
+            raise ValueError(f"model.loss_chunk={self.loss_chunk}; expected >= 0 (0 = auto)")
 
 
 @flax.struct.dataclass

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ptx import losses
+from ptx import logprobs, losses
 from ptx.model import Transformer
 
 
@@ -64,15 +64,16 @@ def init_state(params, tx: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def _forward(model: Transformer, params, batch, prefix="", *, logits=True):
-    return model.apply({"params": params}, batch[prefix + "inputs"], batch[prefix + "positions"],
-                       batch[prefix + "segment_ids"], logits=logits)
+def _token_stats(model: Transformer, params, batch, **kw) -> logprobs.TokenStats:
+    """`logprobs.token_stats` of batch['targets'] (chunked over the vocabulary when large)."""
+    return logprobs.token_stats(model, params, batch["inputs"], batch["positions"], batch["segment_ids"],
+                                batch["targets"], **kw)
 
 
 def sft_loss_fn(model: Transformer, params, batch, frozen=None):
     """Token cross-entropy; batch: inputs / targets / positions / segment_ids [b, t] int32, loss_mask [b, t] f32."""
-    out = _forward(model, params, batch)
-    return losses.sft_loss(out.logits, batch["targets"], batch["loss_mask"])
+    stats = _token_stats(model, params, batch, argmax=True)
+    return losses.sft_loss_of_logprobs(stats.logps, stats.argmax == batch["targets"], batch["loss_mask"])
 
 
 def _pair_batch(batch):
@@ -105,9 +106,7 @@ def reward_loss_fn(model: Transformer, params, batch, frozen=None, *, center_coe
 def pair_logps(model: Transformer, params, batch):
     """Summed response log-probs of chosen and rejected ([b] f32 each) and response lengths."""
     pair = _pair_batch(batch)
-    out = _forward(model, params, pair)
-    token_logps = losses.token_logprobs(out.logits, pair["targets"])
-    seq = losses.sequence_logps(token_logps, pair["loss_mask"])
+    seq = losses.sequence_logps(_token_stats(model, params, pair).logps, pair["loss_mask"])
     lengths = jnp.maximum(pair["loss_mask"].sum(-1), 1.0)
     return jnp.split(seq, 2), jnp.split(lengths, 2)
 

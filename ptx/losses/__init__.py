@@ -11,11 +11,12 @@ One namespace, three files: `tokens` (log-probs, entropy, masked reductions),
 """
 from ptx.losses.rl import (AGGREGATIONS, GROUP_ADVANTAGE_KINDS, KL_KINDS, adaptive_kl_update, aggregate, gae,
                            group_advantages, kl_penalty, ppo_policy_loss, ppo_value_loss)
-from ptx.losses.supervised import (DPO_LOSS_TYPES, dpo_loss, dpo_metrics, pairwise_reward_loss, sft_loss)
+from ptx.losses.supervised import (DPO_LOSS_TYPES, dpo_loss, dpo_metrics, pairwise_reward_loss, sft_loss,
+                                   sft_loss_of_logprobs)
 from ptx.losses.tokens import (argmax, chunked_token_logprobs, masked_mean, masked_sum, masked_whiten,
                                sequence_logps, token_entropy, token_logprobs)
 
 __all__ = ["AGGREGATIONS", "DPO_LOSS_TYPES", "GROUP_ADVANTAGE_KINDS", "KL_KINDS", "adaptive_kl_update",
            "aggregate", "argmax", "chunked_token_logprobs", "dpo_loss", "dpo_metrics", "gae", "group_advantages",
            "kl_penalty", "masked_mean", "masked_sum", "masked_whiten", "pairwise_reward_loss", "ppo_policy_loss",
-           "ppo_value_loss", "sequence_logps", "sft_loss", "token_entropy", "token_logprobs"]
+           "ppo_value_loss", "sequence_logps", "sft_loss", "sft_loss_of_logprobs", "token_entropy", "token_logprobs"]

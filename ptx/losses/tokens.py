@@ -52,8 +52,9 @@ def token_entropy(logits):
     return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(probs * logits, axis=-1)
 
 
-def chunked_token_logprobs(hidden, head, targets, *, vocab_major=False, chunk_size=1024, entropy=False):
-    """`token_logprobs` (and `token_entropy`) of the LM head's logits, chunk_size tokens at a time.
+def chunked_token_logprobs(hidden, head, targets, *, vocab_major=False, chunk_size=1024, entropy=False,
+                           argmax=False):
+    """`token_logprobs` (and `token_entropy`, `argmax`) of the LM head's logits, chunk_size tokens at a time.
 
     The largest buffers, forward and backward, are one chunk's [chunk_size,
     vocab] logits and their gradient: the [batch, seq, vocab] ones never exist.
@@ -66,10 +67,12 @@ def chunked_token_logprobs(hidden, head, targets, *, vocab_major=False, chunk_si
         targets: [batch, seq] int32.
         chunk_size: tokens per chunk; the last one is padded.
         entropy: also return the entropies.
+        argmax: also return the most likely token of each position (no gradient).
 
     Returns:
-        [batch, seq] float32 log-probabilities, or (those, [batch, seq] float32
-        entropies) with entropy=True.
+        [batch, seq] float32 log-probabilities; with entropy or argmax a tuple of
+        those and then, in this order, what was asked for: [batch, seq] float32
+        entropies, [batch, seq] int32 argmax ids (`argmax`: the lowest among ties).
     """
     b, t, d = hidden.shape
     n = b * t
@@ -77,9 +80,10 @@ def chunked_token_logprobs(hidden, head, targets, *, vocab_major=False, chunk_si
     pad = -n % chunk
     h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, chunk, d)
     y = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, chunk)
-    logps, ents = _head_logprobs(h, head.astype(hidden.dtype), y, vocab_major, entropy)
+    logps, ents, ids = _head_logprobs(h, head.astype(hidden.dtype), y, vocab_major, entropy, argmax)
     unchunk = lambda x: x.reshape(-1)[:n].reshape(b, t)
-    return (unchunk(logps), unchunk(ents)) if entropy else unchunk(logps)
+    extras = [unchunk(x) for x, asked in ((ents, entropy), (ids, argmax)) if asked]
+    return (unchunk(logps), *extras) if extras else unchunk(logps)
 
 
 def _head_logits(h, w, vocab_major):
@@ -90,29 +94,29 @@ def _head_logits(h, w, vocab_major):
 # A custom gradient rather than jax.checkpoint around each chunk: the backward
 # pass then holds the recomputed logits and their gradient only (the checkpointed
 # chunk's autodiff kept about four [chunk, vocab] buffers, this about two).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _head_logprobs(h, w, y, vocab_major, entropy):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _head_logprobs(h, w, y, vocab_major, entropy, with_argmax):
     """h: [chunks, chunk, d]; w: the head in h's dtype; y: [chunks, chunk] int32 ->
-    ([chunks, chunk] log-probs, [chunks, chunk] entropies or None)."""
-    return _head_logprobs_fwd(h, w, y, vocab_major, entropy)[0]
+    ([chunks, chunk] log-probs, [chunks, chunk] entropies or None, [chunks, chunk] int32 argmax or None)."""
+    return _head_logprobs_fwd(h, w, y, vocab_major, entropy, with_argmax)[0]
 
 
-def _head_logprobs_fwd(h, w, y, vocab_major, entropy):
+def _head_logprobs_fwd(h, w, y, vocab_major, entropy, with_argmax):
     def one(xs):
         h_c, y_c = xs
         z = _head_logits(h_c, w, vocab_major)
         lse = jax.nn.logsumexp(z, axis=-1)
         logp = jnp.take_along_axis(z, y_c[:, None], axis=-1)[:, 0] - lse
         ent = lse - jnp.sum(jnp.exp(z - lse[:, None]) * z, axis=-1) if entropy else None
-        return logp, ent, lse
+        return logp, ent, argmax(z) if with_argmax else None, lse
 
-    logps, ents, lse = jax.lax.map(one, (h, y))
-    return (logps, ents), (h, w, y, ents, lse)
+    logps, ents, ids, lse = jax.lax.map(one, (h, y))
+    return (logps, ents, ids), (h, w, y, ents, lse)
 
 
-def _head_logprobs_bwd(vocab_major, entropy, res, grads):
+def _head_logprobs_bwd(vocab_major, entropy, with_argmax, res, grads):
     h, w, y, ents, lse = res
-    g_logp, g_ent = grads
+    g_logp, g_ent, _ = grads  # the argmax ids have no gradient
 
     def one(dw, xs):
         h_c, y_c, lse_c, g_c, ent_c, g_ent_c = xs
