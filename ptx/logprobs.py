@@ -9,6 +9,8 @@ one chunk's logits and their gradient (equal within float tolerance).
 from typing import Any
 
 import flax.struct
+import jax
+import jax.numpy as jnp
 
 from ptx import losses
 from ptx.model import ModelConfig, Transformer, lm_head
@@ -55,8 +57,11 @@ def token_stats(model: Transformer, params, tokens, positions, segment_ids, targ
                           entropy=losses.token_entropy(logits) if entropy else None,
                           argmax=losses.argmax(logits) if argmax else None, values=values)
     head, vocab_major = lm_head(cfg, params)
+    # XLA's CPU backend computes a bfloat16 product in float32 anyway, through float32
+    # copies of its operands (here the whole head): take the float32 head as it is.
+    dtype = jnp.float32 if jax.default_backend() == "cpu" else None
     res = losses.chunked_token_logprobs(out.hidden[:, start:start + n], head, targets, vocab_major=vocab_major,
-                                        chunk_size=chunk, entropy=entropy, argmax=argmax)
+                                        chunk_size=chunk, entropy=entropy, argmax=argmax, dtype=dtype)
     res = res if isinstance(res, tuple) else (res,)
     ent = res[1] if entropy else None
     ids = res[-1] if argmax else None
