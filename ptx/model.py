@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from ptx import attention, remat, sharding
+from ptx import attention, lookup, remat, sharding
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -327,7 +327,7 @@ class Transformer(nn.Module):
         # The row lookup reads whole rows: gather the table's FSDP shards first, or the
         # partitioner would have to replicate the looked-up activations to re-split them.
         table = sharding.constrain(embed.embedding, sharding.EMBED_LOOKUP).astype(_DTYPES[cfg.dtype])
-        x = sharding.constrain(jnp.take(table, tokens, axis=0), sharding.RESIDUAL)
+        x = sharding.constrain(lookup.rows(table, tokens), sharding.RESIDUAL)
         if cache is None:
             kv, k_pos, k_seg = None, positions, segment_ids
         else:
