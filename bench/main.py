@@ -22,9 +22,10 @@ would inflate MFU). Writes `--out` as JSON keyed by benchmark name, next to
 --memory_only times nothing: it compiles the training steps (MEMORY) on abstract
 inputs at the given shape, nothing allocated, and writes per step XLA's memory
 analysis (argument_mib, temp_mib, output_mib, alias_mib, host_temp_mib) next to
-the config (shape, dtype, remat, attention, loss_chunk). On CPU a bfloat16 model's
-products run in float32 through float32 copies of their operands, which the
-temporaries include.
+the config (shape, dtype, remat, attention, loss_chunk). On CPU it compiles with
+XLA:CPU's memory-optimised scheduler (--cpu_scheduler default: the concurrency one
+that runs), and a bfloat16 model's products and loops run in float32 through
+float32 copies of their operands, which the temporaries include.
 """
 import argparse
 import json
@@ -67,6 +68,8 @@ def parse_args(argv=None):
                         "-1 = the preset's; a number above batch x seq = unchunked")
     p.add_argument("--memory_only", action="store_true",
                    help="compile the training steps at this shape without running them; report XLA's memory analysis")
+    p.add_argument("--cpu_scheduler", default="memory", choices=("memory", "default"),
+                   help="--memory_only on CPU: XLA:CPU's memory-optimised scheduler, or its default (concurrency)")
     p.add_argument("--scan_unroll", type=int, default=0, help="layers per scan step; 0 = the preset's")
     p.add_argument("--batch", type=int, default=16, help="rows (DPO / reward: pairs) per step")
     p.add_argument("--seq", type=int, default=128, help="tokens per row")
@@ -206,11 +209,12 @@ def memory_only(args, cfg: ModelConfig, names, dev) -> dict:
     suite = Suite(args, cfg, float("nan"))
     print(f"ptx bench --memory_only on {dev.device_kind} ({dev.platform}, {suite.mesh.size} device(s)): "
           f"batch {args.batch} x seq {args.seq}, {cfg.dtype} compute, remat {cfg.remat}, attention "
-          f"{cfg.attention}, loss_chunk {cfg.loss_chunk}", flush=True)
+          f"{cfg.attention}, loss_chunk {cfg.loss_chunk}, CPU scheduler {args.cpu_scheduler}", flush=True)
     results = {"device": dev.device_kind, "platform": dev.platform, "n_devices": suite.mesh.size,
                "jax_version": jax.__version__, "memory_only": True,
                "config": dict(cfg.__dict__, batch=args.batch, seq=args.seq, prompt_len=suite.width,
-                              devices=suite.mesh.size, lora_rank=args.lora_rank)}
+                              devices=suite.mesh.size, lora_rank=args.lora_rank,
+                              cpu_scheduler=args.cpu_scheduler if dev.platform == "cpu" else None)}
     for name in names:
         results[name] = getattr(suite, name)()
         print(f"  {name}: temps {results[name]['temp_mib']:.0f} MiB", flush=True)

@@ -84,9 +84,13 @@ class Suite:
         self.fwd = flops_per_token(cfg, args.seq)  # per token, LM head included
         self.head = 2 * cfg.d_model * cfg.vocab_size
         self._params = None
-        level = args.backend_opt_level
-        self.compile = functools.partial(compile_timed, options={"xla_backend_optimization_level": level}
-                                         if level >= 0 else None)
+        options = {"xla_backend_optimization_level": args.backend_opt_level} if args.backend_opt_level >= 0 else {}
+        if self.memory_only and jax.devices()[0].platform == "cpu" and getattr(args, "cpu_scheduler", "") == "memory":
+            # XLA:CPU's default scheduler trades memory for concurrency between threads (it
+            # allocates the backward pass's zero-initialised gradients at the start of the
+            # step); an accelerator's scheduler minds its memory, and so does this one.
+            options["xla_cpu_scheduler_type"] = "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
+        self.compile = functools.partial(compile_timed, options=options or None)
         self.tx, self.lr_fn = optim.make_optimizer(common.base_config("bench").optim, total_steps=1000)
 
     def time(self, run, repeats=None) -> float:
