@@ -53,9 +53,7 @@ class ModelConfig:
     attention_block_q: int = 512  # query / key blocks of blockwise and splash
     attention_block_k: int = 512
     sliding_window: int = 0  # keys visible to a query, its own included; 0 = all earlier ones
-    # Tokens per chunk of the LM head under a loss (ptx.logprobs): [chunk, vocab] logits at a time.
-    # 0 = auto, 2**26 // vocab_size. A batch within one chunk runs the unchunked path, bit for bit.
-    loss_chunk: int = 0
+    loss_chunk: int = 0  # tokens per chunk of the LM head under a loss (ptx.logprobs); 0 = 2**26 // vocab_size
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
@@ -289,11 +287,11 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Decoder-only transformer with an LM head and an optional scalar head.
 
-    scan_layers: True (training, prefill) keeps the parameters stacked as
-    'layers' [n_layers, ...] and scans one Block over them, or, without a KV
-    cache or remat (ptx.remat) and for at most `cfg.layer_loop_max` layers, runs
-    the Block on each layer's slice in a Python loop (`split_layers`); False runs 'layers_0' ...
-    'layers_{n-1}' one after another with a per-layer KV cache (`unstack_layers`,
+    scan_layers: True (training, prefill) keeps the parameters stacked as 'layers'
+    [n_layers, ...]; without a KV cache the Block runs on each layer's slice, in
+    `remat.scan` or, without remat and for at most `cfg.layer_loop_max` layers, a
+    Python loop (`split_layers`); with one, one Block is scanned. False runs
+    'layers_0' ... 'layers_{n-1}' with a per-layer KV cache (`unstack_layers`,
     `unstack_cache`): the decode step, where slicing a layer's weights and cache
     out of the stacks would copy them on every token.
     """
@@ -336,23 +334,24 @@ class Transformer(nn.Module):
             kv = tuple(jax.tree.map(lambda c: sharding.constrain(c, spec), cache[n]) for n in ("k", "v"))
             k_pos, k_seg = put(cache["positions"], positions), put(cache["segment_ids"], segment_ids)
         rotary = rope_tables(positions, cfg.head_size, cfg.rope_theta)
-        loop = cache is None and cfg.remat == "none" and cfg.n_layers <= cfg.layer_loop_max
-        if self.scan_layers and loop and not self.is_initializing():
-            block = Block(cfg, parent=None)  # applied to each slice, owns no parameters
-            for layer_params in split_layers(self.variables["params"]["layers"]):
-                (x, _), _ = block.apply({"params": layer_params}, (x, None), None,
-                                        positions, rotary, segment_ids, k_pos, k_seg, cache_index)
-        elif self.scan_layers:
-            layers = nn.scan(
-                remat.wrap(Block, cfg.remat), variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(0,) + (nn.broadcast,) * 6,
-                length=cfg.n_layers, unroll=cfg.scan_unroll)
+        if self.scan_layers and cache is None and not self.is_initializing():
+            block = Block(cfg, parent=None)  # applied to each layer's slice, owns no parameters
+            masks, stacked = (positions, rotary, segment_ids, k_pos, k_seg), self.variables["params"]["layers"]
+            layer = lambda x, p, *a: block.apply({"params": p}, (x, None), None, *a, cache_index)[0][0]
+            if cfg.remat == "none" and cfg.n_layers <= cfg.layer_loop_max:
+                for layer_params in split_layers(stacked):
+                    x = layer(x, layer_params, *masks)
+            else:
+                x = remat.scan(layer, x, stacked, masks, cfg.remat, cfg.scan_unroll)
+        elif self.scan_layers:  # initialisation, and prefill into a KV cache
+            layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                             in_axes=(0,) + (nn.broadcast,) * 6, length=cfg.n_layers, unroll=cfg.scan_unroll)
             (x, kv), _ = layers(cfg, name="layers")((x, kv), jnp.arange(cfg.n_layers, dtype=jnp.int32),
                                                     positions, rotary, segment_ids, k_pos, k_seg, cache_index)
         else:
             new = []
             for i in range(cfg.n_layers):
-                (x, kv_i), _ = remat.wrap(Block, cfg.remat)(cfg, name=f"layers_{i}")(
+                (x, kv_i), _ = Block(cfg, name=f"layers_{i}")(
                     (x, None if kv is None else (kv[0][i], kv[1][i])), None, positions, rotary, segment_ids,
                     k_pos, k_seg, cache_index)
                 new.append(kv_i)
