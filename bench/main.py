@@ -2,6 +2,7 @@
 iteration, against the peak.
 
 python -m bench.main [--size bench] [--only sft_step,decode_b16] [--compare runs/old.json] [--peer torch]
+python -m bench.main --memory_only --size qwen3_0_6b --seq 4096 --batch 1 [--attention xla --loss_chunk 1000000000]
 
 Each number is the median of `--repeats` timed runs after one warm-up run,
 each ended by block_until_ready (bench/suite.py holds the benchmarks,
@@ -17,6 +18,14 @@ TPU; on CPU the fastest dense matmul of probes run before every benchmark and
 after the last (other processes may share the cores, and a disturbed probe
 would inflate MFU). Writes `--out` as JSON keyed by benchmark name, next to
 `device`, `matmul_peak_flops`, `peak_flops` and `config`.
+
+--memory_only times nothing: it compiles the training steps (MEMORY) on abstract
+inputs at the given shape, nothing allocated, and writes per step XLA's memory
+analysis (argument_mib, temp_mib, output_mib, alias_mib, host_temp_mib) next to
+the config (shape, dtype, remat, attention, loss_chunk). On CPU it compiles with
+XLA:CPU's memory-optimised scheduler (--cpu_scheduler default: the concurrency one
+that runs), and a bfloat16 model's products and loops run in float32 through
+float32 copies of their operands, which the temporaries include.
 """
 import argparse
 import json
@@ -34,15 +43,33 @@ from ptx.model import ModelConfig
 
 TRAIN = ("sft_step", "reward_step", "dpo_step", "dpo_step_precomputed_ref", "ppo_update", "lora_sft_step",
          "lora_dpo_step")
+MEMORY = ("sft_step", "dpo_step", "ppo_update", "grpo_update", "lora_sft_step", "lora_dpo_step", "lora_ppo_update")
+# Bench-only shapes beside configs/common.MODEL_PRESETS. qwen3_0_6b: Qwen3-0.6B's sizes (tied
+# embeddings, 151,936 words) on the ptx architecture (no q / k norms), bfloat16 compute, full remat.
+BENCH_PRESETS = {
+    "qwen3_0_6b": dict(vocab_size=151936, d_model=1024, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128,
+                       d_ff=3072, rope_theta=1000000.0, norm_eps=1e-6, tie_embeddings=True, dtype="bfloat16",
+                       remat="full", attention="auto"),
+}
+PRESETS = {**common.MODEL_PRESETS, **BENCH_PRESETS}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.main", description=__doc__.splitlines()[0])
-    p.add_argument("--size", default="bench", choices=sorted(common.MODEL_PRESETS), help="model preset")
-    for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "vocab"):
+    p.add_argument("--size", default="bench", choices=sorted(PRESETS), help="model preset")
+    for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "vocab"):
         p.add_argument(f"--{name}", type=int, default=0, help="0 = the preset's")
-    p.add_argument("--dtype", default="auto", help="compute dtype; auto = float32 on CPU, else bfloat16")
-    p.add_argument("--remat", default="", help="none | full | dots; '' = the preset's")
+    p.add_argument("--dtype", default="auto",
+                   help="compute dtype; auto = the preset's, else float32 on CPU and bfloat16 elsewhere")
+    p.add_argument("--remat", default="", help="none | full | dots | offload; '' = the preset's")
+    p.add_argument("--attention", default="", help="xla | blockwise | cudnn | splash | auto; '' = the preset's")
+    p.add_argument("--loss_chunk", type=int, default=-1,
+                   help="model.loss_chunk: tokens per chunk of the LM head under a loss, 0 = auto; "
+                        "-1 = the preset's; a number above batch x seq = unchunked")
+    p.add_argument("--memory_only", action="store_true",
+                   help="compile the training steps at this shape without running them; report XLA's memory analysis")
+    p.add_argument("--cpu_scheduler", default="memory", choices=("memory", "default"),
+                   help="--memory_only on CPU: XLA:CPU's memory-optimised scheduler, or its default (concurrency)")
     p.add_argument("--scan_unroll", type=int, default=0, help="layers per scan step; 0 = the preset's")
     p.add_argument("--batch", type=int, default=16, help="rows (DPO / reward: pairs) per step")
     p.add_argument("--seq", type=int, default=128, help="tokens per row")
@@ -71,27 +98,29 @@ def parse_args(argv=None):
 
 def model_config(args) -> ModelConfig:
     """The preset with the flag overrides; d_ff and n_kv_heads keep the preset's ratios."""
-    f = dict(common.MODEL_PRESETS[args.size])
+    f = dict(PRESETS[args.size])
     if args.d_model:
         f["d_ff"] = f["d_ff"] * args.d_model // f["d_model"]
         f["d_model"] = args.d_model
     if args.n_heads:
         f["n_kv_heads"] = max(1, f["n_kv_heads"] * args.n_heads // f["n_heads"])
         f["n_heads"] = args.n_heads
-    for flag, field in (("n_layers", "n_layers"), ("n_kv_heads", "n_kv_heads"), ("d_ff", "d_ff"),
-                        ("vocab", "vocab_size")):
+    for flag, field in (("n_layers", "n_layers"), ("n_kv_heads", "n_kv_heads"), ("head_dim", "head_dim"),
+                        ("d_ff", "d_ff"), ("vocab", "vocab_size"), ("remat", "remat"), ("attention", "attention"),
+                        ("scan_unroll", "scan_unroll")):
         if getattr(args, flag):
             f[field] = getattr(args, flag)
-    if args.remat:
-        f["remat"] = args.remat
-    if args.scan_unroll:
-        f["scan_unroll"] = args.scan_unroll
+    if args.loss_chunk >= 0:
+        f["loss_chunk"] = args.loss_chunk
     cpu = jax.devices()[0].platform == "cpu"
-    f["dtype"] = args.dtype if args.dtype != "auto" else ("float32" if cpu else "bfloat16")
+    if args.dtype != "auto" or "dtype" not in f:
+        f["dtype"] = args.dtype if args.dtype != "auto" else ("float32" if cpu else "bfloat16")
     return ModelConfig(**f)
 
 
 def benchmark_names(args) -> list:
+    if args.memory_only:
+        return list(MEMORY)
     decode = [f"decode_b{int(b)}" for b in args.decode_batches.split(",") if b]
     return [*TRAIN, "prefill", *decode, "grpo_iteration", "ppo_iteration"]
 
@@ -119,6 +148,8 @@ def main(argv=None) -> dict:
             raise SystemExit(f"--only: unknown benchmarks {unknown}; known: {names}")
         names = [n for n in names if n in args.only.split(",")]
     dev = jax.devices()[0]
+    if args.memory_only:
+        return memory_only(args, cfg, names, dev)
     cpu = dev.platform == "cpu"
     n = args.matmul_n or (2048 if cpu else 8192)
     measured = matmul_peak(n, jnp.dtype(cfg.dtype))
@@ -170,6 +201,29 @@ def main(argv=None) -> dict:
     if args.compare:
         with open(args.compare) as f:
             print(f"compared with {args.compare}:\n" + bench_peer.compare(results, json.load(f)))
+    return results
+
+
+def memory_only(args, cfg: ModelConfig, names, dev) -> dict:
+    """--memory_only: each training step compiled at the shape, never run; XLA's memory analysis."""
+    suite = Suite(args, cfg, float("nan"))
+    print(f"ptx bench --memory_only on {dev.device_kind} ({dev.platform}, {suite.mesh.size} device(s)): "
+          f"batch {args.batch} x seq {args.seq}, {cfg.dtype} compute, remat {cfg.remat}, attention "
+          f"{cfg.attention}, loss_chunk {cfg.loss_chunk}, CPU scheduler {args.cpu_scheduler}", flush=True)
+    results = {"device": dev.device_kind, "platform": dev.platform, "n_devices": suite.mesh.size,
+               "jax_version": jax.__version__, "memory_only": True,
+               "config": dict(cfg.__dict__, batch=args.batch, seq=args.seq, prompt_len=suite.width,
+                              devices=suite.mesh.size, lora_rank=args.lora_rank,
+                              cpu_scheduler=args.cpu_scheduler if dev.platform == "cpu" else None)}
+    for name in names:
+        results[name] = getattr(suite, name)()
+        print(f"  {name}: temps {results[name]['temp_mib']:.0f} MiB", flush=True)
+    print(bench_peer.memory_table(results))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {args.out}")
     return results
 
 

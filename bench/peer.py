@@ -67,6 +67,32 @@ def xla_mem_mb(compiled) -> float:
             - m.alias_size_in_bytes) / 2**20
 
 
+def memory_entry(compiled, compile_s: float, **extra) -> dict:
+    """What XLA's memory analysis of one compiled executable says, in MiB: arguments, outputs,
+    temporaries (the working set), the outputs that alias donated arguments, and host memory
+    (remat='offload')."""
+    m = compiled.memory_analysis()
+    mib = lambda name: getattr(m, name, 0) / 2**20
+    return dict(argument_mib=mib("argument_size_in_bytes"), temp_mib=mib("temp_size_in_bytes"),
+                output_mib=mib("output_size_in_bytes"), alias_mib=mib("alias_size_in_bytes"),
+                host_temp_mib=mib("host_temp_size_in_bytes"), compile_s=compile_s, **extra)
+
+
+def is_memory_entry(v) -> bool:
+    return isinstance(v, dict) and "temp_mib" in v
+
+
+def memory_table(results: dict) -> str:
+    rows = [f"{'benchmark':<20} {'args MiB':>9} {'temps MiB':>10} {'out MiB':>9} {'host MiB':>9} "
+            f"{'compile s':>9}  trained + opt state / frozen MiB"]
+    for name, e in results.items():
+        if is_memory_entry(e):
+            rows.append(f"{name:<20} {e['argument_mib']:>9.0f} {e['temp_mib']:>10.0f} {e['output_mib']:>9.0f} "
+                        f"{e['host_temp_mib']:>9.0f} {e['compile_s']:>9.1f}  "
+                        f"{e['param_mb'] + e['opt_state_mb']:.0f} / {e['frozen_mb']:.0f}")
+    return "\n".join(rows)
+
+
 def published_peak(device_kind: str):
     return next((peak for key, peak in PUBLISHED_PEAKS if key.lower() in device_kind.lower()), None)
 

@@ -1,6 +1,8 @@
 """The benchmarks of `python -m bench.main`: synthetic inputs (random weights and
 token rows of the benchmarked shapes) and `Suite`, one method per benchmark, each
-returning a `peer.entry` (tokens/s, FLOP/s, compile time, peak memory).
+returning a `peer.entry` (tokens/s, FLOP/s, compile time, peak memory), or with
+`--memory_only` a `peer.memory_entry` of the training steps: compiled on abstract
+inputs (shapes and shardings, nothing allocated) and never run.
 """
 import dataclasses
 import functools
@@ -10,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.peer import compile_timed, entry, mb, median_time
+from bench.peer import compile_timed, entry, mb, median_time, memory_entry
 from configs import common
 from configs import dpo as dpo_configs
 from configs import grpo as grpo_configs
@@ -18,7 +20,7 @@ from configs import ppo as ppo_configs
 from configs import reward as reward_configs
 from ptx import lora, optim, rollout, sampler, sharding, steps
 from ptx.stages import common as stage_common
-from ptx.model import ModelConfig, Transformer, flops_per_token, init_params, unstack_layers
+from ptx.model import ModelConfig, Transformer, abstract_params, flops_per_token, init_params, unstack_layers
 
 
 # ---------------------------------------------------------------- inputs
@@ -73,6 +75,7 @@ def rl_rows(rng, b, width, n, vocab):
 class Suite:
     def __init__(self, args, cfg: ModelConfig, peak: float):
         self.args, self.cfg, self.peak = args, cfg, peak
+        self.memory_only = bool(getattr(args, "memory_only", False))
         devices = jax.local_devices()[:args.devices] if args.devices else jax.local_devices()
         self.mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
         self.rng = np.random.default_rng(0)
@@ -81,9 +84,13 @@ class Suite:
         self.fwd = flops_per_token(cfg, args.seq)  # per token, LM head included
         self.head = 2 * cfg.d_model * cfg.vocab_size
         self._params = None
-        level = args.backend_opt_level
-        self.compile = functools.partial(compile_timed, options={"xla_backend_optimization_level": level}
-                                         if level >= 0 else None)
+        options = {"xla_backend_optimization_level": args.backend_opt_level} if args.backend_opt_level >= 0 else {}
+        if self.memory_only and jax.devices()[0].platform == "cpu" and getattr(args, "cpu_scheduler", "") == "memory":
+            # XLA:CPU's default scheduler trades memory for concurrency between threads (it
+            # allocates the backward pass's zero-initialised gradients at the start of the
+            # step); an accelerator's scheduler minds its memory, and so does this one.
+            options["xla_cpu_scheduler_type"] = "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
+        self.compile = functools.partial(compile_timed, options=options or None)
         self.tx, self.lr_fn = optim.make_optimizer(common.base_config("bench").optim, total_steps=1000)
 
     def time(self, run, repeats=None) -> float:
@@ -100,8 +107,20 @@ class Suite:
         rules = sharding.param_rules((cfg or self.cfg).replace(scalar_head=True))  # a superset: unused rules are fine
         return sharding.named(self.mesh, sharding.tree_specs(tree, rules, self.mesh, strict=False))
 
+    def weights(self, cfg: ModelConfig, seed: int):
+        """A parameter tree of `cfg`: random host arrays, or with memory_only its shapes."""
+        return abstract_params(cfg) if self.memory_only else random_params(cfg, seed)
+
     def put(self, params):
+        """On the mesh: device arrays, or with memory_only ShapeDtypeStructs carrying the shardings."""
+        if self.memory_only:
+            return jax.tree_util.tree_map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                                          params, self._shardings(params))
         return jax.device_put(params, self._shardings(params))
+
+    def derive(self, fn, tree):
+        """fn(tree), or with memory_only its shapes on the mesh."""
+        return self.put(jax.eval_shape(fn, tree)) if self.memory_only else fn(tree)
 
     def _step(self, loss_fn, state_sh, frozen_sh):
         return steps.compile_step(
@@ -112,13 +131,21 @@ class Suite:
     def train(self, loss_fn, params, batch: dict, flops: float, frozen=None, tokens=None):
         """Times one `steps.train_step` from `params` (host arrays, the trained tree); frozen: device
         arrays the step reads but does not train. param_mb / opt_state_mb / frozen_mb: their sizes."""
-        state_sh = self._shardings(jax.eval_shape(lambda p: steps.init_state(p, self.tx), params))
-        state = jax.device_put(steps.init_state(jax.device_put(params, state_sh.params), self.tx), state_sh)
+        abstract = jax.eval_shape(lambda p: steps.init_state(p, self.tx), params)
+        state_sh = self._shardings(abstract)
         frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
-        batch = sharding.put_global(batch, self.mesh)
-        compiled, compile_s = self.compile(self._step(loss_fn, state_sh, frozen_sh), state, batch, frozen)
-        sizes = {f"{k}_mb": mb(t) for k, t in (("param", state.params), ("opt_state", state.opt_state),
+        sizes = {f"{k}_mb": mb(t) for k, t in (("param", abstract.params), ("opt_state", abstract.opt_state),
                                                   ("frozen", frozen))}
+        step = self._step(loss_fn, state_sh, frozen_sh)
+        if self.memory_only:
+            spec = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+            batch_sh = sharding.batch_sharding(self.mesh)
+            compiled, compile_s = self.compile(step, jax.tree_util.tree_map(spec, abstract, state_sh),
+                                               {k: spec(v, batch_sh) for k, v in batch.items()}, frozen)
+            return memory_entry(compiled, compile_s, **sizes)
+        state = jax.device_put(steps.init_state(jax.device_put(params, state_sh.params), self.tx), state_sh)
+        batch = sharding.put_global(batch, self.mesh)
+        compiled, compile_s = self.compile(step, state, batch, frozen)
         box = [state]
 
         def run():
@@ -132,38 +159,43 @@ class Suite:
     def sft_step(self):
         a, cfg = self.args, self.cfg
         loss_fn = steps.make_loss_fn("sft", Transformer(cfg))
-        return self.train(loss_fn, random_params(cfg, 0), lm_rows(self.rng, a.batch, a.seq, cfg.vocab_size),
+        return self.train(loss_fn, self.weights(cfg, 0), lm_rows(self.rng, a.batch, a.seq, cfg.vocab_size),
                           3 * self.fwd * a.batch * a.seq)
 
     def reward_step(self):
         a, cfg = self.args, self.cfg.replace(scalar_head=True)
         loss_fn = steps.make_loss_fn("reward", Transformer(cfg), center_coef=reward_configs.get_config().reward.center_coef)
-        return self.train(loss_fn, random_params(cfg, 0), pair_rows(self.rng, a.batch, a.seq, cfg.vocab_size),
+        return self.train(loss_fn, self.weights(cfg, 0), pair_rows(self.rng, a.batch, a.seq, cfg.vocab_size),
                           3 * (self.fwd - self.head) * 2 * a.batch * a.seq)
 
     def dpo_step(self):
         a, cfg = self.args, self.cfg
         loss_fn = steps.make_loss_fn("dpo", Transformer(cfg), dpo=stage_common.dpo_config(dpo_configs.get_config()))
-        return self.train(loss_fn, random_params(cfg, 0), pair_rows(self.rng, a.batch, a.seq, cfg.vocab_size),
-                          (3 + 1) * self.fwd * 2 * a.batch * a.seq, frozen=self.put(random_params(cfg, 1)))
+        return self.train(loss_fn, self.weights(cfg, 0), pair_rows(self.rng, a.batch, a.seq, cfg.vocab_size),
+                          (3 + 1) * self.fwd * 2 * a.batch * a.seq, frozen=self.put(self.weights(cfg, 1)))
 
     def dpo_step_precomputed_ref(self):
         a, cfg = self.args, self.cfg
         loss_fn = steps.make_loss_fn("dpo", Transformer(cfg), dpo=stage_common.dpo_config(dpo_configs.get_config()))
-        return self.train(loss_fn, random_params(cfg, 0), pair_rows(self.rng, a.batch, a.seq, cfg.vocab_size, True),
+        return self.train(loss_fn, self.weights(cfg, 0), pair_rows(self.rng, a.batch, a.seq, cfg.vocab_size, True),
                           3 * self.fwd * 2 * a.batch * a.seq)
 
     def _lora(self, stage: str, batch: dict, flops: float):
         """`stage`'s step over rank `--lora_rank` adapters on a frozen base in `--lora_base_dtype`; the
         DPO reference is that base, adapters off. The base's weight gradient is still formed (the
         adapters merge into it), so the FLOPs are full finetuning's: LoRA saves memory, not compute."""
-        lcfg = lora.LoraConfig(rank=self.args.lora_rank, base_dtype=self.args.lora_base_dtype)
-        base = lora.frozen_base(self.put(random_params(self.cfg, 0)), lcfg)
-        adapters = jax.device_get(lora.init(base, lcfg, jax.random.PRNGKey(1)))
+        lcfg, base, adapters = self._lora_trees()
         dpo = stage_common.dpo_config(dpo_configs.get_config()) if stage == "dpo" else None
         loss_fn = lora.loss_fn(steps.make_loss_fn(stage, Transformer(self.cfg), dpo=dpo), lcfg)
         frozen = {"base": base, "ref": base if stage == "dpo" else None}
         return self.train(loss_fn, adapters, batch, flops, frozen=frozen)
+
+    def _lora_trees(self):
+        """(LoraConfig, the frozen base on the mesh, fresh adapters on the host) of --lora_rank / --lora_base_dtype."""
+        lcfg = lora.LoraConfig(rank=self.args.lora_rank, base_dtype=self.args.lora_base_dtype)
+        base = self.derive(lambda p: lora.frozen_base(p, lcfg), self.put(self.weights(self.cfg, 0)))
+        adapters = self.derive(lambda b: lora.init(b, lcfg, jax.random.PRNGKey(1)), base)
+        return lcfg, base, adapters if self.memory_only else jax.device_get(adapters)
 
     def lora_sft_step(self):
         a = self.args
@@ -174,18 +206,35 @@ class Suite:
         return self._lora("dpo", pair_rows(self.rng, a.batch, a.seq, self.cfg.vocab_size),
                           (3 + 1) * self.fwd * 2 * a.batch * a.seq)
 
-    def ppo_update(self):
-        """Clipped surrogate + value loss; the critic is a second trunk with a scalar head."""
+    def _rl_update(self, rl, critic: bool, lora_cfg=None, adapters=None, base=None):
+        """One clipped-surrogate update (+ the value loss of a critic: a second trunk with a scalar
+        head) on a rollout of --batch rows of --seq tokens; with lora_cfg over `adapters` on `base`."""
         a, cfg = self.args, self.cfg
-        critic = cfg.replace(scalar_head=True)
-        rl = stage_common.rl_config(ppo_configs.get_config())
+        critic_cfg = cfg.replace(scalar_head=True)
         width = min(self.width, a.seq - 1)
-        loss_fn = lambda p, b, f: rollout.rl_loss_fn(p, b, f, policy_model=Transformer(cfg),
-                                                     critic_model=Transformer(critic), width=width, rl_cfg=rl)
+        loss_fn = lambda p, b, f: rollout.rl_loss_fn(
+            p, b, f, policy_model=Transformer(cfg), critic_model=Transformer(critic_cfg) if critic else None,
+            width=width, rl_cfg=rl, lora_cfg=lora_cfg)
         batch = rl_rows(self.rng, a.batch, width, a.seq - width, cfg.vocab_size)
-        params = {"policy": random_params(cfg, 0), "critic": random_params(critic, 1)}
-        return self.train(loss_fn, params, batch, 3 * (2 * self.fwd - self.head) * a.batch * a.seq,
-                          tokens=a.batch * a.seq)
+        params = {"policy": self.weights(cfg, 0) if adapters is None else adapters}
+        if critic:
+            params["critic"] = self.weights(critic_cfg, 1)
+        fwd = 2 * self.fwd - self.head if critic else self.fwd  # the critic reads no LM head
+        return self.train(loss_fn, params, batch, 3 * fwd * a.batch * a.seq, frozen=base, tokens=a.batch * a.seq)
+
+    def ppo_update(self):
+        """PPO's update as configs/ppo.py runs it: the critic a second trunk."""
+        return self._rl_update(stage_common.rl_config(ppo_configs.get_config()), critic=True)
+
+    def grpo_update(self):
+        """GRPO's update as configs/grpo.py runs it: no critic, the KL to the reference in the loss."""
+        return self._rl_update(stage_common.rl_config(grpo_configs.get_config()), critic=False)
+
+    def lora_ppo_update(self):
+        """`ppo_update` over adapters on a frozen base (the reference); the critic trains in full."""
+        lcfg, base, adapters = self._lora_trees()
+        return self._rl_update(stage_common.rl_config(ppo_configs.get_config()), critic=True, lora_cfg=lcfg,
+                               adapters=adapters, base=base)
 
     # ------------------------------------------------------------ sampling
 

@@ -146,6 +146,11 @@ def _flash(q, k, v, q_pos, k_pos, q_seg, k_seg, window, bq, bk):
 
 def _flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, window, bq, bk):
     b, t, kvh, g, hd = q.shape
+    # Inside a scan over layers under grad, JAX hoists what depends only on the loop's
+    # constants out of the loop: here the masks, which the skip conditional would split
+    # into [t / bq, s / bk, b, heads, bq, bk] stacks, quadratic in length. Tied to q, the
+    # positions and segments vary per layer, so nothing of the mask is hoisted.
+    q, q_pos, k_pos, q_seg, k_seg = jax.lax.optimization_barrier((q, q_pos, k_pos, q_seg, k_seg))
     scale = 1.0 / math.sqrt(hd)
 
     def q_block(i):

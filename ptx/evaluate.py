@@ -55,8 +55,8 @@ def make_kl_fn(cfg, width: int, mesh=None):
     model = Transformer(cfg.replace(scalar_head=False))
 
     def fn(params, ref_params, seq):
-        logps, _, _ = rollout.response_forward(model, params, seq, width)
-        ref, _, _ = rollout.response_forward(model, ref_params, seq, width)
+        logps, _, _ = rollout.response_forward(model, params, seq, width, entropy=False)
+        ref, _, _ = rollout.response_forward(model, ref_params, seq, width, entropy=False)
         return jnp.sum((logps - ref) * seq["mask"], axis=1)
 
     return jax.jit(fn, out_shardings=None if mesh is None else sharding.replicated(mesh))

@@ -20,9 +20,10 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from ptx import attention, sharding
+from ptx import attention, lookup, remat, sharding
 from ptx.layers import ACTIVATIONS, ROPE_TYPES, Dense, RMSNorm, rope, rope_tables, split_layers
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -46,7 +47,7 @@ class ModelConfig:
     scalar_head: bool = False  # reward / value head on the same trunk
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype: bfloat16 on TPU / GPU
-    remat: str = "none"  # none | full | dots
+    remat: str = "none"  # none | full | dots | offload (ptx.remat: what the backward keeps per layer)
     scan_unroll: int = 1  # layers unrolled per scan step; n_layers = no loop
     # Up to this depth a forward without a KV cache runs the layers as a Python loop
     # over slices of the stacked weights instead of a scan: no stacked residuals to
@@ -74,6 +75,7 @@ class ModelConfig:
     scale_embed: bool = False  # embeddings times sqrt(d_model), rounded to param_dtype (Gemma)
     mlp_act: str = "silu"  # gated MLP activation: silu (SwiGLU) | gelu_tanh (GeGLU, Gemma)
     query_pre_attn_scalar: float = 0.0  # attention logits scaled by its -1/2 power (Gemma); 0 = head_size
+    loss_chunk: int = 0  # tokens per chunk of the LM head under a loss (ptx.logprobs); 0 = 2**26 // vocab_size
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
@@ -107,14 +109,16 @@ class ModelConfig:
         for field in ("param_dtype", "dtype"):
             if getattr(self, field) not in _DTYPES:
                 raise ValueError(f"model.{field}={getattr(self, field)!r}; expected one of {sorted(_DTYPES)}")
-        if self.remat not in ("none", "full", "dots"):
-            raise ValueError(f"model.remat={self.remat!r}; expected none, full or dots")
+        if self.remat not in remat.POLICIES:
+            raise ValueError(f"model.remat={self.remat!r}; expected one of {remat.POLICIES}")
         if self.layer_loop_max < 0:
             raise ValueError(f"model.layer_loop_max={self.layer_loop_max}; expected >= 0 (0 = always scan)")
         if self.attention not in attention.IMPLS:
             raise ValueError(f"model.attention={self.attention!r}; expected one of {attention.IMPLS}")
         if min(self.attention_block_q, self.attention_block_k, self.sliding_window + 1) < 1:
             raise ValueError("model.attention_block_q / _k must be >= 1 and model.sliding_window >= 0")
+        if self.loss_chunk < 0:
+            raise ValueError(f"model.loss_chunk={self.loss_chunk}; expected >= 0 (0 = auto)")
 
 
 @flax.struct.dataclass
@@ -241,6 +245,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, carry, layer, positions, rotary, segment_ids, k_pos, k_seg, cache_index):
         x, kv = carry
+        x = checkpoint_name(x, remat.RESIDUAL)  # what remat='offload' moves to the host
         cfg = self.cfg
         local = self.local
         if local is None:
@@ -263,21 +268,14 @@ class Block(nn.Module):
         return (sharding.constrain(x, sharding.RESIDUAL), kv), None
 
 
-def _block_cls(cfg: ModelConfig):
-    if cfg.remat == "none":
-        return Block
-    policy = None if cfg.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    return nn.remat(Block, policy=policy, prevent_cse=False)
-
-
 class Transformer(nn.Module):
     """Decoder-only transformer with an LM head and an optional scalar head.
 
-    scan_layers: True (training, prefill) keeps the parameters stacked as
-    'layers' [n_layers, ...] and scans one Block over them, or, without a KV
-    cache and for at most `cfg.layer_loop_max` layers, runs the Block on each
-    layer's slice in a Python loop (`split_layers`); False runs 'layers_0' ...
-    'layers_{n-1}' one after another with a per-layer KV cache (`unstack_layers`,
+    scan_layers: True (training, prefill) keeps the parameters stacked as 'layers'
+    [n_layers, ...]; without a KV cache the Block runs on each layer's slice, in
+    `remat.scan` or, without remat and for at most `cfg.layer_loop_max` layers, a
+    Python loop (`split_layers`); with one, one Block is scanned. False runs
+    'layers_0' ... 'layers_{n-1}' with a per-layer KV cache (`unstack_layers`,
     `unstack_cache`): the decode step, where slicing a layer's weights and cache
     out of the stacks would copy them on every token.
     """
@@ -311,7 +309,7 @@ class Transformer(nn.Module):
         # The row lookup reads whole rows: gather the table's FSDP shards first, or the
         # partitioner would have to replicate the looked-up activations to re-split them.
         table = sharding.constrain(embed.embedding, sharding.EMBED_LOOKUP).astype(_DTYPES[cfg.dtype])
-        x = jnp.take(table, tokens, axis=0)
+        x = lookup.rows(table, tokens)
         if cfg.scale_embed:  # sqrt(d_model) rounded to the weights' dtype, as Gemma's embedding scales
             x = x * jnp.asarray(math.sqrt(cfg.d_model), _DTYPES[cfg.param_dtype]).astype(x.dtype)
         x = sharding.constrain(x, sharding.RESIDUAL)
@@ -328,29 +326,32 @@ class Transformer(nn.Module):
         # (global layers' tables, sliding layers' tables).
         rotary = (rotary, rope_tables(positions, cfg.head_size, cfg.rope_local_theta)
                   if cfg.rope_local_theta and cfg.mixed_layers else rotary)
-        loop = cache is None and cfg.n_layers <= cfg.layer_loop_max and not self.is_initializing()
-        if self.scan_layers and loop:
-            # Applied to each slice, they own no parameters: one per kind of layer.
-            blocks = {local: _block_cls(cfg)(cfg, local, parent=None) for local in (False, True)}
-            for i, layer_params in enumerate(split_layers(self.variables["params"]["layers"])):
-                (x, _), _ = blocks[cfg.is_local(i)].apply({"params": layer_params}, (x, None), None,
-                                                          positions, rotary, segment_ids, k_pos, k_seg, cache_index)
-        elif self.scan_layers:
-            layers = nn.scan(
-                _block_cls(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(0,) + (nn.broadcast,) * 6,
-                length=cfg.n_layers, unroll=cfg.scan_unroll)
-            index = jnp.arange(cfg.n_layers, dtype=jnp.int32)
-            # Mixed layers scan (index, local) and pick their window and rope per layer.
-            local = None if cfg.mixed_layers else cfg.is_local(0)
-            if cfg.mixed_layers:
-                index = (index, jnp.asarray([cfg.is_local(i) for i in range(cfg.n_layers)]))
+        index = jnp.arange(cfg.n_layers, dtype=jnp.int32)
+        # Mixed layers scan (index, local) and pick their window and rope per layer.
+        local = None if cfg.mixed_layers else cfg.is_local(0)
+        if cfg.mixed_layers:
+            index = (index, jnp.asarray([cfg.is_local(i) for i in range(cfg.n_layers)]))
+        if self.scan_layers and cache is None and not self.is_initializing():
+            masks, stacked = (positions, rotary, segment_ids, k_pos, k_seg), self.variables["params"]["layers"]
+            if cfg.remat == "none" and cfg.n_layers <= cfg.layer_loop_max:
+                # Applied to each slice, they own no parameters: one per kind of layer.
+                blocks = {kind: Block(cfg, kind, parent=None) for kind in (False, True)}
+                for i, layer_params in enumerate(split_layers(stacked)):
+                    (x, _), _ = blocks[cfg.is_local(i)].apply({"params": layer_params}, (x, None), None, *masks,
+                                                              cache_index)
+            else:
+                block = Block(cfg, local, parent=None)
+                layer = lambda x, p, *a: block.apply({"params": p[0]}, (x, None), p[1], *a, cache_index)[0][0]
+                x = remat.scan(layer, x, (stacked, index), masks, cfg.remat, cfg.scan_unroll)
+        elif self.scan_layers:  # initialisation, and prefill into a KV cache
+            layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                             in_axes=(0,) + (nn.broadcast,) * 6, length=cfg.n_layers, unroll=cfg.scan_unroll)
             (x, kv), _ = layers(cfg, local, name="layers")((x, kv), index, positions, rotary, segment_ids,
                                                            k_pos, k_seg, cache_index)
         else:
             new = []
             for i in range(cfg.n_layers):
-                (x, kv_i), _ = _block_cls(cfg)(cfg, cfg.is_local(i), name=f"layers_{i}")(
+                (x, kv_i), _ = Block(cfg, cfg.is_local(i), name=f"layers_{i}")(
                     (x, None if kv is None else (kv[0][i], kv[1][i])), None, positions, rotary, segment_ids,
                     k_pos, k_seg, cache_index)
                 new.append(kv_i)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptx import lora, losses, sampler
+from ptx import logprobs, lora, losses, sampler
 from ptx.model import Transformer
 
 ADVANTAGES = ("gae",) + losses.GROUP_ADVANTAGE_KINDS
@@ -134,18 +134,17 @@ def policy_params(params, frozen, lora_cfg=None):
     return lora.apply(frozen, params["policy"], lora_cfg, dtype=jnp.float32)
 
 
-def response_forward(model, params, seq: dict, width: int):
+def response_forward(model, params, seq: dict, width: int, *, entropy: bool = True):
     """Log-probs and entropy of the completion tokens, and values if the model has a scalar head.
 
-    Returns (logps [b, N] f32, entropy [b, N] f32, values [b, N] f32 or None);
-    values[j] is the estimate before token j is emitted.
+    Returns (logps [b, N] f32, entropy [b, N] f32 (None without `entropy`),
+    values [b, N] f32 or None); values[j] is the estimate before token j is
+    emitted. The LM head reads only the completion's columns, chunked over the
+    vocabulary when they are many (`logprobs.token_stats`).
     """
-    out = model.apply({"params": params}, seq["tokens"], seq["positions"], seq["segment_ids"])
-    logits = out.logits[:, width - 1:-1]
-    logps = losses.token_logprobs(logits, seq["completion"])
-    entropy = losses.token_entropy(logits)
-    values = None if out.values is None else out.values[:, width - 1:-1]
-    return logps, entropy, values
+    stats = logprobs.token_stats(model, params, seq["tokens"], seq["positions"], seq["segment_ids"],
+                                 seq["completion"], start=width - 1, entropy=entropy)
+    return stats.logps, stats.entropy, stats.values
 
 
 def response_values(model, params, seq: dict, width: int):
@@ -176,7 +175,7 @@ def prepare(params, ref_params, seq: dict, scores, kl_coef, *, policy_model, cri
     logps, entropy, values = response_forward(policy_model, params["policy"], seq, width)
     # The reference is the SFT trunk: no value head even when the policy carries one.
     ref_model = Transformer(policy_model.cfg.replace(scalar_head=False))
-    ref_logps, _, _ = response_forward(ref_model, ref_params, seq, width)
+    ref_logps, _, _ = response_forward(ref_model, ref_params, seq, width, entropy=False)
     if "critic" in params:
         values = response_values(critic_model, params["critic"], seq, width)
     kl = losses.kl_penalty(logps, ref_logps, rl_cfg.kl_estimator) * mask
@@ -225,7 +224,7 @@ def rl_loss_fn(params, batch, frozen=None, *, policy_model, critic_model, width:
     """
     mask = batch["mask"]
     policy = policy_params(params, frozen, lora_cfg)
-    logps, entropy, values = response_forward(policy_model, policy, batch, width)
+    logps, entropy, values = response_forward(policy_model, policy, batch, width, entropy=bool(rl_cfg.ent_coef))
     loss, metrics = losses.ppo_policy_loss(
         logps, batch["old_logps"], batch["advantages"], mask, clip_eps=rl_cfg.clip_eps,
         clip_eps_high=rl_cfg.clip_eps_high or None, aggregation=rl_cfg.aggregation, ratio_level=rl_cfg.ratio_level)

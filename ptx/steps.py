@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ptx import losses, sampler
+from ptx import logprobs, losses, optim, sampler
 from ptx.model import Transformer
 
 
@@ -89,15 +89,16 @@ def init_state(params, tx: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def _forward(model: Transformer, params, batch, prefix="", *, logits=True):
-    return model.apply({"params": params}, batch[prefix + "inputs"], batch[prefix + "positions"],
-                       batch[prefix + "segment_ids"], logits=logits)
+def _token_stats(model: Transformer, params, batch, **kw) -> logprobs.TokenStats:
+    """`logprobs.token_stats` of batch['targets'] (chunked over the vocabulary when large)."""
+    return logprobs.token_stats(model, params, batch["inputs"], batch["positions"], batch["segment_ids"],
+                                batch["targets"], **kw)
 
 
 def sft_loss_fn(model: Transformer, params, batch, frozen=None):
     """Token cross-entropy; batch: inputs / targets / positions / segment_ids [b, t] int32, loss_mask [b, t] f32."""
-    out = _forward(model, params, batch)
-    return losses.sft_loss(out.logits, batch["targets"], batch["loss_mask"])
+    stats = _token_stats(model, params, batch, argmax=True)
+    return losses.sft_loss_of_logprobs(stats.logps, stats.argmax == batch["targets"], batch["loss_mask"])
 
 
 def _pair_batch(batch):
@@ -130,9 +131,7 @@ def reward_loss_fn(model: Transformer, params, batch, frozen=None, *, center_coe
 def pair_logps(model: Transformer, params, batch):
     """Summed response log-probs of chosen and rejected ([b] f32 each) and response lengths."""
     pair = _pair_batch(batch)
-    out = _forward(model, params, pair)
-    token_logps = losses.token_logprobs(out.logits, pair["targets"])
-    seq = losses.sequence_logps(token_logps, pair["loss_mask"])
+    seq = losses.sequence_logps(_token_stats(model, params, pair).logps, pair["loss_mask"])
     lengths = jnp.maximum(pair["loss_mask"].sum(-1), 1.0)
     return jnp.split(seq, 2), jnp.split(lengths, 2)
 
@@ -183,9 +182,9 @@ def join_prompt_completion(prompt_tokens, prompt_lens, completion, completion_le
 def completion_logps(model: Transformer, params, seq: dict) -> jax.Array:
     """Summed log-probs [b] float32 of the completion columns of rollout-layout rows."""
     width = seq["tokens"].shape[1] - seq["completion"].shape[1]
-    out = model.apply({"params": params}, seq["tokens"], seq["positions"], seq["segment_ids"])
-    token_logps = losses.token_logprobs(out.logits[:, width - 1:-1], seq["completion"])
-    return losses.sequence_logps(token_logps, seq["mask"])
+    stats = logprobs.token_stats(model, params, seq["tokens"], seq["positions"], seq["segment_ids"],
+                                 seq["completion"], start=width - 1)
+    return losses.sequence_logps(stats.logps, seq["mask"])
 
 
 def kto_loss_fn(model: Transformer, params, batch, frozen, *, kto_cfg: KTOConfig):
@@ -247,16 +246,13 @@ def train_step(state: TrainState, batch, frozen, *, loss_fn: Callable, tx, lr_fn
             metrics["num_tokens"] = total
     grad_norm = _global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    def update(state):
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), _global_norm(updates)
-
-    # A conditional rather than a select between the new and the old state: a select
-    # reads both and writes the state once more (60-120 ms per SFT step on CPU at the
-    # bench size, of about 2.5 s).
-    new, update_norm = jax.lax.cond(finite, update, lambda s: (s, jnp.zeros((), jnp.float32)), state)
+    # The optimiser skips a non-finite step itself: ptx's AdamW by scalars inside its
+    # one pass, where a conditional around the update kept all parameters' updates
+    # alive at once (optim.clipped_adamw); any other transformation by a conditional.
+    updates, opt_state = optim.skip_nonfinite(tx).update(grads, state.opt_state, state.params, finite=finite)
+    new = TrainState(step=state.step + finite.astype(jnp.int32), params=optax.apply_updates(state.params, updates),
+                     opt_state=opt_state)
+    update_norm = _global_norm(updates)
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm, update_norm=update_norm,
                    lr=jnp.asarray(lr_fn(state.step), jnp.float32),
                    nonfinite=(~finite).astype(jnp.float32))

@@ -126,6 +126,33 @@ def test_blockwise_forward_and_backward_memory_grows_linearly_not_quadratically(
     assert temp_bytes("blockwise", 1024) < temp_bytes("xla", 1024) / 20
 
 
+def test_blockwise_memory_stays_linear_inside_a_scan_over_layers():
+    """Under grad JAX hoists what a scan body computes from the loop's constants alone out of
+    the loop; the masks (positions and segments are such constants) must not be hoisted as
+    [t / block, t / block, ..., block, block] stacks."""
+    def temp_bytes(t, layers=4):
+        x = jax.ShapeDtypeStruct((1, t, 32), jnp.float32)
+        ws = jax.ShapeDtypeStruct((layers, 32, 32), jnp.float32)
+        ids = jax.ShapeDtypeStruct((1, t), jnp.int32)
+
+        def layer(x, w, pos, seg):
+            q = (x @ w).reshape(1, t, 2, 16)
+            out = attention.attend(q, q[:, :, :1], q[:, :, 1:], q_positions=pos, k_positions=pos,
+                                   q_segment_ids=seg, k_segment_ids=seg, impl="blockwise", block_q=32,
+                                   block_k=32)
+            return x + out.reshape(x.shape)
+
+        def loss(x, ws, pos, seg):
+            y, _ = jax.lax.scan(lambda c, w: (layer(c, w, pos, seg), None), x, ws)
+            return jnp.sum(y ** 2)
+
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, ws, ids, ids).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(1024) / temp_bytes(512) < 2.5
+    assert temp_bytes(1024) < 1024 * 1024 * 4  # less than one [t, t] float32 score matrix
+
+
 @pytest.mark.parametrize("window", [0, 50])
 def test_splash_kernel_in_the_pallas_interpreter_equals_xla(window):
     """Splash tiles whole 128-lane blocks, hence 128 tokens. Padding queries attend the

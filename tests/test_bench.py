@@ -149,3 +149,47 @@ def test_flops_per_token_matches_xla_cost_analysis():
     if not cost or "flops" not in cost:
         pytest.skip("XLA reports no cost analysis on this backend")
     assert flops_per_token(cfg, 32) * 4 * 32 == pytest.approx(cost["flops"], rel=0.1)
+
+
+MEMORY_TINY = ["--memory_only", "--d_model", "64", "--n_layers", "2", "--vocab", "512", "--batch", "2", "--seq", "64",
+               "--backend_opt_level", "0"]
+
+
+def test_memory_only_compiles_every_training_step_and_reports_xla_memory_analysis(tmp_path):
+    out = tmp_path / "mem.json"
+    returned = bench.main(MEMORY_TINY + ["--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["memory_only"] and set(bench.MEMORY) <= set(data) and set(bench.MEMORY) <= set(returned)
+    for name in bench.MEMORY:
+        e = data[name]
+        for key in ("argument_mib", "temp_mib", "output_mib", "compile_s", "param_mb", "opt_state_mb"):
+            assert positive_finite(e[key]), (name, key, e[key])
+        assert "tokens_per_s" not in e  # nothing ran
+    # The arguments are the train state (and a frozen reference or base): parameters, AdamW moments, batch.
+    e = data["sft_step"]
+    assert e["argument_mib"] >= e["param_mb"] + e["opt_state_mb"]
+    assert data["dpo_step"]["frozen_mb"] == pytest.approx(e["param_mb"])
+    assert data["config"]["seq"] == 64 and data["config"]["batch"] == 2 and data["config"]["remat"] == "none"
+
+
+def test_memory_only_sees_the_chunked_head_and_blockwise_attention(tmp_path):
+    """At 2 x 1,024 tokens over 8,192 words the float32 logits are 64 MiB and one layer's dense
+    scores 32 MiB: chunks of 256 tokens and blockwise attention keep neither."""
+    shape = ["--memory_only", "--d_model", "64", "--n_layers", "2", "--vocab", "8192", "--batch", "2",
+             "--seq", "1024", "--only", "sft_step", "--backend_opt_level", "0", "--out", ""]
+    before = bench.main(shape + ["--attention", "xla", "--loss_chunk", str(10**9)])["sft_step"]["temp_mib"]
+    after = bench.main(shape + ["--attention", "blockwise", "--loss_chunk", "256"])["sft_step"]["temp_mib"]
+    assert before > 64 + 32 and before > 5 * after
+
+
+def test_qwen3_0_6b_preset_and_shape_flags():
+    args = bench.parse_args(["--size", "qwen3_0_6b", "--memory_only", "--seq", "4096", "--batch", "1"])
+    cfg = bench.model_config(args)
+    assert (cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_size, cfg.d_ff) == \
+        (151936, 1024, 28, 16, 8, 128, 3072)
+    assert cfg.tie_embeddings and cfg.dtype == "bfloat16" and cfg.remat == "full" and cfg.param_dtype == "float32"
+    assert bench.benchmark_names(args) == list(bench.MEMORY)
+    args = bench.parse_args(["--size", "qwen3_0_6b", "--head_dim", "64", "--remat", "dots", "--attention", "xla",
+                             "--loss_chunk", "512", "--dtype", "float32"])
+    cfg = bench.model_config(args)
+    assert (cfg.head_size, cfg.remat, cfg.attention, cfg.loss_chunk, cfg.dtype) == (64, "dots", "xla", 512, "float32")

@@ -23,11 +23,21 @@ def sft_loss(logits, targets, mask):
     Returns:
         (loss scalar float32, {'loss', 'accuracy', 'num_tokens'}).
     """
-    loss = masked_mean(-token_logprobs(logits, targets), mask)
-    correct = (argmax(logits) == targets).astype(jnp.float32)
+    return sft_loss_of_logprobs(token_logprobs(logits, targets), argmax(logits) == targets, mask)
+
+
+def sft_loss_of_logprobs(token_logps, correct, mask):
+    """`sft_loss` from what it reads of the logits (as `chunked_token_logprobs` gives them).
+
+    Args:
+        token_logps: [batch, seq] float32 log-probabilities of the targets.
+        correct: [batch, seq] bool, True where the target is the argmax.
+        mask: [batch, seq] float, 1 on tokens that are trained on.
+    """
+    loss = masked_mean(-token_logps, mask)
     metrics = {
         "loss": loss,
-        "accuracy": masked_mean(correct, mask),
+        "accuracy": masked_mean(correct.astype(jnp.float32), mask),
         "num_tokens": jnp.sum(mask),
     }
     return loss, metrics

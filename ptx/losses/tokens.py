@@ -52,24 +52,31 @@ def token_entropy(logits):
     return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(probs * logits, axis=-1)
 
 
-def chunked_token_logprobs(hidden, head, targets, *, vocab_major=False, chunk_size=1024, entropy=False):
-    """`token_logprobs` (and `token_entropy`) of the LM head's logits, chunk_size tokens at a time.
+def chunked_token_logprobs(hidden, head, targets, *, vocab_major=False, chunk_size=1024, entropy=False,
+                           argmax=False, dtype=None):
+    """`token_logprobs` (and `token_entropy`, `argmax`) of the LM head's logits, chunk_size tokens at a time.
 
     The largest buffers, forward and backward, are one chunk's [chunk_size,
     vocab] logits and their gradient: the [batch, seq, vocab] ones never exist.
+    Every product reads the head in its stored layout (no transposed copy of it).
 
     Args:
         hidden: [batch, seq, d_model] final-norm hidden states, compute dtype
             (the model's `Output.hidden`; `model.lm_head` gives the head).
         head: [d_model, vocab], or [vocab, d_model] with vocab_major (a tied
-            embedding table); cast to hidden's dtype, as the model's head is.
+            embedding table), in the parameter dtype; its gradient is summed over
+            chunks in float32 and returned in that dtype.
         targets: [batch, seq] int32.
         chunk_size: tokens per chunk; the last one is padded.
         entropy: also return the entropies.
+        argmax: also return the most likely token of each position (no gradient).
+        dtype: of the head's products (operands cast to it, logits and their
+            gradient in it); None = hidden's, as the model's head computes.
 
     Returns:
-        [batch, seq] float32 log-probabilities, or (those, [batch, seq] float32
-        entropies) with entropy=True.
+        [batch, seq] float32 log-probabilities; with entropy or argmax a tuple of
+        those and then, in this order, what was asked for: [batch, seq] float32
+        entropies, [batch, seq] int32 argmax ids (`argmax`: the lowest among ties).
     """
     b, t, d = hidden.shape
     n = b * t
@@ -77,54 +84,70 @@ def chunked_token_logprobs(hidden, head, targets, *, vocab_major=False, chunk_si
     pad = -n % chunk
     h = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, chunk, d)
     y = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, chunk)
-    logps, ents = _head_logprobs(h, head.astype(hidden.dtype), y, vocab_major, entropy)
+    dt = jnp.dtype(dtype or hidden.dtype)
+    logps, ents, ids = _head_logprobs(h, head, y, vocab_major, entropy, argmax, dt)
     unchunk = lambda x: x.reshape(-1)[:n].reshape(b, t)
-    return (unchunk(logps), unchunk(ents)) if entropy else unchunk(logps)
+    extras = [unchunk(x) for x, asked in ((ents, entropy), (ids, argmax)) if asked]
+    return (unchunk(logps), *extras) if extras else unchunk(logps)
 
 
-def _head_logits(h, w, vocab_major):
-    """[chunk, d] @ the head -> [chunk, vocab] float32, the product in h's dtype (as the model's)."""
-    return _float(jnp.dot(h, w.T if vocab_major else w))
+# The head's products keep the head where a matmul reads it without a transposed
+# copy ([M, K] on the left, [K, N] on the right): XLA's CPU backend copies a whole
+# transposed table otherwise, once per product, and a copy of the vocabulary's
+# weights is as large as all the chunks' logits were meant to save.
+def _head_logits(h, w, vocab_major, dt):
+    """h [chunk, d] and the head -> [chunk, vocab] float32 logits, the product in dt."""
+    h, w = h.astype(dt), w.astype(dt)
+    return _float(jnp.dot(w, h.T).T if vocab_major else jnp.dot(h, w))
+
+
+def _head_grads(h, w, dz, vocab_major):
+    """Gradients of h [chunk, d] and the head from dz [chunk, vocab] (dz's dtype): (dh, float32 dw)."""
+    w = w.astype(dz.dtype)
+    if vocab_major:
+        return jnp.dot(dz, w), _float(jnp.dot(dz.T, h.astype(dz.dtype)))
+    return jnp.dot(w, dz.T).T, _float(jnp.dot(h.astype(dz.dtype).T, dz))
 
 
 # A custom gradient rather than jax.checkpoint around each chunk: the backward
 # pass then holds the recomputed logits and their gradient only (the checkpointed
 # chunk's autodiff kept about four [chunk, vocab] buffers, this about two).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _head_logprobs(h, w, y, vocab_major, entropy):
-    """h: [chunks, chunk, d]; w: the head in h's dtype; y: [chunks, chunk] int32 ->
-    ([chunks, chunk] log-probs, [chunks, chunk] entropies or None)."""
-    return _head_logprobs_fwd(h, w, y, vocab_major, entropy)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _head_logprobs(h, w, y, vocab_major, entropy, with_argmax, dt):
+    """h: [chunks, chunk, d]; w: the head; y: [chunks, chunk] int32 -> ([chunks, chunk]
+    log-probs, [chunks, chunk] entropies or None, [chunks, chunk] int32 argmax or None)."""
+    return _head_logprobs_fwd(h, w, y, vocab_major, entropy, with_argmax, dt)[0]
 
 
-def _head_logprobs_fwd(h, w, y, vocab_major, entropy):
+def _head_logprobs_fwd(h, w, y, vocab_major, entropy, with_argmax, dt):
     def one(xs):
         h_c, y_c = xs
-        z = _head_logits(h_c, w, vocab_major)
+        z = _head_logits(h_c, w, vocab_major, dt)
         lse = jax.nn.logsumexp(z, axis=-1)
         logp = jnp.take_along_axis(z, y_c[:, None], axis=-1)[:, 0] - lse
         ent = lse - jnp.sum(jnp.exp(z - lse[:, None]) * z, axis=-1) if entropy else None
-        return logp, ent, lse
+        # jnp.argmax (one fused reduction), not `argmax`: its select writes a [chunk, vocab] int32 buffer.
+        return logp, ent, jnp.argmax(z, axis=-1).astype(jnp.int32) if with_argmax else None, lse
 
-    logps, ents, lse = jax.lax.map(one, (h, y))
-    return (logps, ents), (h, w, y, ents, lse)
+    logps, ents, ids, lse = jax.lax.map(one, (h, y))
+    return (logps, ents, ids), (h, w, y, ents, lse)
 
 
-def _head_logprobs_bwd(vocab_major, entropy, res, grads):
+def _head_logprobs_bwd(vocab_major, entropy, with_argmax, dt, res, grads):
     h, w, y, ents, lse = res
-    g_logp, g_ent = grads
+    g_logp, g_ent, _ = grads  # the argmax ids have no gradient
 
     def one(dw, xs):
         h_c, y_c, lse_c, g_c, ent_c, g_ent_c = xs
-        logq = _head_logits(h_c, w, vocab_major) - lse_c[:, None]  # log-softmax
+        logq = _head_logits(h_c, w, vocab_major, dt) - lse_c[:, None]  # log-softmax
         p = jnp.exp(logq)
         # d logp[y] / dz = onehot(y) - p;  d entropy / dz = -p (log p + entropy).
         dz = g_c[:, None] * ((jnp.arange(p.shape[-1]) == y_c[:, None]) - p)
         if entropy:
             dz = dz - g_ent_c[:, None] * p * (logq + ent_c[:, None])
-        dz = dz.astype(h.dtype)
-        dh = jnp.dot(dz, w if vocab_major else w.T)
-        return dw + _float(jnp.dot(dz.T, h_c) if vocab_major else jnp.dot(h_c.T, dz)), dh
+        dz = dz.astype(dt)
+        dh, dw_c = _head_grads(h_c, w, dz, vocab_major)
+        return dw + dw_c, dh.astype(h.dtype)
 
     dw, dh = jax.lax.scan(one, _float(jnp.zeros(w.shape, w.dtype)), (h, y, lse, g_logp, ents, g_ent))
     return dh, dw.astype(w.dtype), None
