@@ -4,6 +4,7 @@
 #   ./launch.sh quickstart [flags]    the embedded default, end to end, into runs/quickstart
 #   ./launch.sh test [pytest args]    the test suite
 #   ./launch.sh bench [flags]         the benchmark suite (see bench/main.py)
+#   ./launch.sh bench-accelerator     bench + a 1B shape in bfloat16 on a GPU / TPU (bench/accelerator.py)
 #   ./launch.sh CONFIG [flags]        one config locally, e.g. configs/sft.py:tiny --workdir=runs/sft
 #   ./launch.sh --tpu NAME --zone Z [--project P] CONFIG [flags]
 #                                     copy the repo to every worker of a Cloud TPU VM and run there
@@ -144,6 +145,9 @@ case "$cmd" in
   bench)
     setup
     exec "$PY" -m bench.main "$@" ;;
+  bench-accelerator)
+    setup
+    exec "$PY" -m bench.accelerator "$@" ;;
   ""|-h|--help)
     sed -n '2,/^[^#]/{/^#/p}' "$0" ;;
   *)

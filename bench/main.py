@@ -50,6 +50,11 @@ BENCH_PRESETS = {
     "qwen3_0_6b": dict(vocab_size=151936, d_model=1024, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128,
                        d_ff=3072, rope_theta=1000000.0, norm_eps=1e-6, tie_embeddings=True, dtype="bfloat16",
                        remat="full", attention="auto"),
+    # Llama 3.2 1B (tied embeddings, llama3 rope scaling): bench.accelerator's second shape.
+    "llama3_2_1b": dict(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
+                        d_ff=8192, rope_theta=500000.0, rope_type="llama3", rope_factor=32.0,
+                        rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192,
+                        norm_eps=1e-5, tie_embeddings=True, dtype="bfloat16", remat="full", attention="auto"),
 }
 PRESETS = {**common.MODEL_PRESETS, **BENCH_PRESETS}
 

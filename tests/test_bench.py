@@ -193,3 +193,21 @@ def test_qwen3_0_6b_preset_and_shape_flags():
                              "--loss_chunk", "512", "--dtype", "float32"])
     cfg = bench.model_config(args)
     assert (cfg.head_size, cfg.remat, cfg.attention, cfg.loss_chunk, cfg.dtype) == (64, "dots", "xla", 512, "float32")
+
+
+def test_accelerator_run_refuses_the_cpu_and_tiny_checks_its_three_runs(tmp_path):
+    from bench import accelerator
+
+    with pytest.raises(SystemExit, match="no GPU or TPU"):
+        accelerator.main(["--out_dir", str(tmp_path)])
+    s = accelerator.main(["--tiny", "--out_dir", str(tmp_path)])
+    assert json.loads((tmp_path / "summary.json").read_text()) == s
+    assert set(s["rows"]) == {"bench/sft_step", "bench/decode_b1", "1b/sft_step", "1b/decode_b1", "1b_memory/sft_step"}
+    assert all(positive_finite(r["tokens_per_s"]) for r in s["rows"].values() if "tokens_per_s" in r)
+    assert all(r["temp_mib"] > 0 for r in s["rows"].values() if "temp_mib" in r)
+    # The real runs: bfloat16 with fused attention, the 1B shape's every entry and its memory.
+    real = accelerator.runs(accelerator.parse_args(["--out_dir", str(tmp_path)]))
+    assert real["bench"][real["bench"].index("--attention") + 1] == "auto"
+    assert bench.parse_args(real["1b"]).only.split(",") == accelerator.ENTRIES_1B.split(",")
+    cfg = bench.model_config(bench.parse_args(real["1b_memory"]))
+    assert (cfg.d_model, cfg.n_layers, cfg.vocab_size, cfg.dtype, cfg.remat) == (2048, 16, 128256, "bfloat16", "full")
