@@ -226,6 +226,17 @@ class Suite:
         """PPO's update as configs/ppo.py runs it: the critic a second trunk."""
         return self._rl_update(stage_common.rl_config(ppo_configs.get_config()), critic=True)
 
+    def ppo_update_value_head(self):
+        """PPO's update with `rl.critic=policy`: the value head on the policy's trunk, one set of gradients."""
+        a, cfg = self.args, self.cfg.replace(scalar_head=True)
+        rl = dataclasses.replace(stage_common.rl_config(ppo_configs.get_config()), critic="policy")
+        width = min(self.width, a.seq - 1)
+        loss_fn = lambda p, b, f: rollout.rl_loss_fn(p, b, f, policy_model=Transformer(cfg), critic_model=None,
+                                                     width=width, rl_cfg=rl)
+        batch = rl_rows(self.rng, a.batch, width, a.seq - width, cfg.vocab_size)
+        return self.train(loss_fn, {"policy": self.weights(cfg, 0)}, batch, 3 * self.fwd * a.batch * a.seq,
+                          tokens=a.batch * a.seq)
+
     def grpo_update(self):
         """GRPO's update as configs/grpo.py runs it: no critic, the KL to the reference in the loss."""
         return self._rl_update(stage_common.rl_config(grpo_configs.get_config()), critic=False)

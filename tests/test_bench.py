@@ -169,6 +169,8 @@ def test_memory_only_compiles_every_training_step_and_reports_xla_memory_analysi
     e = data["sft_step"]
     assert e["argument_mib"] >= e["param_mb"] + e["opt_state_mb"]
     assert data["dpo_step"]["frozen_mb"] == pytest.approx(e["param_mb"])
+    # A value head on the policy trains one trunk; PPO's critic trunk is a second one.
+    assert data["ppo_update_value_head"]["param_mb"] < 0.6 * data["ppo_update"]["param_mb"]
     assert data["config"]["seq"] == 64 and data["config"]["batch"] == 2 and data["config"]["remat"] == "none"
 
 
