@@ -145,3 +145,32 @@ def resumes_like_straight(tmp_path, monkeypatch):
             assert tb_scalars(workdir) == tb_scalars(straight), (where, step)
 
     return check
+
+
+# Hugging Face tokenizer directories (tests/chat_dirs.py), built once for every test file that reads them.
+@pytest.fixture(scope="session")
+def bpe_json() -> str:
+    from chat_dirs import make_bpe_json
+
+    return make_bpe_json()
+
+
+@pytest.fixture(scope="session")
+def dirs(bpe_json, tmp_path_factory) -> dict:
+    from chat_dirs import FAMILIES, write_dir
+
+    root = tmp_path_factory.mktemp("hf_tok")
+    return {f: write_dir(root / f, bpe_json, f) for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def toks(dirs) -> dict:
+    from ptx import hf
+
+    return {f: hf.load_tokenizer(d) for f, d in dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def hf_toks(dirs) -> dict:
+    transformers = pytest.importorskip("transformers")
+    return {f: transformers.AutoTokenizer.from_pretrained(d) for f, d in dirs.items()}

@@ -9,7 +9,7 @@ import pytest
 from ptx import data
 from ptx.data import DataError, load_rows
 from ptx.tokenizer import PromptTemplate
-from test_chat_template import FAMILIES, bpe_json, dirs, hf_toks, toks  # noqa: F401 (fixtures)
+from chat_dirs import FAMILIES
 
 T = PromptTemplate()
 SYSTEM = {"role": "system", "content": "You are terse."}

@@ -17,7 +17,7 @@ from configs import sample as sample_config
 from configs import sft as sft_config
 from ptx import checkpoint, hf, stages
 from ptx.model import ModelConfig, Transformer
-from test_chat_template import FAMILIES, bpe_json, write_dir  # noqa: F401 (a fixture)
+from chat_dirs import FAMILIES, write_dir
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
