@@ -136,7 +136,7 @@ case "$cmd" in
     exec "$PY" -m ptx.main --config=configs/quickstart.py --workdir=runs/quickstart "$@" ;;
   test)
     setup
-    # Test-only peers (torch CPU, transformers) for the Hugging Face round trips.
+    # Test-only peers (torch CPU, transformers, trl) for the Hugging Face round trips and bench peers.
     if [ requirements-test.txt -nt "$VENV/.installed-test" ]; then
       "$PY" -m pip install --quiet -r requirements-test.txt
       touch "$VENV/.installed-test"

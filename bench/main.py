@@ -1,7 +1,7 @@
 """Benchmarks: every training step (full and LoRA), prefill, decode and one GRPO and PPO
 iteration, against the peak.
 
-python -m bench.main [--size bench] [--only sft_step,decode_b16] [--compare runs/old.json] [--peer torch]
+python -m bench.main [--size bench] [--only sft_step,decode_b16] [--compare runs/old.json] [--peer torch|trl]
 python -m bench.main --memory_only --size qwen3_0_6b --seq 4096 --batch 1 [--attention xla --loss_chunk 1000000000]
 
 Each number is the median of `--repeats` timed runs after one warm-up run,
@@ -28,6 +28,7 @@ that runs), and a bfloat16 model's products and loops run in float32 through
 float32 copies of their operands, which the temporaries include.
 """
 import argparse
+import importlib
 import json
 import os
 
@@ -96,7 +97,10 @@ def parse_args(argv=None):
                         "0 compiles about twice as fast and runs slower: for smoke tests only")
     p.add_argument("--out", default="runs/bench.json")
     p.add_argument("--compare", default="", help="an earlier --out file: print new / old ratios")
-    p.add_argument("--peer", default="", choices=("", "torch"), help="also time transformers' Llama")
+    p.add_argument("--peer", default="", choices=("", "torch", "trl"),
+                   help="also time transformers' Llama (torch) or TRL's DPO and GRPO trainers (trl, bench/peer_trl.py)")
+    p.add_argument("--dpo_prompt_len", type=int, default=0, help="--peer trl DPO prompt tokens; 0 = seq // 2")
+    p.add_argument("--dpo_response_len", type=int, default=0, help="--peer trl DPO response tokens; 0 = seq - prompt")
     p.add_argument("--layers_compile", type=int, default=32, help="SFT step compile time at this depth; 0 = skip")
     return p.parse_args(argv)
 
@@ -145,6 +149,8 @@ def run_suite(suite: Suite, names, peak_probe) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    # Imported before the suite runs so that a missing trl fails fast; torch, transformers and trl are test-only.
+    peer_trl = importlib.import_module("bench.peer_trl") if args.peer == "trl" else None
     cfg = model_config(args)
     names = benchmark_names(args)
     if args.only:
@@ -191,13 +197,18 @@ def main(argv=None) -> dict:
         peer = bench_peer.torch_peer(args, cfg, suite.width, suite.new, peak)
         results["peer_torch"] = peer.pop("skipped", None) or peer.pop("versions")
         results.update(peer)
+    if peer_trl:
+        results.update(peer_trl.trl_peer(args, cfg, suite.width, suite.new, peak, names))
+        results["ratios_trl"] = peer_trl.ratios(results)
     print(bench_peer.table(results))
     print(f"{n}x{n} {cfg.dtype} matmul: best {measured / 1e12:.3f} TFLOP/s of {len(probes)} probes "
           f"(worst {min(probes) / 1e12:.3f}); MFU against {peak / 1e12:.3f} TFLOP/s")
     if "sft_compile_s_by_layers" in results:
         print("SFT step compile s by depth:", {k: round(v, 2) for k, v in results["sft_compile_s_by_layers"].items()})
-    if args.peer:
+    if args.peer == "torch":
         print(bench_peer.ratios(results, args.batch))
+    if peer_trl:
+        print(peer_trl.table(results))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

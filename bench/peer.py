@@ -155,6 +155,17 @@ def compare(new: dict, old: dict) -> str:
     return "\n".join(rows)
 
 
+def llama_config(cfg: ModelConfig, max_positions: int):
+    """transformers' LlamaConfig of the bench model `cfg` (the peers' model), positions up to max_positions."""
+    import transformers
+
+    return transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_size, max_position_embeddings=max_positions, rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.qkv_bias)
+
+
 def torch_peer(args, cfg: ModelConfig, width: int, new: int, peak: float) -> dict:
     """{'torch_sft_step', f'torch_generate_b{batch}': entries, 'versions'}, or {'skipped': why}."""
     try:
@@ -165,12 +176,7 @@ def torch_peer(args, cfg: ModelConfig, width: int, new: int, peak: float) -> dic
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     sync = (lambda _: torch.cuda.synchronize()) if dev == "cuda" else (lambda _: None)
-    hf = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.head_size, max_position_embeddings=max(args.seq, width + new), rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.qkv_bias)
-    model = transformers.LlamaForCausalLM(hf).to(dev)
+    model = transformers.LlamaForCausalLM(llama_config(cfg, max(args.seq, width + new))).to(dev)
     o = common.base_config("bench").optim
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay)
     ids = torch.randint(1, cfg.vocab_size, (args.batch, args.seq + 1), device=dev)
