@@ -30,6 +30,7 @@ class DPOConfig:
     gamma: float = 0.0  # SimPO target margin
     soft_labels: bool = False  # the data's prob_chosen as soft targets
     precompute_ref: bool = False  # reference log-probs once over the data
+    shared_prefix: bool = False  # one row per pair, [prompt | chosen | rejected] (data.encode_preference)
 
     def __post_init__(self):
         if self.loss_type not in losses.DPO_LOSS_TYPES:
@@ -90,9 +91,10 @@ def init_state(params, tx: optax.GradientTransformation) -> TrainState:
 
 
 def _token_stats(model: Transformer, params, batch, **kw) -> logprobs.TokenStats:
-    """`logprobs.token_stats` of batch['targets'] (chunked over the vocabulary when large)."""
+    """`logprobs.token_stats` of batch['targets'] (chunked over the vocabulary when large), under
+    batch['branch_ids'] where the batch has shared-prefix rows."""
     return logprobs.token_stats(model, params, batch["inputs"], batch["positions"], batch["segment_ids"],
-                                batch["targets"], **kw)
+                                batch["targets"], branch_ids=batch.get("branch_ids"), **kw)
 
 
 def sft_loss_fn(model: Transformer, params, batch, frozen=None):
@@ -129,7 +131,18 @@ def reward_loss_fn(model: Transformer, params, batch, frozen=None, *, center_coe
 
 
 def pair_logps(model: Transformer, params, batch):
-    """Summed response log-probs of chosen and rejected ([b] f32 each) and response lengths."""
+    """Summed response log-probs of chosen and rejected ([b] f32 each) and response lengths.
+
+    batch: two rows per pair (chosen_* and rejected_* sequence arrays), or with
+    'branch_ids' one shared-prefix row per pair (`data.encode_preference`):
+    inputs / targets / positions / segment_ids / branch_ids [b, t] int32 and
+    chosen_loss_mask / rejected_loss_mask [b, t] float32.
+    """
+    if "branch_ids" in batch:
+        logps = _token_stats(model, params, batch).logps
+        masks = batch["chosen_loss_mask"], batch["rejected_loss_mask"]
+        return (tuple(losses.sequence_logps(logps, m) for m in masks),
+                tuple(jnp.maximum(m.sum(-1), 1.0) for m in masks))
     pair = _pair_batch(batch)
     seq = losses.sequence_logps(_token_stats(model, params, pair).logps, pair["loss_mask"])
     lengths = jnp.maximum(pair["loss_mask"].sum(-1), 1.0)

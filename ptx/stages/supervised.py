@@ -26,7 +26,8 @@ def encode(config, rows, tok: Tokenizer | HFTokenizer):
     if d.kind == "text":
         return data.encode_text(rows, tok, max_len=d.max_len, pack=d.pack)
     if d.kind == "preference":
-        return data.encode_preference(rows, tok, max_len=d.max_len, max_prompt_len=d.max_prompt_len)
+        return data.encode_preference(rows, tok, max_len=d.max_len, max_prompt_len=d.max_prompt_len,
+                                      shared_prefix=config.stage == "dpo" and config.dpo.shared_prefix)
     if d.kind == "unpaired":
         return data.encode_unpaired(rows, tok, max_len=d.max_len, max_prompt_len=d.max_prompt_len)
     raise ValueError(f"data.kind={d.kind!r} cannot train stage {config.stage!r}")
