@@ -236,15 +236,18 @@ def pair_arrays(chosen: Sequence[tuple[list[int], list[int]]], rejected: Sequenc
 
 def _shared_rows(chosen: Sequence[tuple[list[int], list[int]]], rejected: Sequence[tuple[list[int], list[int]]],
                  pad_id: int) -> dict[str, np.ndarray]:
-    """One row per pair, [prefix | chosen | rejected].
+    """One row per pair, [prefix | chosen | rejected], the prefix ending at one column for all rows.
 
     The prefix is the untrained ids both sequences start with, less the last:
     each branch starts with that id (its input predicts the branch's first
-    target), so every column has one target. A branch's positions continue
-    the prefix's, as in its own row; branch ids are 0 on the prefix, 1 on
-    chosen, 2 on rejected (`ptx.attention`). Returns inputs, targets,
-    positions, segment_ids (1 on real tokens), branch_ids [N, W] int32 and
-    chosen_loss_mask, rejected_loss_mask [N, W] float32, W the longest row.
+    target), so the prefix's columns need no LM head. A branch's positions
+    continue the prefix's, as in its own row; branch ids are 0 on the prefix,
+    1 on chosen, 2 on rejected (`ptx.attention`). Returns inputs, positions,
+    segment_ids (1 on real tokens), branch_ids [N, P + R] int32, each prefix
+    right-aligned in the first P columns (left-padded) and the responses from
+    column P on; targets [N, R] int32 and chosen_loss_mask, rejected_loss_mask
+    [N, R] float32 of those last R columns. P: the longest prefix, R: the
+    longest pair of responses.
     """
     rows = []
     for (c, c_trained), (r, r_trained) in zip(chosen, rejected):
@@ -252,20 +255,23 @@ def _shared_rows(chosen: Sequence[tuple[list[int], list[int]]], rejected: Sequen
         while (n < min(len(c), len(r)) - 1 and c[n] == r[n] and not c_trained[n] and not r_trained[n]):
             n += 1
         rows.append((max(n - 1, 0), c, c_trained, r, r_trained))
-    width = max(len(c) + len(r) - 2 - s for s, c, _, r, _ in rows)
-    out = {k: np.full((len(rows), width), pad_id, np.int32) for k in ("inputs", "targets")}
-    out.update({k: np.zeros((len(rows), width), np.int32) for k in ("positions", "segment_ids", "branch_ids")})
-    out.update({k: np.zeros((len(rows), width), np.float32) for k in ("chosen_loss_mask", "rejected_loss_mask")})
+    prefix = max(s for s, *_ in rows)
+    width = max(len(c) + len(r) - 2 - 2 * s for s, c, _, r, _ in rows)
+    shape, n_rows = (len(rows), prefix + width), len(rows)
+    out = {"inputs": np.full(shape, pad_id, np.int32), "targets": np.full((n_rows, width), pad_id, np.int32)}
+    out.update({k: np.zeros(shape, np.int32) for k in ("positions", "segment_ids", "branch_ids")})
+    out.update({k: np.zeros((n_rows, width), np.float32) for k in ("chosen_loss_mask", "rejected_loss_mask")})
     for i, (s, c, c_trained, r, r_trained) in enumerate(rows):
-        out["inputs"][i, :s], out["targets"][i, :s], out["positions"][i, :s] = c[:s], c[1:s + 1], np.arange(s)
-        start = s
+        out["inputs"][i, prefix - s:prefix], out["positions"][i, prefix - s:prefix] = c[:s], np.arange(s)
+        start = 0  # in the response columns
         for branch, (seq, trained) in enumerate(((c, c_trained), (r, r_trained)), start=1):
             cols = slice(start, start + len(seq) - 1 - s)
-            out["inputs"][i, cols], out["targets"][i, cols] = seq[s:-1], seq[s + 1:]
-            out["positions"][i, cols], out["branch_ids"][i, cols] = np.arange(s, len(seq) - 1), branch
+            row_cols = slice(prefix + cols.start, prefix + cols.stop)
+            out["inputs"][i, row_cols], out["targets"][i, cols] = seq[s:-1], seq[s + 1:]
+            out["positions"][i, row_cols], out["branch_ids"][i, row_cols] = np.arange(s, len(seq) - 1), branch
             out[("chosen", "rejected")[branch - 1] + "_loss_mask"][i, cols] = trained[s + 1:]
             start = cols.stop
-        out["segment_ids"][i, :start] = 1
+        out["segment_ids"][i, prefix - s:prefix + start] = 1
     return out
 
 

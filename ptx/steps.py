@@ -91,10 +91,9 @@ def init_state(params, tx: optax.GradientTransformation) -> TrainState:
 
 
 def _token_stats(model: Transformer, params, batch, **kw) -> logprobs.TokenStats:
-    """`logprobs.token_stats` of batch['targets'] (chunked over the vocabulary when large), under
-    batch['branch_ids'] where the batch has shared-prefix rows."""
+    """`logprobs.token_stats` of batch['targets'] (chunked over the vocabulary when large)."""
     return logprobs.token_stats(model, params, batch["inputs"], batch["positions"], batch["segment_ids"],
-                                batch["targets"], branch_ids=batch.get("branch_ids"), **kw)
+                                batch["targets"], **kw)
 
 
 def sft_loss_fn(model: Transformer, params, batch, frozen=None):
@@ -134,12 +133,15 @@ def pair_logps(model: Transformer, params, batch):
     """Summed response log-probs of chosen and rejected ([b] f32 each) and response lengths.
 
     batch: two rows per pair (chosen_* and rejected_* sequence arrays), or with
-    'branch_ids' one shared-prefix row per pair (`data.encode_preference`):
-    inputs / targets / positions / segment_ids / branch_ids [b, t] int32 and
-    chosen_loss_mask / rejected_loss_mask [b, t] float32.
+    'branch_ids' one shared-prefix row per pair (`data.pair_arrays`): inputs /
+    positions / segment_ids / branch_ids [b, t] int32, then targets [b, n] int32
+    and chosen_loss_mask / rejected_loss_mask [b, n] float32 of the last n
+    columns, the responses' (a chunked LM head reads only those columns).
     """
     if "branch_ids" in batch:
-        logps = _token_stats(model, params, batch).logps
+        start = batch["inputs"].shape[1] - batch["targets"].shape[1]
+        logps = logprobs.token_stats(model, params, batch["inputs"], batch["positions"], batch["segment_ids"],
+                                     batch["targets"], branch_ids=batch["branch_ids"], start=start).logps
         masks = batch["chosen_loss_mask"], batch["rejected_loss_mask"]
         return (tuple(losses.sequence_logps(logps, m) for m in masks),
                 tuple(jnp.maximum(m.sum(-1), 1.0) for m in masks))
