@@ -73,6 +73,7 @@ class ORPOConfig:
     """The `orpo` config section (Hong et al. 2024): no reference model."""
 
     lam: float = 0.1  # λ, the weight of the odds-ratio term (TRL's ORPOConfig.beta)
+    shared_prefix: bool = False  # one row per pair, [prompt | chosen | rejected] (data.encode_preference)
 
     def __post_init__(self):
         if self.lam < 0:
@@ -121,10 +122,18 @@ def sequence_scores(model: Transformer, params, inputs, positions, segment_ids) 
 
 
 def reward_loss_fn(model: Transformer, params, batch, frozen=None, *, center_coef=0.0):
-    """Pairwise Bradley-Terry loss on the scalar head read at the last prompt+response token."""
-    pair = _pair_batch(batch)
-    scores = sequence_scores(model, params, pair["inputs"], pair["positions"], pair["segment_ids"])
-    r_chosen, r_rejected = jnp.split(scores, 2)
+    """Pairwise Bradley-Terry loss on the scalar head read at the last prompt+response token, of
+    two rows per pair or (with 'branch_ids', `pair_logps`) of each response's last column."""
+    if "branch_ids" in batch:
+        out = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+                          branch_ids=batch["branch_ids"], logits=False)
+        t = batch["branch_ids"].shape[1]
+        last = (t - 1 - jnp.argmax(batch["branch_ids"][:, ::-1] == k, axis=-1) for k in (1, 2))
+        r_chosen, r_rejected = (jnp.take_along_axis(out.values, i[:, None], axis=1)[:, 0] for i in last)
+    else:
+        pair = _pair_batch(batch)
+        scores = sequence_scores(model, params, pair["inputs"], pair["positions"], pair["segment_ids"])
+        r_chosen, r_rejected = jnp.split(scores, 2)
     return losses.pairwise_reward_loss(r_chosen, r_rejected, prob_chosen=batch["prob_chosen"],
                                        center_coef=center_coef)
 

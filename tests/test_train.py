@@ -186,12 +186,9 @@ def test_dpo_first_step_loss_is_log2_with_and_without_precomputed_reference_and_
     np.testing.assert_allclose(losses[3][1], losses[2][1], rtol=1e-4)
 
 
-@pytest.mark.parametrize("model", [dict(attention="xla"), dict(attention="blockwise", attention_block_q=8,
-                                                                 attention_block_k=16, remat="full"),
-                                   dict(sliding_window=4)], ids=["xla", "blockwise", "window"])
-def test_shared_prefix_dpo_loss_and_gradients_equal_the_two_row_path(model):
+def two_row_and_shared_pairs():
     """Pairs of different prompt and response lengths (a one-id prompt among them), right-padded,
-    as two rows each and as one shared-prefix row: equal log-probs, loss and gradients (float32)."""
+    as two rows each and as one shared-prefix row."""
     rng = np.random.default_rng(0)
     docs = {"chosen": [], "rejected": []}
     for prompt, n_chosen, n_rejected in ((5, 4, 9), (1, 6, 2), (9, 3, 3), (3, 11, 7)):
@@ -203,6 +200,15 @@ def test_shared_prefix_dpo_loss_and_gradients_equal_the_two_row_path(model):
     assert shared["inputs"].shape[1] < 2 * 24  # one row, shorter than the two it stands for
     for batch in (two, shared):
         batch["prob_chosen"] = np.ones(4, np.float32)
+    return two, shared
+
+
+@pytest.mark.parametrize("model", [dict(attention="xla"), dict(attention="blockwise", attention_block_q=8,
+                                                                 attention_block_k=16, remat="full"),
+                                   dict(sliding_window=4)], ids=["xla", "blockwise", "window"])
+def test_shared_prefix_dpo_loss_and_gradients_equal_the_two_row_path(model):
+    """Equal log-probs, loss and gradients (float32) of `two_row_and_shared_pairs`."""
+    two, shared = two_row_and_shared_pairs()
     cfg = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, **model)
     m = Transformer(cfg)
     params, ref = init_params(cfg, jax.random.PRNGKey(0)), init_params(cfg, jax.random.PRNGKey(1))
@@ -216,6 +222,21 @@ def test_shared_prefix_dpo_loss_and_gradients_equal_the_two_row_path(model):
     np.testing.assert_allclose(loss, loss_two, rtol=1e-5)
     assert_trees_close(metrics, metrics_two, rtol=1e-5, atol=1e-6)
     assert_trees_close(grads, grads_two, rtol=1e-4, atol=1e-7)
+    orpo = jax.jit(steps.make_loss_fn("orpo", m, orpo=steps.ORPOConfig()))  # ORPO reads the same log-probs
+    np.testing.assert_allclose(orpo(params, shared)[0], orpo(params, two)[0], rtol=1e-5)
+
+
+def test_shared_prefix_reward_loss_and_gradients_equal_the_two_row_path():
+    two, shared = two_row_and_shared_pairs()
+    cfg = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, scalar_head=True)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    # A random head instead of the zero init, so that the trunk has gradients too.
+    params["scalar_head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(1), params["scalar_head"]["kernel"].shape)
+    grad = jax.jit(jax.value_and_grad(steps.make_loss_fn("reward", Transformer(cfg)), has_aux=True))
+    ((loss_two, metrics_two), grads_two), ((loss, metrics), grads) = (grad(params, b) for b in (two, shared))
+    np.testing.assert_allclose(loss, loss_two, rtol=1e-5)
+    assert_trees_close(metrics, metrics_two, rtol=1e-5, atol=1e-6)
+    assert_trees_close(grads, grads_two, rtol=1e-4, atol=1e-6)  # float32 sums in another order
 
 
 def test_bad_data_row_error_names_file_row_and_field(tmp_path):

@@ -96,7 +96,7 @@ SAMPLING = {
 }
 FIELDS = {
     "sft": COMMON | SUPERVISED,
-    "reward": COMMON | SUPERVISED | {"reward.center_coef": NON_NEGATIVE},
+    "reward": COMMON | SUPERVISED | {"reward.center_coef": NON_NEGATIVE, "reward.shared_prefix": BOOL},
     "dpo": COMMON | SUPERVISED,
     "kto": COMMON | SUPERVISED,
     "orpo": COMMON | SUPERVISED,
