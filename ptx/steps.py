@@ -128,6 +128,7 @@ def reward_loss_fn(model: Transformer, params, batch, frozen=None, *, center_coe
         out = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
                           branch_ids=batch["branch_ids"], logits=False)
         t = batch["branch_ids"].shape[1]
+        # Branch k's last column: where its own row's last real input sits.
         last = (t - 1 - jnp.argmax(batch["branch_ids"][:, ::-1] == k, axis=-1) for k in (1, 2))
         r_chosen, r_rejected = (jnp.take_along_axis(out.values, i[:, None], axis=1)[:, 0] for i in last)
     else:
