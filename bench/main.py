@@ -2,6 +2,7 @@
 iteration, against the peak.
 
 python -m bench.main [--size bench] [--only sft_step,decode_b16] [--compare runs/old.json] [--peer torch|trl]
+python -m bench.main --only dpo_step,dpo_step_shared_prefix --dpo_prompt_len 96 --dpo_response_len 64
 python -m bench.main --memory_only --size qwen3_0_6b --seq 4096 --batch 1 [--attention xla --loss_chunk 1000000000]
 
 Each number is the median of `--repeats` timed runs after one warm-up run,
@@ -42,8 +43,8 @@ from configs import common
 from ptx import lora
 from ptx.model import ModelConfig
 
-TRAIN = ("sft_step", "reward_step", "dpo_step", "dpo_step_precomputed_ref", "ppo_update", "lora_sft_step",
-         "lora_dpo_step")
+TRAIN = ("sft_step", "reward_step", "dpo_step", "dpo_step_shared_prefix", "dpo_step_precomputed_ref", "ppo_update",
+         "lora_sft_step", "lora_dpo_step")
 MEMORY = ("sft_step", "dpo_step", "ppo_update", "ppo_update_value_head", "grpo_update", "lora_sft_step", "lora_dpo_step", "lora_ppo_update")
 # Bench-only shapes beside configs/common.MODEL_PRESETS. qwen3_0_6b: Qwen3-0.6B's sizes (tied
 # embeddings, 151,936 words) on the ptx architecture (no q / k norms), bfloat16 compute, full remat.
@@ -81,6 +82,10 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=128, help="tokens per row")
     p.add_argument("--prompt_len", type=int, default=0, help="decode / RL prompt width; 0 = seq // 2")
     p.add_argument("--new_tokens", type=int, default=0, help="tokens sampled per row; 0 = seq - prompt_len")
+    p.add_argument("--dpo_prompt_len", type=int, default=0,
+                   help="dpo_step / dpo_step_shared_prefix: prompt tokens of a pair; 0 = seq // 2")
+    p.add_argument("--dpo_response_len", type=int, default=0,
+                   help="dpo_step / dpo_step_shared_prefix: tokens of each response; 0 = seq - dpo_prompt_len")
     p.add_argument("--decode_batches", default="1,16,64", help="batch sizes of the decode_bN entries")
     p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling of decode_bN and the torch peer")
     p.add_argument("--lora_rank", type=int, default=8, help="adapter rank of the lora_* entries")
@@ -99,8 +104,6 @@ def parse_args(argv=None):
     p.add_argument("--compare", default="", help="an earlier --out file: print new / old ratios")
     p.add_argument("--peer", default="", choices=("", "torch", "trl"),
                    help="also time transformers' Llama (torch) or TRL's DPO and GRPO trainers (trl, bench/peer_trl.py)")
-    p.add_argument("--dpo_prompt_len", type=int, default=0, help="--peer trl DPO prompt tokens; 0 = seq // 2")
-    p.add_argument("--dpo_response_len", type=int, default=0, help="--peer trl DPO response tokens; 0 = seq - prompt")
     p.add_argument("--layers_compile", type=int, default=32, help="SFT step compile time at this depth; 0 = skip")
     return p.parse_args(argv)
 
@@ -174,8 +177,8 @@ def main(argv=None) -> dict:
         "jax_version": jax.__version__, "matmul_peak_flops": measured, "matmul_n": n,
         "published_peak_flops": published, "peak_flops": peak,
         "config": dict(cfg.__dict__, batch=args.batch, seq=args.seq, prompt_len=suite.width,
-                       new_tokens=suite.new, repeats=args.repeats, devices=suite.mesh.size,
-                       backend_opt_level=args.backend_opt_level),
+                       new_tokens=suite.new, dpo_prompt_len=suite.dpo_prompt, dpo_response_len=suite.dpo_response,
+                       repeats=args.repeats, devices=suite.mesh.size, backend_opt_level=args.backend_opt_level),
         "compilation_cache_dir": jax.config.jax_compilation_cache_dir,
     }
     # Other processes may share a CPU: the peak is the best matmul of several

@@ -192,14 +192,15 @@ def trl_peer(args, cfg: ModelConfig, width: int, new: int, peak: float, names) -
 
 
 def ratios(results: dict) -> dict:
-    """{'ptx / trl entry': ptx tokens/s / TRL tokens/s} for the PAIRS both sides ran; dpo_step only
-    where TRL's rows (prompt + response) are the bench's --seq long."""
+    """{'ptx / trl entry': ptx tokens/s / TRL tokens/s} for the PAIRS both sides ran; the DPO entries
+    only where TRL's rows have the bench's --dpo_prompt_len / --dpo_response_len split."""
     out = {}
+    cfg = results["config"]
     for ours, theirs in PAIRS:
         if ours not in results or theirs not in results:
             continue
-        trl_row = results[theirs].get("prompt_len", 0) + results[theirs].get("response_len", 0)
-        if ours == "dpo_step" and trl_row != results["config"]["seq"]:
+        split = (results[theirs].get("prompt_len"), results[theirs].get("response_len"))
+        if ours.startswith("dpo_step") and split != (cfg.get("dpo_prompt_len"), cfg.get("dpo_response_len")):
             continue
         out[f"{ours} / {theirs}"] = results[ours]["tokens_per_s"] / results[theirs]["tokens_per_s"]
     return out

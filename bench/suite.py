@@ -18,7 +18,7 @@ from configs import dpo as dpo_configs
 from configs import grpo as grpo_configs
 from configs import ppo as ppo_configs
 from configs import reward as reward_configs
-from ptx import lora, optim, rollout, sampler, sharding, steps
+from ptx import data, lora, optim, rollout, sampler, sharding, steps
 from ptx.stages import common as stage_common
 from ptx.model import ModelConfig, Transformer, abstract_params, flops_per_token, init_params, unstack_layers
 
@@ -60,6 +60,19 @@ def pair_rows(rng, b, t, vocab, precomputed_ref=False):
     return batch
 
 
+def dpo_rows(rng, b, prompt, response, vocab, shared_prefix=False):
+    """Pairs of a `prompt`-token prompt and `response`-token responses (the loss on the responses),
+    encoded by `data.pair_arrays`: two rows of prompt + response tokens per pair, or one
+    shared-prefix row of prompt + 2 x response tokens."""
+    # prompt + 1 ids: the last one is the input that predicts the first response token.
+    heads = rng.integers(1, vocab, (b, prompt + 1)).tolist()
+    docs = {side: [(h + rng.integers(1, vocab, response).tolist(), [0] * (prompt + 1) + [1] * response)
+                   for h in heads] for side in ("chosen", "rejected")}
+    arrays = data.pair_arrays(docs["chosen"], docs["rejected"], max_len=prompt + response, pad_id=0,
+                              shared_prefix=shared_prefix)
+    return dict(arrays, prob_chosen=np.ones((b,), np.float32))
+
+
 def rl_rows(rng, b, width, n, vocab):
     """What `rollout.prepare` hands the update: prompt width `width`, n completion tokens."""
     tok = rng.integers(1, vocab, (b, width + n)).astype(np.int32)
@@ -82,6 +95,9 @@ class Suite:
         self.width = args.prompt_len or args.seq // 2
         self.new = args.new_tokens or max(args.seq - self.width, 2)
         self.fwd = flops_per_token(cfg, args.seq)  # per token, LM head included
+        # The DPO entries' pairs: a prompt and two responses, each sequence prompt + response tokens.
+        self.dpo_prompt = args.dpo_prompt_len or args.seq // 2
+        self.dpo_response = args.dpo_response_len or max(args.seq - self.dpo_prompt, 1)
         self.head = 2 * cfg.d_model * cfg.vocab_size
         self._params = None
         options = {"xla_backend_optimization_level": args.backend_opt_level} if args.backend_opt_level >= 0 else {}
@@ -168,11 +184,21 @@ class Suite:
         return self.train(loss_fn, self.weights(cfg, 0), pair_rows(self.rng, a.batch, a.seq, cfg.vocab_size),
                           3 * (self.fwd - self.head) * 2 * a.batch * a.seq)
 
-    def dpo_step(self):
+    def dpo_step(self, shared_prefix=False):
+        """DPO against a frozen reference on --batch pairs of --dpo_prompt_len + --dpo_response_len
+        tokens a sequence. tokens and FLOPs: both sequences in full, 2 x (prompt + response) a pair,
+        for the shared-prefix rows too (the same work), so that the two entries compare."""
         a, cfg = self.args, self.cfg
+        n = self.dpo_prompt + self.dpo_response
         loss_fn = steps.make_loss_fn("dpo", Transformer(cfg), dpo=stage_common.dpo_config(dpo_configs.get_config()))
-        return self.train(loss_fn, self.weights(cfg, 0), pair_rows(self.rng, a.batch, a.seq, cfg.vocab_size),
-                          (3 + 1) * self.fwd * 2 * a.batch * a.seq, frozen=self.put(self.weights(cfg, 1)))
+        batch = dpo_rows(self.rng, a.batch, self.dpo_prompt, self.dpo_response, cfg.vocab_size, shared_prefix)
+        flops = (3 + 1) * flops_per_token(cfg, n) * 2 * a.batch * n
+        return self.train(loss_fn, self.weights(cfg, 0), batch, flops, frozen=self.put(self.weights(cfg, 1)),
+                          tokens=2 * a.batch * n)
+
+    def dpo_step_shared_prefix(self):
+        """`dpo_step` with one row per pair, [prompt | chosen | rejected] (`dpo.shared_prefix`)."""
+        return self.dpo_step(shared_prefix=True)
 
     def dpo_step_precomputed_ref(self):
         a, cfg = self.args, self.cfg

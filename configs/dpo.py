@@ -17,4 +17,7 @@ def get_config(arg=None):
     c.dpo.gamma = 0.0  # SimPO target margin
     c.dpo.soft_labels = False  # use the data's prob_chosen (AI-judge labels) as soft targets
     c.dpo.precompute_ref = False  # reference log-probs once over the data; steps run the policy only
+    # One row per pair, [prompt | chosen | rejected]: the prompt's keys and values computed once, each
+    # response masked to see the prompt and itself; the same losses and gradients as two rows.
+    c.dpo.shared_prefix = False
     return c

@@ -13,4 +13,5 @@ def get_config(arg=None):
     c.optim.lr = 1e-4 if "tiny" not in common.parse_arg(arg) else 5e-4
     c.orpo = common.ml_collections.ConfigDict()
     c.orpo.lam = 0.1  # λ: weight of the odds-ratio term against the NLL (TRL's ORPOConfig.beta)
+    c.orpo.shared_prefix = False  # one row per pair, [prompt | chosen | rejected], as dpo.shared_prefix
     return c

@@ -11,4 +11,5 @@ def get_config(arg=None):
     c.data.kind = "preference"
     c.reward = common.ml_collections.ConfigDict()
     c.reward.center_coef = 0.0  # coef * (r_chosen + r_rejected)^2 keeps rewards centred
+    c.reward.shared_prefix = False  # one row per pair, [prompt | chosen | rejected], as dpo.shared_prefix
     return c

@@ -6,6 +6,14 @@ one mask: a key is visible to a query iff both are in the same segment, the
 segment is not 0 (padding), k_pos <= q_pos, and, with a sliding window w > 0,
 q_pos - w < k_pos (w visible tokens, the query's own included: Mistral's and
 Gemma's convention).
+Shared prefixes add per-token branch ids (None = all 0): a key with branch id
+0 is visible to the queries of its segment under the rules above, one with
+branch id k > 0 only to queries of branch k. A row [prompt | chosen |
+rejected] with branch ids 0 / 1 / 2 and the positions of both responses
+starting where the prompt ends computes each response as if it followed the
+prompt alone (DPO with prefix sharing, Wang et al. 2024): causality and the
+window go by position, which counts up along each branch, so the window
+measures distance within the branch as in the response's own row.
 
 - xla: the dense [b, heads, t, s] scores; the reference, and the KV-cache path.
 - blockwise: online softmax over key blocks inside a loop over query blocks
@@ -19,7 +27,12 @@ Gemma's convention).
 
 cudnn and splash take causality and the window by index, not position, and
 segments by equality alone: they equal the others when positions count up by
-one along each segment (padded and packed batches) and t == s. Rows with no
+one along each segment (padded and packed batches) and t == s. cudnn adds the
+branch ids to its boolean mask, which with index causality is the positional
+rule when each branch follows the prefix and the branches before it in the
+row; with branch ids and a window (index distance would count the other
+branches' tokens), and in splash (its mask is fixed per shape; segment ids
+compare by equality alone), attend runs blockwise instead. Rows with no
 visible key (padding queries) are don't-care: xla returns the mean of all
 values there, blockwise zeros, cudnn and splash attend the padding itself.
 """
@@ -46,17 +59,21 @@ _MASK_VALUE = -1e30
 _SPLASH_LANES = 128
 
 
-def visible(q_positions, k_positions, q_segment_ids, k_segment_ids, window=0):
-    """The attention mask: [b, t] and [b, s] int32 ids -> [b, t, s] bool, True = attended."""
+def visible(q_positions, k_positions, q_segment_ids, k_segment_ids, window=0, q_branch_ids=None,
+            k_branch_ids=None):
+    """The attention mask: [b, t] and [b, s] int32 ids (branch ids None or both given)
+    -> [b, t, s] bool, True = attended."""
     mask = ((q_segment_ids[:, :, None] == k_segment_ids[:, None, :]) & (k_segment_ids[:, None, :] > 0)
             & (k_positions[:, None, :] <= q_positions[:, :, None]))
     if window:
         mask = mask & (k_positions[:, None, :] > q_positions[:, :, None] - window)
+    if k_branch_ids is not None:
+        mask = mask & ((k_branch_ids[:, None, :] == 0) | (k_branch_ids[:, None, :] == q_branch_ids[:, :, None]))
     return mask
 
 
-def attend(q, k, v, *, q_positions, k_positions, q_segment_ids, k_segment_ids, window=0, impl="xla",
-           block_q=512, block_k=512):
+def attend(q, k, v, *, q_positions, k_positions, q_segment_ids, k_segment_ids, window=0, q_branch_ids=None,
+           k_branch_ids=None, impl="xla", block_q=512, block_k=512):
     """Multi-head attention with grouped-query heads, by the implementation `impl`.
 
     Args:
@@ -64,6 +81,8 @@ def attend(q, k, v, *, q_positions, k_positions, q_segment_ids, k_segment_ids, w
         k, v: [b, s, kv_heads, head], q's dtype; heads is a multiple of kv_heads.
         q_positions, q_segment_ids: [b, t] int32. k_positions, k_segment_ids: [b, s] int32.
         window: sliding window in tokens (the query's own included); 0 = none.
+        q_branch_ids: [b, t] int32, k_branch_ids: [b, s] int32, or both None: shared-prefix
+            branches (module docstring).
         impl: one of IMPLS.
         block_q, block_k: query and key block sizes of blockwise and splash
             (clipped to the sequence); the sequence need not be a multiple.
@@ -75,14 +94,17 @@ def attend(q, k, v, *, q_positions, k_positions, q_segment_ids, k_segment_ids, w
         raise ValueError(f"attention impl {impl!r}; expected one of {IMPLS}")
     if impl == "auto":
         impl = auto_impl(q, k)
+    if k_branch_ids is not None and (impl == "splash" or (impl == "cudnn" and window)):
+        impl = "blockwise"  # no branch mask there (module docstring)
     masks = dict(q_positions=q_positions, k_positions=k_positions, q_segment_ids=q_segment_ids,
                  k_segment_ids=k_segment_ids, window=window)
+    branches = dict(q_branch_ids=q_branch_ids, k_branch_ids=k_branch_ids)
     if impl == "xla":
-        return xla_attention(q, k, v, **masks)
+        return xla_attention(q, k, v, **masks, **branches)
     if impl == "blockwise":
-        return blockwise_attention(q, k, v, **masks, block_q=block_q, block_k=block_k)
+        return blockwise_attention(q, k, v, **masks, **branches, block_q=block_q, block_k=block_k)
     if impl == "cudnn":
-        return cudnn_attention(q, k, v, **masks)
+        return cudnn_attention(q, k, v, **masks, **branches)
     return splash_attention(q, k, v, **masks, block_q=block_q, block_k=block_k)
 
 
@@ -100,7 +122,7 @@ def auto_impl(q, k) -> str:
 
 
 def xla_attention(q, k, v, *, q_positions, k_positions, q_segment_ids, k_segment_ids, window=0,
-                  kv_heads_first=False):
+                  q_branch_ids=None, k_branch_ids=None, kv_heads_first=False):
     """Dense attention: `attend`'s arguments; kv_heads_first: k, v are [b, kv_heads, s, head]
     (the KV cache's layout, read without a transposed copy). Returns [b, t, heads, head]."""
     b, t, h, hd = q.shape
@@ -109,14 +131,14 @@ def xla_attention(q, k, v, *, q_positions, k_positions, q_segment_ids, k_segment
     q = q.reshape(b, t, kvh, h // kvh, hd)
     scores = jnp.einsum(f"btkgd,{spec}->bkgts", q, k.astype(q.dtype)).astype(jnp.float32)
     scores = scores / jnp.sqrt(hd).astype(jnp.float32)
-    mask = visible(q_positions, k_positions, q_segment_ids, k_segment_ids, window)
+    mask = visible(q_positions, k_positions, q_segment_ids, k_segment_ids, window, q_branch_ids, k_branch_ids)
     scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     return jnp.einsum(f"bkgts,{spec}->btkgd", probs, v.astype(q.dtype)).reshape(b, t, h, hd)
 
 
 def blockwise_attention(q, k, v, *, q_positions, k_positions, q_segment_ids, k_segment_ids, window=0,
-                        block_q=512, block_k=512):
+                        q_branch_ids=None, k_branch_ids=None, block_q=512, block_k=512):
     """Flash-style attention: `attend`'s arguments. Forward and backward hold one
     [b, heads, block_q, block_k] block of scores at a time, and the backward pass
     keeps only q, k, v, the output and a [b, heads, t] log-sum-exp."""
@@ -126,39 +148,41 @@ def blockwise_attention(q, k, v, *, q_positions, k_positions, q_segment_ids, k_s
     # Pad to whole blocks: padded queries are segment 0 (no key, output 0, cut off
     # below); padded keys are segment 0, so no query sees them.
     pad_t, pad_s = -t % bq, -s % bk
-    pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n)] + [(0, 0)] * (x.ndim - 2))
+    pad = lambda x, n: None if x is None else jnp.pad(x, [(0, 0), (0, n)] + [(0, 0)] * (x.ndim - 2))
     out = _flash(pad(q, pad_t).reshape(b, t + pad_t, kvh, h // kvh, hd), pad(k, pad_s), pad(v, pad_s),
                  pad(q_positions, pad_t), pad(k_positions, pad_s), pad(q_segment_ids, pad_t),
-                 pad(k_segment_ids, pad_s), window, bq, bk)
+                 pad(k_segment_ids, pad_s), pad(q_branch_ids, pad_t), pad(k_branch_ids, pad_s), window, bq, bk)
     return out[:, :t].reshape(b, t, h, hd)
 
 
 def _block(x, i, size):
-    """Block i of `size` rows along axis 1."""
-    return jax.lax.dynamic_slice_in_dim(x, i * size, size, axis=1)
+    """Block i of `size` rows along axis 1 (None stays None: no branch ids)."""
+    return None if x is None else jax.lax.dynamic_slice_in_dim(x, i * size, size, axis=1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _flash(q, k, v, q_pos, k_pos, q_seg, k_seg, window, bq, bk):
-    """q: [b, t, kvh, g, hd]; k, v: [b, s, kvh, hd]; t, s whole blocks. -> [b, t, kvh, g, hd] q.dtype."""
-    return _flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, window, bq, bk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11))
+def _flash(q, k, v, q_pos, k_pos, q_seg, k_seg, q_br, k_br, window, bq, bk):
+    """q: [b, t, kvh, g, hd]; k, v: [b, s, kvh, hd]; t, s whole blocks; q_br, k_br: branch ids or None.
+    -> [b, t, kvh, g, hd] q.dtype."""
+    return _flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, q_br, k_br, window, bq, bk)[0]
 
 
-def _flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, window, bq, bk):
+def _flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, q_br, k_br, window, bq, bk):
     b, t, kvh, g, hd = q.shape
     # Inside a scan over layers under grad, JAX hoists what depends only on the loop's
     # constants out of the loop: here the masks, which the skip conditional would split
     # into [t / bq, s / bk, b, heads, bq, bk] stacks, quadratic in length. Tied to q, the
     # positions and segments vary per layer, so nothing of the mask is hoisted.
-    q, q_pos, k_pos, q_seg, k_seg = jax.lax.optimization_barrier((q, q_pos, k_pos, q_seg, k_seg))
+    q, q_pos, k_pos, q_seg, k_seg, q_br, k_br = jax.lax.optimization_barrier(
+        (q, q_pos, k_pos, q_seg, k_seg, q_br, k_br))
     scale = 1.0 / math.sqrt(hd)
 
     def q_block(i):
-        qi, qp, qs = _block(q, i, bq), _block(q_pos, i, bq), _block(q_seg, i, bq)
+        qi, qp, qs, qb = _block(q, i, bq), _block(q_pos, i, bq), _block(q_seg, i, bq), _block(q_br, i, bq)
 
         def k_step(carry, j):
             kj, vj = _block(k, j, bk), _block(v, j, bk)
-            mask = visible(qp, _block(k_pos, j, bk), qs, _block(k_seg, j, bk), window)
+            mask = visible(qp, _block(k_pos, j, bk), qs, _block(k_seg, j, bk), window, qb, _block(k_br, j, bk))
 
             def update(carry):
                 m, l, acc = carry  # running max, sum of exp, output sum: [b, kvh, g, bq(, hd)] f32
@@ -185,11 +209,11 @@ def _flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, window, bq, bk):
     outs, lses = jax.lax.map(q_block, jnp.arange(t // bq))  # [nq, b, bq, kvh, g, hd], [nq, b, kvh, g, bq]
     out = jnp.moveaxis(outs, 0, 1).reshape(q.shape)
     lse = jnp.moveaxis(lses, 0, 3).reshape(b, kvh, g, t)
-    return out, (q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse)
+    return out, (q, k, v, q_pos, k_pos, q_seg, k_seg, q_br, k_br, out, lse)
 
 
 def _flash_bwd(window, bq, bk, res, d_out):
-    q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse = res
+    q, k, v, q_pos, k_pos, q_seg, k_seg, q_br, k_br, out, lse = res
     b, t, kvh, g, hd = q.shape
     scale = 1.0 / math.sqrt(hd)
     # FlashAttention 2's D = rowsum(dO * O): d_scores = p * (dp - D).
@@ -197,9 +221,10 @@ def _flash_bwd(window, bq, bk, res, d_out):
 
     def k_block(dq, j):
         kj, vj, kp, ks = _block(k, j, bk), _block(v, j, bk), _block(k_pos, j, bk), _block(k_seg, j, bk)
+        kb = _block(k_br, j, bk)
 
         def q_step(carry, i):
-            mask = visible(_block(q_pos, i, bq), kp, _block(q_seg, i, bq), ks, window)
+            mask = visible(_block(q_pos, i, bq), kp, _block(q_seg, i, bq), ks, window, _block(q_br, i, bq), kb)
 
             def update(carry):
                 dq, dk, dv = carry
@@ -224,17 +249,18 @@ def _flash_bwd(window, bq, bk, res, d_out):
 
     dq, (dks, dvs) = jax.lax.scan(k_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(k.shape[1] // bk))
     dk, dv = (jnp.moveaxis(x, 0, 1).reshape(k.shape).astype(k.dtype) for x in (dks, dvs))
-    return dq.astype(q.dtype), dk, dv, None, None, None, None
+    return dq.astype(q.dtype), dk, dv, None, None, None, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def cudnn_attention(q, k, v, *, q_positions, k_positions, q_segment_ids, k_segment_ids, window=0):
+def cudnn_attention(q, k, v, *, q_positions, k_positions, q_segment_ids, k_segment_ids, window=0,
+                    q_branch_ids=None, k_branch_ids=None):
     """cuDNN flash attention: `attend`'s arguments, t == s; bfloat16 or float16.
 
     Causality and the window go by index (see the module docstring), segments
-    as a boolean mask, which `jax.nn.dot_product_attention` turns into a
+    and branches as a boolean mask, which `jax.nn.dot_product_attention` turns into a
     [b, 1, t, s] bias: smaller than the scores by the number of heads, but
     still quadratic in length.
     """
@@ -242,8 +268,12 @@ def cudnn_attention(q, k, v, *, q_positions, k_positions, q_segment_ids, k_segme
     if jax.default_backend() != "gpu":
         raise ValueError(f"attention impl 'cudnn' needs a GPU; the backend is {jax.default_backend()!r}")
     _check_self_attention(q, k, "cudnn")
-    mask = (q_segment_ids[:, :, None] == k_segment_ids[:, None, :])[:, None]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+    if k_branch_ids is not None and window:
+        raise ValueError("attention impl 'cudnn' windows by index: it cannot window branched rows")
+    mask = q_segment_ids[:, :, None] == k_segment_ids[:, None, :]
+    if k_branch_ids is not None:
+        mask = mask & ((k_branch_ids[:, None, :] == 0) | (k_branch_ids[:, None, :] == q_branch_ids[:, :, None]))
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=True,
                                         local_window_size=(window - 1, 0) if window else None,
                                         implementation="cudnn")
 

@@ -38,7 +38,7 @@ from ptx.sources import DataError
 from ptx.tokenizer import HFTokenizer, Tokenizer
 
 __all__ = ["load_rows", "write_skipped", "DataError", "encode_sft", "encode_text", "encode_preference",
-           "encode_prompts", "prompt_text", "BatchIterator"]
+           "pair_arrays", "encode_prompts", "prompt_text", "BatchIterator"]
 
 
 def _check_lens(max_len: int, max_prompt_len: int):
@@ -198,27 +198,81 @@ def encode_text(rows: Sequence[dict], tok: Tokenizer | HFTokenizer, *, max_len: 
 
 
 def encode_preference(rows: Sequence[dict], tok: Tokenizer | HFTokenizer, *, max_len: int,
-                      max_prompt_len: int) -> tuple[dict[str, np.ndarray], dict]:
+                      max_prompt_len: int, shared_prefix: bool = False) -> tuple[dict[str, np.ndarray], dict]:
     """Preference rows -> two aligned sequence batches and the label.
 
     Returns arrays 'chosen_inputs', 'chosen_targets', 'chosen_positions',
     'chosen_segment_ids', 'chosen_loss_mask' ([N, max_len]; loss on the reply
     and its eos, or a chat row's assistant spans after the prompt), the same
-    with 'rejected_', and 'prob_chosen' [N] float32. stats: examples,
-    truncated_prompts (rows), truncated_sequences (chosen and rejected sides
-    counted separately).
+    with 'rejected_', and 'prob_chosen' [N] float32. shared_prefix: the same
+    sequences, cut the same way, as one row per pair (`pair_arrays`). stats:
+    examples, truncated_prompts (rows), truncated_sequences (chosen and
+    rejected sides counted separately).
     """
     _check_lens(max_len, max_prompt_len)
-    arrays, cut_prompts, cut_seqs = {}, 0, 0
+    sides, cut_prompts, cut_seqs = [], 0, 0
     for side in ("chosen", "rejected"):
         parts = [(r["prompt"] + r[side], len(r["prompt"])) if isinstance(r["prompt"], list)
                  else (r["prompt"], [(r[side], True)]) for r in rows]
         docs, cut_p, cut_s = _documents(tok, parts, max_len=max_len, max_prompt_len=max_prompt_len,
                                         all_tokens=False)
         cut_prompts, cut_seqs = cut_p if side == "chosen" else cut_prompts, cut_seqs + cut_s
-        arrays.update({f"{side}_{k}": v for k, v in _to_arrays(docs, max_len, tok.pad_id, pack=False).items()})
+        sides.append(docs)
+    arrays = pair_arrays(*sides, max_len=max_len, pad_id=tok.pad_id, shared_prefix=shared_prefix)
     arrays["prob_chosen"] = np.array([r["prob_chosen"] for r in rows], np.float32)
     return arrays, {"examples": len(rows), "truncated_prompts": cut_prompts, "truncated_sequences": cut_seqs}
+
+
+def pair_arrays(chosen: Sequence[tuple[list[int], list[int]]], rejected: Sequence[tuple[list[int], list[int]]],
+                *, max_len: int, pad_id: int, shared_prefix: bool = False) -> dict[str, np.ndarray]:
+    """(seq, trained flags) of each pair's sides, at most max_len + 1 ids each -> two aligned
+    sequence batches [N, max_len] ('chosen_inputs', ..., 'rejected_loss_mask'), or with
+    shared_prefix one row per pair (`_shared_rows`)."""
+    if shared_prefix:
+        return _shared_rows(chosen, rejected, pad_id)
+    return {f"{side}_{k}": v for side, docs in (("chosen", chosen), ("rejected", rejected))
+            for k, v in _to_arrays(docs, max_len, pad_id, pack=False).items()}
+
+
+def _shared_rows(chosen: Sequence[tuple[list[int], list[int]]], rejected: Sequence[tuple[list[int], list[int]]],
+                 pad_id: int) -> dict[str, np.ndarray]:
+    """One row per pair, [prefix | chosen | rejected], the prefix ending at one column for all rows.
+
+    The prefix is the untrained ids both sequences start with, less the last:
+    each branch starts with that id (its input predicts the branch's first
+    target), so the prefix's columns need no LM head. A branch's positions
+    continue the prefix's, as in its own row; branch ids are 0 on the prefix,
+    1 on chosen, 2 on rejected (`ptx.attention`). Returns inputs, positions,
+    segment_ids (1 on real tokens), branch_ids [N, P + R] int32, each prefix
+    right-aligned in the first P columns (left-padded) and the responses from
+    column P on; targets [N, R] int32 and chosen_loss_mask, rejected_loss_mask
+    [N, R] float32 of those last R columns. P: the longest prefix, R: the
+    longest pair of responses.
+    """
+    rows = []
+    for (c, c_trained), (r, r_trained) in zip(chosen, rejected):
+        n = 0  # common untrained ids, leaving each side at least one target
+        while (n < min(len(c), len(r)) - 1 and c[n] == r[n] and not c_trained[n] and not r_trained[n]):
+            n += 1
+        rows.append((max(n - 1, 0), c, c_trained, r, r_trained))
+    prefix = max(s for s, *_ in rows)
+    width = max(len(c) + len(r) - 2 - 2 * s for s, c, _, r, _ in rows)
+    shape, n_rows = (len(rows), prefix + width), len(rows)
+    out = {"inputs": np.full(shape, pad_id, np.int32), "targets": np.full((n_rows, width), pad_id, np.int32)}
+    out.update({k: np.zeros(shape, np.int32) for k in ("positions", "segment_ids", "branch_ids")})
+    out.update({k: np.zeros((n_rows, width), np.float32) for k in ("chosen_loss_mask", "rejected_loss_mask")})
+    for i, (s, c, c_trained, r, r_trained) in enumerate(rows):
+        out["inputs"][i, prefix - s:prefix], out["positions"][i, prefix - s:prefix] = c[:s], np.arange(s)
+        start = 0  # in the response columns
+        for branch, (seq, trained) in enumerate(((c, c_trained), (r, r_trained)), start=1):
+            cols = slice(start, start + len(seq) - 1 - s)
+            row_cols = slice(prefix + cols.start, prefix + cols.stop)
+            out["inputs"][i, row_cols], out["targets"][i, cols] = seq[s:-1], seq[s + 1:]
+            out["positions"][i, row_cols], out["branch_ids"][i, row_cols] = np.arange(s, len(seq) - 1), branch
+            out[("chosen", "rejected")[branch - 1] + "_loss_mask"][i, cols] = trained[s + 1:]
+            start = cols.stop
+        out["segment_ids"][i, prefix - s:prefix + start] = 1
+    return out
 
 
 def prompt_text(row: dict, tok) -> str:

@@ -36,11 +36,12 @@ class TokenStats:
     values: Any
 
 
-def token_stats(model: Transformer, params, tokens, positions, segment_ids, targets, *, start: int = 0,
-                entropy: bool = False, argmax: bool = False) -> TokenStats:
+def token_stats(model: Transformer, params, tokens, positions, segment_ids, targets, *, branch_ids=None,
+                start: int = 0, entropy: bool = False, argmax: bool = False) -> TokenStats:
     """The LM head at columns start .. start + n - 1 of one forward, read at `targets`.
 
-    tokens, positions, segment_ids: [b, t] int32 (`Transformer.__call__`).
+    tokens, positions, segment_ids: [b, t] int32, branch_ids: [b, t] int32 or None
+    (`Transformer.__call__`).
     targets: [b, n] int32, the tokens those n columns predict. entropy, argmax:
     also compute them (else None). Columns outside the range reach no head.
     """
@@ -49,7 +50,7 @@ def token_stats(model: Transformer, params, tokens, positions, segment_ids, targ
     n = targets.shape[1]
     chunk = chunk_tokens(cfg)
     whole = b * t <= chunk  # the plain forward's logits fit one chunk
-    out = model.apply({"params": params}, tokens, positions, segment_ids, logits=whole)
+    out = model.apply({"params": params}, tokens, positions, segment_ids, branch_ids=branch_ids, logits=whole)
     values = None if out.values is None else out.values[:, start:start + n]
     if whole:
         logits = out.logits[:, start:start + n]

@@ -189,11 +189,12 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, rotary, segment_ids, kv, layer, k_pos, k_seg, cache_index, local):
+    def __call__(self, x, positions, rotary, segment_ids, branch_ids, kv, layer, k_pos, k_seg, cache_index, local):
         """rotary: (`rope_tables` of the global layers, of the sliding ones). kv: None (keys are
         this chunk's, attended by `cfg.attention`), the whole cache (k, v) [L, b, kvh, S, hd]
         carried through the layer scan with `layer` this layer's index, or (layer None) this
         layer's own (k, v) [b, kvh, S, hd]. The new rows are written at cache_index, in place.
+        branch_ids: [b, t] int32 shared-prefix branches (`attention.attend`) or None; no cache then.
         local: whether this layer slides (`cfg.is_local`), a bool or, in a scan over mixed
         layers, a traced one."""
         cfg = self.cfg
@@ -215,8 +216,8 @@ class Attention(nn.Module):
         masks = dict(q_positions=positions, k_positions=k_pos, q_segment_ids=segment_ids, k_segment_ids=k_seg)
         if kv is None:
             attend = lambda window: attention.attend(
-                q, k, v, **masks, window=window, impl=cfg.attention, block_q=cfg.attention_block_q,
-                block_k=cfg.attention_block_k)
+                q, k, v, **masks, window=window, q_branch_ids=branch_ids, k_branch_ids=branch_ids,
+                impl=cfg.attention, block_q=cfg.attention_block_q, block_k=cfg.attention_block_k)
         else:
             lead = () if layer is None else (layer,)
             put = lambda buf, new: jax.lax.dynamic_update_slice(
@@ -243,7 +244,7 @@ class Block(nn.Module):
     local: bool | None = False
 
     @nn.compact
-    def __call__(self, carry, layer, positions, rotary, segment_ids, k_pos, k_seg, cache_index):
+    def __call__(self, carry, layer, positions, rotary, segment_ids, branch_ids, k_pos, k_seg, cache_index):
         x, kv = carry
         x = checkpoint_name(x, remat.RESIDUAL)  # what remat='offload' moves to the host
         cfg = self.cfg
@@ -251,7 +252,7 @@ class Block(nn.Module):
         if local is None:
             layer, local = layer
         a, kv = Attention(cfg, name="attn")(_norm(cfg, "attn_norm")(x), positions, rotary, segment_ids,
-                                            kv, layer, k_pos, k_seg, cache_index, local)
+                                            branch_ids, kv, layer, k_pos, k_seg, cache_index, local)
         if cfg.post_norms:
             a = _norm(cfg, "attn_post_norm")(a)
         x = x + a
@@ -284,13 +285,16 @@ class Transformer(nn.Module):
     scan_layers: bool = True
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, *, cache=None,
+    def __call__(self, tokens, positions=None, segment_ids=None, *, branch_ids=None, cache=None,
                  cache_index=0, logits=True):
         """Forward pass.
 
         tokens: [batch, seq] int32. positions: [batch, seq] int32 (default
         0..seq-1). segment_ids: [batch, seq] int32, 0 = padding, equal ids
-        attend each other causally (default all 1). cache: from `init_cache`
+        attend each other causally (default all 1). branch_ids: [batch, seq]
+        int32 shared-prefix branches within a segment (`ptx.attention`: 0 =
+        the prefix, seen by all; k > 0 seen by branch k alone) or None; not
+        with a cache. cache: from `init_cache`
         (scan_layers=False: `unstack_cache` of it), written at slot
         `cache_index` (int32 scalar). logits: True for the LM
         head at every position, "last" for the last column only ([batch, 1,
@@ -303,6 +307,8 @@ class Transformer(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
+        if branch_ids is not None and cache is not None:
+            raise ValueError("branch_ids are for full forwards: the KV cache holds no branches")
         embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=_DTYPES[cfg.dtype],
                          param_dtype=_DTYPES[cfg.param_dtype],
                          embedding_init=nn.initializers.normal(0.02), name="embed")
@@ -332,7 +338,8 @@ class Transformer(nn.Module):
         if cfg.mixed_layers:
             index = (index, jnp.asarray([cfg.is_local(i) for i in range(cfg.n_layers)]))
         if self.scan_layers and cache is None and not self.is_initializing():
-            masks, stacked = (positions, rotary, segment_ids, k_pos, k_seg), self.variables["params"]["layers"]
+            masks = (positions, rotary, segment_ids, branch_ids, k_pos, k_seg)
+            stacked = self.variables["params"]["layers"]
             if cfg.remat == "none" and cfg.n_layers <= cfg.layer_loop_max:
                 # Applied to each slice, they own no parameters: one per kind of layer.
                 blocks = {kind: Block(cfg, kind, parent=None) for kind in (False, True)}
@@ -345,15 +352,15 @@ class Transformer(nn.Module):
                 x = remat.scan(layer, x, (stacked, index), masks, cfg.remat, cfg.scan_unroll)
         elif self.scan_layers:  # initialisation, and prefill into a KV cache
             layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                             in_axes=(0,) + (nn.broadcast,) * 6, length=cfg.n_layers, unroll=cfg.scan_unroll)
+                             in_axes=(0,) + (nn.broadcast,) * 7, length=cfg.n_layers, unroll=cfg.scan_unroll)
             (x, kv), _ = layers(cfg, local, name="layers")((x, kv), index, positions, rotary, segment_ids,
-                                                           k_pos, k_seg, cache_index)
+                                                           branch_ids, k_pos, k_seg, cache_index)
         else:
             new = []
             for i in range(cfg.n_layers):
                 (x, kv_i), _ = Block(cfg, cfg.is_local(i), name=f"layers_{i}")(
                     (x, None if kv is None else (kv[0][i], kv[1][i])), None, positions, rotary, segment_ids,
-                    k_pos, k_seg, cache_index)
+                    branch_ids, k_pos, k_seg, cache_index)
                 new.append(kv_i)
             kv = None if kv is None else tuple(zip(*new))
         if cache is not None:

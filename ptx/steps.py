@@ -30,6 +30,7 @@ class DPOConfig:
     gamma: float = 0.0  # SimPO target margin
     soft_labels: bool = False  # the data's prob_chosen as soft targets
     precompute_ref: bool = False  # reference log-probs once over the data
+    shared_prefix: bool = False  # one row per pair, [prompt | chosen | rejected] (data.encode_preference)
 
     def __post_init__(self):
         if self.loss_type not in losses.DPO_LOSS_TYPES:
@@ -72,6 +73,7 @@ class ORPOConfig:
     """The `orpo` config section (Hong et al. 2024): no reference model."""
 
     lam: float = 0.1  # λ, the weight of the odds-ratio term (TRL's ORPOConfig.beta)
+    shared_prefix: bool = False  # one row per pair, [prompt | chosen | rejected] (data.encode_preference)
 
     def __post_init__(self):
         if self.lam < 0:
@@ -120,16 +122,39 @@ def sequence_scores(model: Transformer, params, inputs, positions, segment_ids) 
 
 
 def reward_loss_fn(model: Transformer, params, batch, frozen=None, *, center_coef=0.0):
-    """Pairwise Bradley-Terry loss on the scalar head read at the last prompt+response token."""
-    pair = _pair_batch(batch)
-    scores = sequence_scores(model, params, pair["inputs"], pair["positions"], pair["segment_ids"])
-    r_chosen, r_rejected = jnp.split(scores, 2)
+    """Pairwise Bradley-Terry loss on the scalar head read at the last prompt+response token, of
+    two rows per pair or (with 'branch_ids', `pair_logps`) of each response's last column."""
+    if "branch_ids" in batch:
+        out = model.apply({"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"],
+                          branch_ids=batch["branch_ids"], logits=False)
+        t = batch["branch_ids"].shape[1]
+        # Branch k's last column: where its own row's last real input sits.
+        last = (t - 1 - jnp.argmax(batch["branch_ids"][:, ::-1] == k, axis=-1) for k in (1, 2))
+        r_chosen, r_rejected = (jnp.take_along_axis(out.values, i[:, None], axis=1)[:, 0] for i in last)
+    else:
+        pair = _pair_batch(batch)
+        scores = sequence_scores(model, params, pair["inputs"], pair["positions"], pair["segment_ids"])
+        r_chosen, r_rejected = jnp.split(scores, 2)
     return losses.pairwise_reward_loss(r_chosen, r_rejected, prob_chosen=batch["prob_chosen"],
                                        center_coef=center_coef)
 
 
 def pair_logps(model: Transformer, params, batch):
-    """Summed response log-probs of chosen and rejected ([b] f32 each) and response lengths."""
+    """Summed response log-probs of chosen and rejected ([b] f32 each) and response lengths.
+
+    batch: two rows per pair (chosen_* and rejected_* sequence arrays), or with
+    'branch_ids' one shared-prefix row per pair (`data.pair_arrays`): inputs /
+    positions / segment_ids / branch_ids [b, t] int32, then targets [b, n] int32
+    and chosen_loss_mask / rejected_loss_mask [b, n] float32 of the last n
+    columns, the responses' (a chunked LM head reads only those columns).
+    """
+    if "branch_ids" in batch:
+        start = batch["inputs"].shape[1] - batch["targets"].shape[1]
+        logps = logprobs.token_stats(model, params, batch["inputs"], batch["positions"], batch["segment_ids"],
+                                     batch["targets"], branch_ids=batch["branch_ids"], start=start).logps
+        masks = batch["chosen_loss_mask"], batch["rejected_loss_mask"]
+        return (tuple(losses.sequence_logps(logps, m) for m in masks),
+                tuple(jnp.maximum(m.sum(-1), 1.0) for m in masks))
     pair = _pair_batch(batch)
     seq = losses.sequence_logps(_token_stats(model, params, pair).logps, pair["loss_mask"])
     lengths = jnp.maximum(pair["loss_mask"].sum(-1), 1.0)

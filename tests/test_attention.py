@@ -107,6 +107,50 @@ def test_sliding_window_matches_a_numpy_loop():
         np.testing.assert_allclose(np.asarray(out)[real], expected[real], atol=1e-5)
 
 
+def branched_ids(t=37):
+    """Shared-prefix rows: (prompt, chosen, rejected) lengths per segment, then padding."""
+    layout = [[(5, 4, 6), (3, 2, 3)], [(1, 7, 3)], [(4, 12, 9)]]
+    pos, seg, br = (np.zeros((len(layout), t), np.int32) for _ in range(3))
+    for r, docs in enumerate(layout):
+        i = 0
+        for s, (p, *responses) in enumerate(docs, start=1):
+            pos[r, i:i + p], seg[r, i:i + p] = np.arange(p), s
+            i += p
+            for branch, n in enumerate(responses, start=1):
+                pos[r, i:i + n], seg[r, i:i + n], br[r, i:i + n] = p + np.arange(n), s, branch
+                i += n
+    pos, seg, br = (jnp.asarray(x) for x in (pos, seg, br))
+    return dict(q_positions=pos, k_positions=pos, q_segment_ids=seg, k_segment_ids=seg, q_branch_ids=br,
+                k_branch_ids=br)
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_branch_mask_matches_a_numpy_loop_over_indices(window):
+    """Reference by index: a query sees the earlier (or same) tokens of its segment in the
+    shared prefix or its own branch; the window keeps the last `window` of those."""
+    ids = branched_ids()
+    seg, br = np.asarray(ids["q_segment_ids"]), np.asarray(ids["q_branch_ids"])
+    b, t = seg.shape
+    expected = np.zeros((b, t, t), bool)
+    for i in range(b):
+        for q in range(t):
+            keys = [k for k in range(q + 1) if seg[i, k] == seg[i, q] > 0 and br[i, k] in (0, br[i, q])]
+            expected[i, q, keys[-window:] if window else keys] = True
+    mask = attention.visible(ids["q_positions"], ids["k_positions"], ids["q_segment_ids"], ids["k_segment_ids"],
+                             window, ids["q_branch_ids"], ids["k_branch_ids"])
+    np.testing.assert_array_equal(mask, expected)
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_blockwise_equals_xla_on_branched_rows(window):
+    (qkv, _), ids = inputs(b=3), branched_ids()
+    ref, ref_grads = value_and_grads("xla", qkv, ids, window=window)
+    out, grads = value_and_grads("blockwise", qkv, ids, window=window, block_q=8, block_k=16)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, r, atol=1e-5)
+
+
 def test_blockwise_forward_and_backward_memory_grows_linearly_not_quadratically():
     def temp_bytes(impl, t):
         q = jax.ShapeDtypeStruct((1, t, 2, 16), jnp.float32)

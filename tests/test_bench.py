@@ -68,6 +68,8 @@ def test_mfu_is_achieved_flops_over_the_peak_and_flops_are_analytic(tiny_run):
     expected = {"sft_step": (3 * fwd * tokens, tokens),
                 "reward_step": (3 * (fwd - head) * 2 * tokens, 2 * tokens),
                 "dpo_step": ((3 + 1) * fwd * 2 * tokens, 2 * tokens),
+                # One row per pair, counted as the two rows it stands for.
+                "dpo_step_shared_prefix": ((3 + 1) * fwd * 2 * tokens, 2 * tokens),
                 "dpo_step_precomputed_ref": (3 * fwd * 2 * tokens, 2 * tokens),
                 "ppo_update": (3 * (fwd + fwd - head) * tokens, tokens),
                 # LoRA forms the merged weight's gradient: the FLOPs of full finetuning.

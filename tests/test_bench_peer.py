@@ -84,8 +84,10 @@ def test_dpo_peer_loss_equals_ptx_dpo_loss_and_is_log_2_at_the_reference(tmp_pat
 
 def test_ratios_pair_ptx_and_trl_rows_of_the_same_shape():
     e = lambda tps, **shape: {"tokens_per_s": tps, **shape}
-    results = {"config": {"seq": 128}, "dpo_step": e(300.0), "grpo_iteration": e(90.0),
-               "trl_dpo_step": e(100.0, prompt_len=64, response_len=64), "trl_grpo_iteration": e(30.0, prompt_len=64)}
-    assert peer_trl.ratios(results) == {"dpo_step / trl_dpo_step": 3.0, "grpo_iteration / trl_grpo_iteration": 3.0}
-    results["trl_dpo_step"].update(prompt_len=96)  # 96 + 64 tokens: not dpo_step's rows
-    assert "dpo_step / trl_dpo_step" not in peer_trl.ratios(results)
+    results = {"config": {"seq": 128, "dpo_prompt_len": 96, "dpo_response_len": 64}, "dpo_step": e(300.0),
+               "dpo_step_shared_prefix": e(450.0), "grpo_iteration": e(90.0),
+               "trl_dpo_step": e(100.0, prompt_len=96, response_len=64), "trl_grpo_iteration": e(30.0, prompt_len=64)}
+    assert peer_trl.ratios(results) == {"dpo_step / trl_dpo_step": 3.0, "dpo_step_shared_prefix / trl_dpo_step": 4.5,
+                                        "grpo_iteration / trl_grpo_iteration": 3.0}
+    results["trl_dpo_step"].update(prompt_len=64)  # 64 + 64 tokens: not the bench's DPO rows
+    assert set(peer_trl.ratios(results)) == {"grpo_iteration / trl_grpo_iteration"}

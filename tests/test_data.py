@@ -382,6 +382,34 @@ def test_preference_arrays_share_prompt_and_mask_each_reply(tok):
     assert stats == {"examples": 3, "truncated_prompts": 0, "truncated_sequences": 0}
 
 
+def test_shared_prefix_rows_hold_each_side_as_its_own_row_does(tok):
+    """Read along the prefix and one branch, a shared row is that side's two-row row (inputs,
+    positions; targets and loss in the response columns, the last ones), truncation included."""
+    rows = [{"prompt": T.format_prompt(f"Question {i}?" * (1 + 4 * (i == 2))), "chosen": " The answer is 2.",
+             "rejected": f" No idea {i}, sorry." * (1 + i), "prob_chosen": 1.0} for i in range(3)]
+    kw = dict(max_len=24, max_prompt_len=12)
+    pairs, stats = encode_preference(rows, tok, **kw)
+    shared, shared_stats = encode_preference(rows, tok, **kw, shared_prefix=True)
+    assert shared_stats == stats and stats["truncated_prompts"] == 1 and stats["truncated_sequences"] > 0
+    assert set(shared) == {"inputs", "targets", "positions", "segment_ids", "branch_ids", "chosen_loss_mask",
+                           "rejected_loss_mask", "prob_chosen"}
+    width, responses = shared["inputs"].shape[1], shared["targets"].shape[1]
+    assert width < 2 * kw["max_len"] and (shared["segment_ids"][:, -1] > 0).any()
+    prefix = width - responses  # each prompt ends in the prefix's last column
+    assert (shared["branch_ids"][:, :prefix] == 0).all() and (shared["segment_ids"][:, prefix - 1] > 0).all()
+    for r in range(len(rows)):
+        for branch, side in ((1, "chosen"), (2, "rejected")):
+            cols = (shared["segment_ids"][r] > 0) & np.isin(shared["branch_ids"][r], (0, branch))
+            real = pairs[f"{side}_segment_ids"][r] > 0
+            for k in ("inputs", "positions"):
+                np.testing.assert_array_equal(shared[k][r][cols], pairs[f"{side}_{k}"][r][real])
+            own = shared["branch_ids"][r, prefix:] == branch
+            n = own.sum()
+            np.testing.assert_array_equal(shared["targets"][r][own], pairs[f"{side}_targets"][r][real][-n:])
+            np.testing.assert_array_equal(shared[f"{side}_loss_mask"][r][own], pairs[f"{side}_loss_mask"][r][real][-n:])
+            assert shared[f"{side}_loss_mask"][r].sum() == pairs[f"{side}_loss_mask"][r].sum()
+
+
 def test_prompt_tokens_are_bos_plus_prompt_left_truncated(tok):
     rows = [{"prompt": T.format_prompt("Hi"), "answer": 1},
             {"prompt": T.format_prompt("Question 5: what is 5 times two?" + " more" * 10)}]

@@ -40,6 +40,7 @@ def test_preference_batch_pairs_the_best_and_worst_sample_of_each_group_from_the
     ({"online.group_size": 1}, "at least 2 completions"),
     ({"dpo.precompute_ref": True}, "no data set"),
     ({"dpo.soft_labels": True}, "no data set"),
+    ({"dpo.shared_prefix": True}, "shared-prefix rows"),
     ({"lora.rank": 4}, "lora.rank must be 0"),
     ({"online.minibatch_size": 16}, "exceed"),
 ])

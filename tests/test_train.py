@@ -18,7 +18,7 @@ from configs import reward as reward_config
 from configs import sft as sft_config
 from ptx import checkpoint, data, metrics, steps
 from ptx.losses import sequence_logps, token_logprobs
-from ptx.model import Transformer, init_params
+from ptx.model import ModelConfig, Transformer, init_params
 from ptx.stages import common, supervised
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -168,18 +168,75 @@ def test_reward_model_and_dpo_learn_a_learnable_preference(files, tmp_path):
     assert evals[-1]["eval/rewards/margins"] > 0.5 and evals[-1]["eval/rewards/accuracies"] > 0.9
 
 
-def test_dpo_first_step_loss_is_log2_with_and_without_precomputed_reference(files, tmp_path):
+def test_dpo_first_step_loss_is_log2_with_and_without_precomputed_reference_and_shared_prefix(files, tmp_path):
+    """The first step's loss is log 2 in every layout, the second equal with and without shared prefixes."""
     c = sft(files, **{"train.steps": 4})
     supervised.run(c, str(tmp_path / "sft"))
     losses = []
     for pre in (False, True):
-        d = dpo_config.get_config("tiny")
-        d.data.train = files["pref"]
-        d.init.checkpoint = str(tmp_path / "sft")
-        d.dpo.precompute_ref = pre
-        d.train.steps, d.train.log_every, d.train.eval_every = 1, 1, 0
-        losses.append(read_and_run(d, tmp_path / f"dpo{pre}")[-1]["loss"])
-    np.testing.assert_allclose(losses, [np.log(2)] * 2, rtol=1e-6)
+        for shared in (False, True):
+            d = dpo_config.get_config("tiny")
+            d.data.train = files["pref"]
+            d.init.checkpoint = str(tmp_path / "sft")
+            d.dpo.precompute_ref, d.dpo.shared_prefix = pre, shared
+            d.train.steps, d.train.log_every, d.train.eval_every = 2, 1, 0
+            losses.append([row["loss"] for row in read_and_run(d, tmp_path / f"dpo{pre}{shared}") if "loss" in row])
+    np.testing.assert_allclose([first for first, _ in losses], [np.log(2)] * 4, rtol=1e-6)
+    np.testing.assert_allclose(losses[1][1], losses[0][1], rtol=1e-4)
+    np.testing.assert_allclose(losses[3][1], losses[2][1], rtol=1e-4)
+
+
+def two_row_and_shared_pairs():
+    """Pairs of different prompt and response lengths (a one-id prompt among them), right-padded,
+    as two rows each and as one shared-prefix row."""
+    rng = np.random.default_rng(0)
+    docs = {"chosen": [], "rejected": []}
+    for prompt, n_chosen, n_rejected in ((5, 4, 9), (1, 6, 2), (9, 3, 3), (3, 11, 7)):
+        head = [int(i) for i in rng.integers(3, 200, prompt)]
+        for side, n in (("chosen", n_chosen), ("rejected", n_rejected)):
+            docs[side].append((head + [int(i) for i in rng.integers(3, 200, n)], [0] * prompt + [1] * n))
+    two, shared = (data.pair_arrays(docs["chosen"], docs["rejected"], max_len=24, pad_id=0, shared_prefix=on)
+                   for on in (False, True))
+    assert shared["inputs"].shape[1] < 2 * 24  # one row, shorter than the two it stands for
+    for batch in (two, shared):
+        batch["prob_chosen"] = np.ones(4, np.float32)
+    return two, shared
+
+
+@pytest.mark.parametrize("model", [dict(attention="xla"), dict(attention="blockwise", attention_block_q=8,
+                                                                 attention_block_k=16, remat="full"),
+                                   dict(sliding_window=4)], ids=["xla", "blockwise", "window"])
+def test_shared_prefix_dpo_loss_and_gradients_equal_the_two_row_path(model):
+    """Equal log-probs, loss and gradients (float32) of `two_row_and_shared_pairs`."""
+    two, shared = two_row_and_shared_pairs()
+    cfg = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, **model)
+    m = Transformer(cfg)
+    params, ref = init_params(cfg, jax.random.PRNGKey(0)), init_params(cfg, jax.random.PRNGKey(1))
+    loss_fn = steps.make_loss_fn("dpo", m, dpo=steps.DPOConfig(beta=0.5))
+    grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    ((loss_two, metrics_two), grads_two), ((loss, metrics), grads) = (grad(params, b, ref) for b in (two, shared))
+    logps = jax.jit(functools.partial(steps.pair_logps, m))
+    (logps_two, lengths_two), (logps_shared, lengths_shared) = logps(params, two), logps(params, shared)
+    np.testing.assert_allclose(logps_shared, logps_two, rtol=1e-5)
+    np.testing.assert_array_equal(lengths_shared, lengths_two)
+    np.testing.assert_allclose(loss, loss_two, rtol=1e-5)
+    assert_trees_close(metrics, metrics_two, rtol=1e-5, atol=1e-6)
+    assert_trees_close(grads, grads_two, rtol=1e-4, atol=1e-7)
+    orpo = jax.jit(steps.make_loss_fn("orpo", m, orpo=steps.ORPOConfig()))  # ORPO reads the same log-probs
+    np.testing.assert_allclose(orpo(params, shared)[0], orpo(params, two)[0], rtol=1e-5)
+
+
+def test_shared_prefix_reward_loss_and_gradients_equal_the_two_row_path():
+    two, shared = two_row_and_shared_pairs()
+    cfg = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, scalar_head=True)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    # A random head instead of the zero init, so that the trunk has gradients too.
+    params["scalar_head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(1), params["scalar_head"]["kernel"].shape)
+    grad = jax.jit(jax.value_and_grad(steps.make_loss_fn("reward", Transformer(cfg)), has_aux=True))
+    ((loss_two, metrics_two), grads_two), ((loss, metrics), grads) = (grad(params, b) for b in (two, shared))
+    np.testing.assert_allclose(loss, loss_two, rtol=1e-5)
+    assert_trees_close(metrics, metrics_two, rtol=1e-5, atol=1e-6)
+    assert_trees_close(grads, grads_two, rtol=1e-4, atol=1e-6)  # float32 sums in another order
 
 
 def test_bad_data_row_error_names_file_row_and_field(tmp_path):

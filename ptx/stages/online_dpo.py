@@ -24,7 +24,7 @@ from ptx.stages import common, scaffold
 def run(config, workdir: str, devices=None) -> dict:
     """Train the policy with online DPO; returns the final logged metrics."""
     # Everything that can be checked without reading data, before the workdir is written.
-    # (dpo.precompute_ref, dpo.soft_labels and lora.rank were refused by validate.check.)
+    # (dpo.precompute_ref, dpo.soft_labels, dpo.shared_prefix and lora.rank were refused by validate.check.)
     dpo, o, reward_cfg = common.dpo_config(config), common.online_config(config), common.reward_source(config)
     source = common.init_source(config)
     if source is None:

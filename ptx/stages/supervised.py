@@ -26,7 +26,10 @@ def encode(config, rows, tok: Tokenizer | HFTokenizer):
     if d.kind == "text":
         return data.encode_text(rows, tok, max_len=d.max_len, pack=d.pack)
     if d.kind == "preference":
-        return data.encode_preference(rows, tok, max_len=d.max_len, max_prompt_len=d.max_prompt_len)
+        return data.encode_preference(rows, tok, max_len=d.max_len, max_prompt_len=d.max_prompt_len,
+                                      # dpo, reward and orpo each say so in their own section.
+                                      shared_prefix=config.stage in ("dpo", "reward", "orpo")
+                                      and config[config.stage].shared_prefix)
     if d.kind == "unpaired":
         return data.encode_unpaired(rows, tok, max_len=d.max_len, max_prompt_len=d.max_prompt_len)
     raise ValueError(f"data.kind={d.kind!r} cannot train stage {config.stage!r}")

@@ -96,7 +96,7 @@ SAMPLING = {
 }
 FIELDS = {
     "sft": COMMON | SUPERVISED,
-    "reward": COMMON | SUPERVISED | {"reward.center_coef": NON_NEGATIVE},
+    "reward": COMMON | SUPERVISED | {"reward.center_coef": NON_NEGATIVE, "reward.shared_prefix": BOOL},
     "dpo": COMMON | SUPERVISED,
     "kto": COMMON | SUPERVISED,
     "orpo": COMMON | SUPERVISED,
@@ -255,6 +255,9 @@ def _cross_field(config):
         field = "dpo.precompute_ref" if config.dpo.precompute_ref else "dpo.soft_labels"
         raise ConfigError(field, "online DPO labels fresh samples with its reward source: there is no data set "
                                  "to precompute over or to read soft labels from")
+    if stage == "online_dpo" and config.dpo.shared_prefix:
+        raise ConfigError("dpo.shared_prefix", "online DPO scores sampled pairs in rollout rows; shared-prefix "
+                                               "rows are built from a preference data set (stage dpo)")
     if stage == "online_dpo" and config.lora.rank:
         raise ConfigError("lora.rank", "online DPO trains full weights; lora.rank must be 0")
     if stage in ("ppo", "grpo", "gspo", "dapo") and common.rl_config(config).critic_kind == "reward" and not (
