@@ -401,13 +401,22 @@ def test_batched_rows_equal_rows_sampled_alone(params, prompts, keys, generate_f
         np.testing.assert_allclose(alone.logprobs[0], batch.logprobs[r], rtol=1e-5, atol=1e-5)
 
 
-def test_logprobs_equal_teacher_forced_full_forward(params, prompts, keys, generate_fn, forward):
-    out = generate_fn(params, prompts, PROMPT_LENS, keys, **MIXED)
+@pytest.mark.parametrize("n_tokens", [None, 40])
+def test_logprobs_and_entropy_equal_teacher_forced_full_forward(params, prompts, keys, generate_fn, forward,
+                                                               n_tokens):
+    # With a padded vocabulary (n_tokens < vocab) the draw skips the padding ids but the log-probs
+    # stay those of the whole vocabulary: the distribution the RL loss recomputes.
+    gen = generate_fn if n_tokens is None else sampler.make_generate_fn(
+        CFG, max_new_tokens=MAX_NEW, eos_id=EOS, pad_id=PAD, n_tokens=n_tokens)
+    out = gen(params, prompts, PROMPT_LENS, keys, **MIXED)
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     full = forward_logits(forward, params, prompts, PROMPT_LENS, tokens, lengths)[:, :MAX_NEW]
-    expected = np.take_along_axis(log_softmax(full), tokens[..., None], -1)[..., 0]
+    log_p = log_softmax(full)
+    expected = np.take_along_axis(log_p, tokens[..., None], -1)[..., 0]
     kept = np.arange(MAX_NEW)[None, :] < lengths[:, None]
     np.testing.assert_allclose(out.logprobs, np.where(kept, expected, 0.0), rtol=1e-5, atol=1e-5)
+    entropy = -np.sum(np.exp(log_p) * log_p, axis=-1)
+    np.testing.assert_allclose(out.entropy, np.where(kept, entropy, 0.0), rtol=1e-5, atol=1e-5)
     assert (tokens[~kept] == PAD).all()
     assert {sampler.FINISH_EOS, sampler.FINISH_LENGTH} <= set(np.asarray(out.finish_reason).tolist())
 
