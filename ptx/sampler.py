@@ -323,18 +323,28 @@ def layered_step_fn(layered, cfg: ModelConfig, prompt_width: int) -> Callable:
 
 def generate(params, cfg: ModelConfig, prompt_tokens, prompt_lens, keys, *, max_new_tokens: int,
              temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, eos_id: int | tuple, pad_id: int = 0,
-             stop_sequences: tuple = (), keep_stop: bool = False, n_tokens: int | None = None) -> SampleOutput:
+             stop_sequences: tuple = (), keep_stop: bool = False, n_tokens: int | None = None,
+             group_size: int = 1) -> SampleOutput:
     """Sample continuations of right-padded prompts with the KV cache.
 
     prompt_tokens: [b, P] int32 right-padded; prompt_lens: [b] int32 in 1..P;
     keys: [b] PRNG keys (one per row). Settings: scalars or [b] arrays.
     max_new_tokens, eos_id, pad_id, stop_sequences, keep_stop are static (see
     `decode`). n_tokens: the tokenizer's size when the model's vocabulary is
-    larger (padded): ids from n_tokens on are never sampled. Traceable; `make_generate_fn` is the place it is jitted.
+    larger (padded): ids from n_tokens on are never sampled. group_size:
+    static; rows come in groups of group_size consecutive copies of one prompt
+    (b a multiple of it, as RL samples several completions per prompt): only
+    each group's first row is prefilled and its KV cache is repeated over the
+    group. Traceable; `make_generate_fn` is the place it is jitted.
     """
-    width = prompt_tokens.shape[1]
+    b, width = prompt_tokens.shape
+    if b % group_size:
+        raise ValueError(f"{b} rows are not whole groups of group_size={group_size}")
     # The last sampled token is never fed back, so max_new - 1 decode slots suffice.
-    first_logits, state = prefill(params, cfg, prompt_tokens, prompt_lens, width + max_new_tokens - 1)
+    first_logits, state = prefill(params, cfg, prompt_tokens[::group_size], prompt_lens[::group_size],
+                                  width + max_new_tokens - 1)
+    if group_size > 1:  # every leaf (logits, cache, prompt lengths) leads with the row axis
+        first_logits, state = jax.tree.map(lambda x: jnp.repeat(x, group_size, axis=0), (first_logits, state))
     out, _ = decode(model_step_fn(params, cfg, width), state, first_logits, keys,
                     max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                     top_p=top_p, min_p=min_p, eos_id=eos_id, pad_id=pad_id,
@@ -344,7 +354,8 @@ def generate(params, cfg: ModelConfig, prompt_tokens, prompt_lens, keys, *, max_
 
 
 def make_generate_fn(cfg: ModelConfig, *, max_new_tokens: int, eos_id: int | tuple, pad_id: int = 0,
-                     stop_sequences: tuple = (), keep_stop: bool = False, n_tokens: int | None = None) -> Callable:
+                     stop_sequences: tuple = (), keep_stop: bool = False, n_tokens: int | None = None,
+                     group_size: int = 1) -> Callable:
     """`generate` jitted with its static arguments bound.
 
     Returns fn(params, prompt_tokens, prompt_lens, keys, temperature=1.0,
@@ -356,6 +367,6 @@ def make_generate_fn(cfg: ModelConfig, *, max_new_tokens: int, eos_id: int | tup
         return generate(params, cfg, prompt_tokens, prompt_lens, keys, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         eos_id=eos_id, pad_id=pad_id, stop_sequences=stop_sequences,
-                        keep_stop=keep_stop, n_tokens=n_tokens)
+                        keep_stop=keep_stop, n_tokens=n_tokens, group_size=group_size)
 
     return jax.jit(fn)
