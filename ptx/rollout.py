@@ -22,6 +22,7 @@ from ptx.model import Transformer
 
 ADVANTAGES = ("gae",) + losses.GROUP_ADVANTAGE_KINDS
 CRITICS = ("reward", "policy", "none")
+OLD_LOGPROBS = ("sampler", "forward")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,7 @@ class RLConfig:
     top_k: int = 0
     top_p: float = 1.0
     num_epochs: int = 4  # passes over each rollout
+    old_logprobs: str = "sampler"  # sampler: the rollout's own log-probs | forward: a teacher-forced policy forward
     minibatch_size: int = 16  # rows per update
     advantage: str = "gae"  # gae (needs a critic) | grpo | dr_grpo | rloo
     critic: str = "reward"  # reward: from the reward model | policy: a value head on the policy | none
@@ -71,7 +73,7 @@ class RLConfig:
                              f"is not a multiple of rl.minibatch_size={self.minibatch_size}")
         for name, allowed in (("advantage", ADVANTAGES), ("critic", CRITICS),
                               ("kl_estimator", losses.KL_KINDS), ("aggregation", losses.AGGREGATIONS),
-                              ("ratio_level", losses.RATIO_LEVELS)):
+                              ("ratio_level", losses.RATIO_LEVELS), ("old_logprobs", OLD_LOGPROBS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"rl.{name}={getattr(self, name)!r}; expected one of {allowed}")
         if self.advantage == "gae" and self.critic == "none":
@@ -101,9 +103,10 @@ def build_sequences(prompt_tokens, prompt_lens, out: sampler.SampleOutput, *, pa
 
     prompt_tokens: [b, P] int32 right-padded; prompt_lens: [b] int32.
     Returns tokens / positions / segment_ids [b, P + N] int32, completion
-    [b, N] int32, mask [b, N] float32, and score_index [b] int32: the column
+    [b, N] int32, mask [b, N] float32, score_index [b] int32: the column
     of the last response token before any EOS (the reward model's read-out;
-    the last prompt token when the response is empty).
+    the last prompt token when the response is empty), finish_reason [b]
+    int32, and the sampler's logprobs / entropy [b, N] float32 (0 on padding).
     """
     tokens_p, pos_p, seg_p = sampler.left_align(prompt_tokens, prompt_lens)
     width, n = prompt_tokens.shape[1], out.tokens.shape[1]
@@ -119,6 +122,8 @@ def build_sequences(prompt_tokens, prompt_lens, out: sampler.SampleOutput, *, pa
         "mask": live.astype(jnp.float32),
         "score_index": (width - 1 + content).astype(jnp.int32),
         "finish_reason": out.finish_reason,
+        "logprobs": out.logprobs,
+        "entropy": out.entropy,
     }
 
 
@@ -173,7 +178,15 @@ def prepare(params, ref_params, seq: dict, scores, kl_coef, *, policy_model, cri
     update, metrics).
     """
     mask = seq["mask"]
-    logps, entropy, values = response_forward(policy_model, params["policy"], seq, width)
+    if rl_cfg.old_logprobs == "sampler":
+        # The rollout was sampled by these weights (on-policy), and the sampler's log-probs and
+        # entropy are those of the raw logits at temperature 1, as the loss computes its own: no
+        # second policy forward, only the trunk for a value head on the policy.
+        logps, entropy = seq["logprobs"], seq["entropy"]
+        values = (response_values(policy_model, params["policy"], seq, width)
+                  if policy_model.cfg.scalar_head and "critic" not in params else None)
+    else:
+        logps, entropy, values = response_forward(policy_model, params["policy"], seq, width)
     # The reference is the SFT trunk: no value head even when the policy carries one.
     ref_model = Transformer(policy_model.cfg.replace(scalar_head=False))
     ref_logps, _, _ = response_forward(ref_model, ref_params, seq, width)
