@@ -93,6 +93,11 @@ class RLConfig:
                              f"in (0, 1], top_k={self.top_k} >= 0")
 
     @property
+    def needs_reference(self) -> bool:
+        """Whether a KL term (in the reward, in the loss, or the adaptive controller) reads the reference."""
+        return self.kl_coef != 0 or self.adaptive_kl
+
+    @property
     def critic_kind(self) -> str:
         """reward | policy | none: where this run's value head sits (critic-free advantages need none)."""
         return self.critic if self.advantage == "gae" else "none"
@@ -173,9 +178,10 @@ def prepare(params, ref_params, seq: dict, scores, kl_coef, *, policy_model, cri
     params: {'policy': full policy params (with LoRA the merged tree of
     `policy_params`), 'critic': ...} ('critic' absent when the value head sits
     on the policy or there is no critic). ref_params: the reference (with
-    LoRA: the frozen base, adapters off). scores: [b] float32 from the
-    reward source (any no-EOS penalty included). Returns (batch for the
-    update, metrics).
+    LoRA: the frozen base, adapters off), read only if rl_cfg.needs_reference
+    (else the batch has no 'ref_logps' and the metrics no 'objective/kl').
+    scores: [b] float32 from the reward source (any no-EOS penalty included).
+    Returns (batch for the update, metrics).
     """
     mask = seq["mask"]
     if rl_cfg.old_logprobs == "sampler":
@@ -187,12 +193,16 @@ def prepare(params, ref_params, seq: dict, scores, kl_coef, *, policy_model, cri
                   if policy_model.cfg.scalar_head and "critic" not in params else None)
     else:
         logps, entropy, values = response_forward(policy_model, params["policy"], seq, width)
-    # The reference is the SFT trunk: no value head even when the policy carries one.
-    ref_model = Transformer(policy_model.cfg.replace(scalar_head=False))
-    ref_logps, _, _ = response_forward(ref_model, ref_params, seq, width)
     if "critic" in params:
         values = response_values(critic_model, params["critic"], seq, width)
-    kl = losses.kl_penalty(logps, ref_logps, rl_cfg.kl_estimator) * mask
+    ref = {}
+    if rl_cfg.needs_reference:
+        # The reference is the SFT trunk: no value head even when the policy carries one.
+        ref_model = Transformer(policy_model.cfg.replace(scalar_head=False))
+        ref["ref_logps"], _, _ = response_forward(ref_model, ref_params, seq, width)
+        kl = losses.kl_penalty(logps, ref["ref_logps"], rl_cfg.kl_estimator) * mask
+    else:
+        kl = jnp.zeros_like(mask)  # no KL term: the reference forward is skipped
     kl_seq = jnp.sum(kl, axis=1)
     if rl_cfg.advantage == "gae":
         rewards = -kl_coef * kl + last_token_rewards(scores, mask)
@@ -209,12 +219,12 @@ def prepare(params, ref_params, seq: dict, scores, kl_coef, *, policy_model, cri
     if rl_cfg.whiten_advantages:
         advantages = losses.masked_whiten(advantages, mask) * mask
     batch = {k: seq[k] for k in ("tokens", "positions", "segment_ids", "completion", "mask")}
-    batch.update(old_logps=logps, ref_logps=ref_logps, old_values=values * mask,
+    batch.update(ref, old_logps=logps, old_values=values * mask,
                  advantages=advantages, returns=returns,
                  kl_coef=jnp.full(mask.shape[:1], kl_coef, jnp.float32))
     lengths = jnp.sum(mask, axis=1)
     metrics = {
-        "objective/kl": jnp.mean(kl_seq),
+        **({"objective/kl": jnp.mean(kl_seq)} if ref else {}),
         "objective/entropy": jnp.mean(jnp.sum(entropy * mask, axis=1)),
         "objective/scores": jnp.mean(scores),
         "objective/rlhf_reward": jnp.mean(scores - kl_coef * kl_seq),
@@ -243,7 +253,7 @@ def rl_loss_fn(params, batch, frozen=None, *, policy_model, critic_model, width:
         logps, batch["old_logps"], batch["advantages"], mask, clip_eps=rl_cfg.clip_eps,
         clip_eps_high=rl_cfg.clip_eps_high or None, aggregation=rl_cfg.aggregation, ratio_level=rl_cfg.ratio_level)
     metrics["loss/policy"] = loss
-    if rl_cfg.kl_in_loss:
+    if rl_cfg.kl_in_loss and rl_cfg.needs_reference:
         kl = losses.aggregate(losses.kl_penalty(logps, batch["ref_logps"], "k3"), mask, rl_cfg.aggregation)
         loss = loss + jnp.mean(batch["kl_coef"]) * kl
         metrics["loss/kl"] = kl

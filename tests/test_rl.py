@@ -39,11 +39,14 @@ def read_metrics(workdir):
         return [r for r in map(json.loads, f) if "loss" in r]
 
 
-def rollout_at_the_reference(kind, sft_dir, old_logprobs):
+def rollout_at_the_reference(kind, sft_dir, old_logprobs, kl_coef=0.1, no_reference=False):
     """One prepared rollout of 2 prompts x 4 completions from the SFT policy: (config, params,
-    policy model, sampler output, prepared batch, metrics)."""
+    policy model, sampler output, prepared batch, metrics). no_reference: rl.kl_coef = 0 in the
+    config and no reference parameters passed at all."""
     c = rl_cfg(kind, sft_dir)
     c.rl.old_logprobs = old_logprobs
+    if no_reference:
+        c.rl.kl_coef = 0.0
     mesh = sharding.make_mesh(c.mesh)
     policy_cfg, critic_cfg, params, ref = rl.build_models(c, mesh)
     policy_model = Transformer(policy_cfg)
@@ -53,7 +56,7 @@ def rollout_at_the_reference(kind, sft_dir, old_logprobs):
     out = gen(params["policy"], prompts, lens, jax.random.split(jax.random.PRNGKey(0), 8))
     seq = rollout.build_sequences(prompts, lens, out, pad_id=0)
     scores = np.linspace(0, 1, 8).astype(np.float32)
-    batch, m = rollout.prepare(params, ref, seq, scores, 0.1, policy_model=policy_model,
+    batch, m = rollout.prepare(params, None if no_reference else ref, seq, scores, kl_coef, policy_model=policy_model,
                                critic_model=None, width=4, rl_cfg=common.rl_config(c))
     return c, params, policy_model, out, batch, m
 
@@ -92,6 +95,20 @@ def test_sampler_old_logprobs_are_the_sampler_s_and_agree_with_the_forward_withi
     metrics = first_minibatch_metrics(c, params, policy_model, batch)
     np.testing.assert_allclose(metrics["val/ratio"], 1.0, atol=1e-4)
     assert float(metrics["policy/clipfrac"]) == 0.0
+
+
+@pytest.mark.parametrize("kind", ["ppo", "grpo"])
+def test_without_a_kl_term_the_reference_is_not_read_and_the_update_is_unchanged(sft_dir, kind):
+    # rl.kl_coef = 0 and no reference parameters at all, against a run with a KL term at coefficient 0.
+    c, params, policy_model, _, batch, m = rollout_at_the_reference(kind, sft_dir, "sampler", 0.0, no_reference=True)
+    c_ref, _, _, _, with_ref, m_ref = rollout_at_the_reference(kind, sft_dir, "sampler", 0.0)
+    assert set(with_ref) - set(batch) == {"ref_logps"} and set(m_ref) - set(m) == {"objective/kl"}
+    for k in batch:
+        np.testing.assert_array_equal(batch[k], with_ref[k], err_msg=k)
+    loss = lambda cfg, b: rollout.rl_loss_fn(params, jax.tree_util.tree_map(lambda x: x[:4], b),
+                                             policy_model=policy_model, critic_model=None, width=4,
+                                             rl_cfg=common.rl_config(cfg))[0]
+    np.testing.assert_allclose(loss(c, batch), loss(c_ref, with_ref), rtol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["ppo", "grpo", "rloo"])
