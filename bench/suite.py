@@ -349,8 +349,9 @@ class Suite:
                      loop_forward_ms=1e3 * loop_s, decode_per_token_vs_forward=step_s / fwd_s)
 
     def _rl_iteration(self, rl, critic: bool, minibatch: int, updates: int):
-        """Rollout (generate -> build -> prepare with the reference and the critic, if any), then
-        `updates` minibatch steps of policy (+ critic): one timed, times `updates`."""
+        """Rollout (generate, each prompt prefilled once for its group -> build -> prepare: the
+        policy forward only with rl.old_logprobs=forward, the reference only with a KL term, the
+        critic if any), then `updates` minibatch steps of policy (+ critic): one timed, times `updates`."""
         a, cfg, width, n = self.args, self.cfg, self.width, self.new
         rl = dataclasses.replace(rl, group_size=math.gcd(a.batch, rl.group_size))  # the batch holds whole groups
         model, critic_cfg = Transformer(cfg), cfg.replace(scalar_head=True)
@@ -359,10 +360,12 @@ class Suite:
         params = {"policy": jax.tree_util.tree_map(jnp.copy, ref)}
         if critic:
             params["critic"] = jax.device_put(random_params(critic_cfg, 2))
-        tokens, lens, keys = self._prompts(a.batch)
+        tokens, lens, _ = self._prompts(a.batch // rl.group_size)
+        tokens, lens = jnp.repeat(tokens, rl.group_size, axis=0), jnp.repeat(lens, rl.group_size, axis=0)
+        keys = jax.random.split(jax.random.PRNGKey(1), a.batch)
         settings = (jnp.float32(rl.temperature), jnp.int32(rl.top_k), jnp.float32(rl.top_p))
         scores = jnp.asarray(self.rng.normal(size=a.batch), jnp.float32)
-        gen = sampler.make_generate_fn(cfg, max_new_tokens=n, eos_id=-1)
+        gen = sampler.make_generate_fn(cfg, max_new_tokens=n, eos_id=-1, group_size=rl.group_size)
         build = jax.jit(lambda t, l, out: rollout.build_sequences(t, l, out, pad_id=0))
         prep = jax.jit(lambda p, r, seq, s, k: rollout.prepare(
             p, r, seq, s, k, policy_model=model, critic_model=critic_model, width=width, rl_cfg=rl))
@@ -382,8 +385,9 @@ class Suite:
         t = width + n
         upd = self.train(loss_fn, trained, {k: v[:minibatch] for k, v in batch.items()}, 0.0, tokens=minibatch * t)
         fwd, critic_fwd = flops_per_token(cfg, t), critic * (flops_per_token(cfg, t) - self.head)  # no LM head
-        flops = (flops_per_token(cfg, t - 1) * a.batch * (t - 1)  # prefill + decode
-                 + (2 * fwd + critic_fwd) * a.batch * t  # prepare: policy, reference, critic
+        prepared = (rl.old_logprobs == "forward") + rl.needs_reference  # policy and reference forwards
+        flops = (flops_per_token(cfg, t - 1) * (a.batch // rl.group_size * width + a.batch * (n - 1))  # prefill, decode
+                 + (prepared * fwd + critic_fwd) * a.batch * t  # prepare
                  + 3 * (fwd + critic_fwd) * updates * minibatch * t)  # the updates
         update_s = updates * upd["step_s"]
         return entry(rollout_s + update_s, a.batch * n, flops, self.peak, gen_compile_s + prep_compile_s

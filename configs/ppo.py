@@ -36,6 +36,9 @@ def rl_config(arg=None, stage="ppo"):
     c.rl.top_k = 0
     c.rl.top_p = 1.0
     c.rl.num_epochs = 4 if not tiny else 2  # passes over each rollout
+    # The update's old log-probs: sampler (the rollout's own, on-policy: no policy forward) | forward
+    # (a teacher-forced policy forward, the update's own program: its first ratio is exactly 1)
+    c.rl.old_logprobs = "sampler"
     c.rl.minibatch_size = 16 if not tiny else 8
     c.rl.advantage = "gae"  # gae (PPO, needs a critic) | grpo | dr_grpo | rloo
     c.rl.critic = "reward"  # reward: init from the reward model | policy: value head on the policy trunk

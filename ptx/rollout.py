@@ -22,6 +22,7 @@ from ptx.model import Transformer
 
 ADVANTAGES = ("gae",) + losses.GROUP_ADVANTAGE_KINDS
 CRITICS = ("reward", "policy", "none")
+OLD_LOGPROBS = ("sampler", "forward")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,7 @@ class RLConfig:
     top_k: int = 0
     top_p: float = 1.0
     num_epochs: int = 4  # passes over each rollout
+    old_logprobs: str = "sampler"  # sampler: the rollout's own log-probs | forward: a teacher-forced policy forward
     minibatch_size: int = 16  # rows per update
     advantage: str = "gae"  # gae (needs a critic) | grpo | dr_grpo | rloo
     critic: str = "reward"  # reward: from the reward model | policy: a value head on the policy | none
@@ -71,7 +73,7 @@ class RLConfig:
                              f"is not a multiple of rl.minibatch_size={self.minibatch_size}")
         for name, allowed in (("advantage", ADVANTAGES), ("critic", CRITICS),
                               ("kl_estimator", losses.KL_KINDS), ("aggregation", losses.AGGREGATIONS),
-                              ("ratio_level", losses.RATIO_LEVELS)):
+                              ("ratio_level", losses.RATIO_LEVELS), ("old_logprobs", OLD_LOGPROBS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"rl.{name}={getattr(self, name)!r}; expected one of {allowed}")
         if self.advantage == "gae" and self.critic == "none":
@@ -91,6 +93,11 @@ class RLConfig:
                              f"in (0, 1], top_k={self.top_k} >= 0")
 
     @property
+    def needs_reference(self) -> bool:
+        """Whether a KL term (in the reward, in the loss, or the adaptive controller) reads the reference."""
+        return self.kl_coef != 0 or self.adaptive_kl
+
+    @property
     def critic_kind(self) -> str:
         """reward | policy | none: where this run's value head sits (critic-free advantages need none)."""
         return self.critic if self.advantage == "gae" else "none"
@@ -101,9 +108,10 @@ def build_sequences(prompt_tokens, prompt_lens, out: sampler.SampleOutput, *, pa
 
     prompt_tokens: [b, P] int32 right-padded; prompt_lens: [b] int32.
     Returns tokens / positions / segment_ids [b, P + N] int32, completion
-    [b, N] int32, mask [b, N] float32, and score_index [b] int32: the column
+    [b, N] int32, mask [b, N] float32, score_index [b] int32: the column
     of the last response token before any EOS (the reward model's read-out;
-    the last prompt token when the response is empty).
+    the last prompt token when the response is empty), finish_reason [b]
+    int32, and the sampler's logprobs / entropy [b, N] float32 (0 on padding).
     """
     tokens_p, pos_p, seg_p = sampler.left_align(prompt_tokens, prompt_lens)
     width, n = prompt_tokens.shape[1], out.tokens.shape[1]
@@ -119,6 +127,8 @@ def build_sequences(prompt_tokens, prompt_lens, out: sampler.SampleOutput, *, pa
         "mask": live.astype(jnp.float32),
         "score_index": (width - 1 + content).astype(jnp.int32),
         "finish_reason": out.finish_reason,
+        "logprobs": out.logprobs,
+        "entropy": out.entropy,
     }
 
 
@@ -167,18 +177,31 @@ def prepare(params, ref_params, seq: dict, scores, kl_coef, *, policy_model, cri
     params: {'policy': full policy params (with LoRA the merged tree of
     `policy_params`), 'critic': ...} ('critic' absent when the value head sits
     on the policy or there is no critic). ref_params: the reference (with
-    LoRA: the frozen base, adapters off). scores: [b] float32 from the
-    reward source (any no-EOS penalty included). Returns (batch for the
-    update, metrics).
+    LoRA: the frozen base, adapters off), read only if rl_cfg.needs_reference
+    (else the batch has no 'ref_logps' and the metrics no 'objective/kl').
+    scores: [b] float32 from the reward source (any no-EOS penalty included).
+    Returns (batch for the update, metrics).
     """
     mask = seq["mask"]
-    logps, entropy, values = response_forward(policy_model, params["policy"], seq, width)
-    # The reference is the SFT trunk: no value head even when the policy carries one.
-    ref_model = Transformer(policy_model.cfg.replace(scalar_head=False))
-    ref_logps, _, _ = response_forward(ref_model, ref_params, seq, width, entropy=False)
+    if rl_cfg.old_logprobs == "sampler":
+        # The rollout was sampled by these weights (on-policy), and the sampler's log-probs and
+        # entropy are those of the raw logits at temperature 1, as the loss computes its own: no
+        # second policy forward, only the trunk for a value head on the policy.
+        logps, entropy = seq["logprobs"], seq["entropy"]
+        values = (response_values(policy_model, params["policy"], seq, width)
+                  if policy_model.cfg.scalar_head and "critic" not in params else None)
+    else:
+        logps, entropy, values = response_forward(policy_model, params["policy"], seq, width)
     if "critic" in params:
         values = response_values(critic_model, params["critic"], seq, width)
-    kl = losses.kl_penalty(logps, ref_logps, rl_cfg.kl_estimator) * mask
+    ref = {}
+    if rl_cfg.needs_reference:
+        # The reference is the SFT trunk: no value head even when the policy carries one.
+        ref_model = Transformer(policy_model.cfg.replace(scalar_head=False))
+        ref["ref_logps"], _, _ = response_forward(ref_model, ref_params, seq, width, entropy=False)
+        kl = losses.kl_penalty(logps, ref["ref_logps"], rl_cfg.kl_estimator) * mask
+    else:
+        kl = jnp.zeros_like(mask)  # no KL term: the reference forward is skipped
     kl_seq = jnp.sum(kl, axis=1)
     if rl_cfg.advantage == "gae":
         rewards = -kl_coef * kl + last_token_rewards(scores, mask)
@@ -195,12 +218,12 @@ def prepare(params, ref_params, seq: dict, scores, kl_coef, *, policy_model, cri
     if rl_cfg.whiten_advantages:
         advantages = losses.masked_whiten(advantages, mask) * mask
     batch = {k: seq[k] for k in ("tokens", "positions", "segment_ids", "completion", "mask")}
-    batch.update(old_logps=logps, ref_logps=ref_logps, old_values=values * mask,
+    batch.update(ref, old_logps=logps, old_values=values * mask,
                  advantages=advantages, returns=returns,
                  kl_coef=jnp.full(mask.shape[:1], kl_coef, jnp.float32))
     lengths = jnp.sum(mask, axis=1)
     metrics = {
-        "objective/kl": jnp.mean(kl_seq),
+        **({"objective/kl": jnp.mean(kl_seq)} if ref else {}),
         "objective/entropy": jnp.mean(jnp.sum(entropy * mask, axis=1)),
         "objective/scores": jnp.mean(scores),
         "objective/rlhf_reward": jnp.mean(scores - kl_coef * kl_seq),
@@ -229,7 +252,7 @@ def rl_loss_fn(params, batch, frozen=None, *, policy_model, critic_model, width:
         logps, batch["old_logps"], batch["advantages"], mask, clip_eps=rl_cfg.clip_eps,
         clip_eps_high=rl_cfg.clip_eps_high or None, aggregation=rl_cfg.aggregation, ratio_level=rl_cfg.ratio_level)
     metrics["loss/policy"] = loss
-    if rl_cfg.kl_in_loss:
+    if rl_cfg.kl_in_loss and rl_cfg.needs_reference:
         kl = losses.aggregate(losses.kl_penalty(logps, batch["ref_logps"], "k3"), mask, rl_cfg.aggregation)
         loss = loss + jnp.mean(batch["kl_coef"]) * kl
         metrics["loss/kl"] = kl

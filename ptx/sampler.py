@@ -30,13 +30,18 @@ class SampleOutput:
       keep_stop).
     finish_reason: [b] int32, one of FINISH_EOS, FINISH_STOP, FINISH_LENGTH.
     logprobs: [b, max_new] float32 log-prob of each kept token under the
-      unmodified distribution (log_softmax of the raw logits), 0 on padding.
+      unmodified distribution (log_softmax of the model's raw logits over its
+      whole vocabulary, at temperature 1: what a teacher-forced forward
+      computes), 0 on padding.
+    entropy: [b, max_new] float32 entropy of that distribution at each kept
+      token, 0 on padding.
     """
 
     tokens: jax.Array
     lengths: jax.Array
     finish_reason: jax.Array
     logprobs: jax.Array
+    entropy: jax.Array
 
 
 def _order_keys(x):
@@ -157,6 +162,7 @@ class _Carry:
     last: jax.Array  # [b] int32 token sampled at step - 1
     tokens: jax.Array  # [b, max_new] int32
     logprobs: jax.Array  # [b, max_new] float32
+    entropy: jax.Array  # [b, max_new] float32
     recent: jax.Array  # [b, longest stop] int32 last sampled tokens, -1 before the start
     done: jax.Array  # [b] bool
     lengths: jax.Array  # [b] int32
@@ -165,7 +171,7 @@ class _Carry:
 
 def decode(step_fn: Callable, state, first_logits, keys, *, max_new_tokens: int,
            temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, eos_id: int | tuple, pad_id: int = 0,
-           stop_sequences: tuple = (), keep_stop: bool = False):
+           stop_sequences: tuple = (), keep_stop: bool = False, n_tokens: int | None = None):
     """Sample up to max_new_tokens per row in one `lax.while_loop`.
 
     step_fn(state, tokens [b] int32, step int32 scalar) -> (logits [b, V], state):
@@ -182,6 +188,9 @@ def decode(step_fn: Callable, state, first_logits, keys, *, max_new_tokens: int,
     stop_sequences: tuple of non-empty token-id tuples, matched against the
       generated tokens only. If several end at the same step the longest one
       counts; an eos at that step takes precedence (FINISH_EOS, eos kept).
+    n_tokens: static; ids from n_tokens on are never sampled (a vocabulary
+      padded beyond the tokenizer's), while log-probs and entropy stay those
+      of the whole vocabulary, as a teacher-forced forward computes them.
     Returns (SampleOutput, final state).
     """
     if max_new_tokens < 1:
@@ -203,12 +212,17 @@ def decode(step_fn: Callable, state, first_logits, keys, *, max_new_tokens: int,
     draw = lambda *a: jax.lax.switch(branch, draws, *a)
     window = max((len(s) for s in stops), default=0)
 
+    usable = None if n_tokens is None else jnp.arange(first_logits.shape[-1]) < n_tokens
+
     def record(c: _Carry, logits) -> _Carry:
         """Samples token c.step from logits [b, V] and updates the bookkeeping."""
         i = c.step
-        tok = draw(jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i), logits, *settings)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1),
-                                   tok[:, None], axis=-1)[:, 0]
+        drawable = logits if usable is None else jnp.where(usable, logits, -jnp.inf)
+        tok = draw(jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i), drawable, *settings)
+        log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        logp = jnp.take_along_axis(log_p, tok[:, None], axis=-1)[:, 0]
+        # p log p -> 0 as p -> 0; a -inf logit (scripted ones) would give 0 * -inf = NaN.
+        ent = -jnp.sum(jnp.where(log_p > -jnp.inf, jnp.exp(log_p) * log_p, 0.0), axis=-1)
         recent = jnp.concatenate([c.recent[:, 1:], tok[:, None]], axis=1)
         stop_len = jnp.zeros((b,), jnp.int32)
         for s in stops:
@@ -220,7 +234,7 @@ def decode(step_fn: Callable, state, first_logits, keys, *, max_new_tokens: int,
         return c.replace(
             step=i + 1, last=tok,
             tokens=c.tokens.at[:, i].set(tok), logprobs=c.logprobs.at[:, i].set(logp),
-            recent=recent, done=c.done | ends,
+            entropy=c.entropy.at[:, i].set(ent), recent=recent, done=c.done | ends,
             lengths=jnp.where(ends, kept, c.lengths),
             finish_reason=jnp.where(ends, jnp.where(is_eos, FINISH_EOS, FINISH_STOP), c.finish_reason))
 
@@ -235,14 +249,15 @@ def decode(step_fn: Callable, state, first_logits, keys, *, max_new_tokens: int,
         step=jnp.int32(0), state=state, last=jnp.zeros((b,), jnp.int32),
         tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
         logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
-        recent=jnp.full((b, window), -1, jnp.int32), done=jnp.zeros((b,), bool),
+        entropy=jnp.zeros((b, max_new_tokens), jnp.float32), recent=jnp.full((b, window), -1, jnp.int32), done=jnp.zeros((b,), bool),
         lengths=jnp.full((b,), max_new_tokens, jnp.int32),
         finish_reason=jnp.full((b,), FINISH_LENGTH, jnp.int32))
     # Step 0 is peeled so the loop never calls step_fn for logits nobody samples.
     c = jax.lax.while_loop(running, body, record(init, first_logits))
     kept = jnp.arange(max_new_tokens)[None, :] < c.lengths[:, None]
     out = SampleOutput(tokens=jnp.where(kept, c.tokens, pad_id), lengths=c.lengths,
-                       finish_reason=c.finish_reason, logprobs=jnp.where(kept, c.logprobs, 0.0))
+                       finish_reason=c.finish_reason, logprobs=jnp.where(kept, c.logprobs, 0.0),
+                       entropy=jnp.where(kept, c.entropy, 0.0))
     return out, c.state
 
 
@@ -308,36 +323,39 @@ def layered_step_fn(layered, cfg: ModelConfig, prompt_width: int) -> Callable:
 
 def generate(params, cfg: ModelConfig, prompt_tokens, prompt_lens, keys, *, max_new_tokens: int,
              temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, eos_id: int | tuple, pad_id: int = 0,
-             stop_sequences: tuple = (), keep_stop: bool = False, n_tokens: int | None = None) -> SampleOutput:
+             stop_sequences: tuple = (), keep_stop: bool = False, n_tokens: int | None = None,
+             group_size: int = 1) -> SampleOutput:
     """Sample continuations of right-padded prompts with the KV cache.
 
     prompt_tokens: [b, P] int32 right-padded; prompt_lens: [b] int32 in 1..P;
     keys: [b] PRNG keys (one per row). Settings: scalars or [b] arrays.
     max_new_tokens, eos_id, pad_id, stop_sequences, keep_stop are static (see
     `decode`). n_tokens: the tokenizer's size when the model's vocabulary is
-    larger (padded): ids from n_tokens on are never sampled. Traceable; `make_generate_fn` is the place it is jitted.
+    larger (padded): ids from n_tokens on are never sampled. group_size:
+    static; rows come in groups of group_size consecutive copies of one prompt
+    (b a multiple of it, as RL samples several completions per prompt): only
+    each group's first row is prefilled and its KV cache is repeated over the
+    group. Traceable; `make_generate_fn` is the place it is jitted.
     """
-    width = prompt_tokens.shape[1]
+    b, width = prompt_tokens.shape
+    if b % group_size:
+        raise ValueError(f"{b} rows are not whole groups of group_size={group_size}")
     # The last sampled token is never fed back, so max_new - 1 decode slots suffice.
-    first_logits, state = prefill(params, cfg, prompt_tokens, prompt_lens, width + max_new_tokens - 1)
-    step_fn = model_step_fn(params, cfg, width)
-    if n_tokens is not None and n_tokens < cfg.vocab_size:
-        usable = jnp.arange(cfg.vocab_size) < n_tokens
-        first_logits = jnp.where(usable, first_logits, -jnp.inf)
-        model_step = step_fn
-
-        def step_fn(state, tokens, step):
-            logits, state = model_step(state, tokens, step)
-            return jnp.where(usable, logits, -jnp.inf), state
-    out, _ = decode(step_fn, state, first_logits, keys,
+    first_logits, state = prefill(params, cfg, prompt_tokens[::group_size], prompt_lens[::group_size],
+                                  width + max_new_tokens - 1)
+    if group_size > 1:  # every leaf (logits, cache, prompt lengths) leads with the row axis
+        first_logits, state = jax.tree.map(lambda x: jnp.repeat(x, group_size, axis=0), (first_logits, state))
+    out, _ = decode(model_step_fn(params, cfg, width), state, first_logits, keys,
                     max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                     top_p=top_p, min_p=min_p, eos_id=eos_id, pad_id=pad_id,
-                    stop_sequences=stop_sequences, keep_stop=keep_stop)
+                    stop_sequences=stop_sequences, keep_stop=keep_stop,
+                    n_tokens=n_tokens if n_tokens is not None and n_tokens < cfg.vocab_size else None)
     return out
 
 
 def make_generate_fn(cfg: ModelConfig, *, max_new_tokens: int, eos_id: int | tuple, pad_id: int = 0,
-                     stop_sequences: tuple = (), keep_stop: bool = False, n_tokens: int | None = None) -> Callable:
+                     stop_sequences: tuple = (), keep_stop: bool = False, n_tokens: int | None = None,
+                     group_size: int = 1) -> Callable:
     """`generate` jitted with its static arguments bound.
 
     Returns fn(params, prompt_tokens, prompt_lens, keys, temperature=1.0,
@@ -349,6 +367,6 @@ def make_generate_fn(cfg: ModelConfig, *, max_new_tokens: int, eos_id: int | tup
         return generate(params, cfg, prompt_tokens, prompt_lens, keys, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         eos_id=eos_id, pad_id=pad_id, stop_sequences=stop_sequences,
-                        keep_stop=keep_stop, n_tokens=n_tokens)
+                        keep_stop=keep_stop, n_tokens=n_tokens, group_size=group_size)
 
     return jax.jit(fn)

@@ -80,11 +80,11 @@ def test_mfu_is_achieved_flops_over_the_peak_and_flops_are_analytic(tiny_run):
         assert e["tokens_per_s"] * e["step_s"] == pytest.approx(step_tokens, rel=1e-9), name
         assert e["flops_per_s"] * e["step_s"] == pytest.approx(flops, rel=1e-9), name
     # A PPO iteration (prompt 16 + 16 new tokens, batch 4, 4 epochs of one minibatch of 4): the
-    # rollout (prefill + decode, then policy, reference and critic forwards) and 4 updates of
-    # policy + critic; the critic never computes the LM head.
+    # rollout (prefill + decode, then reference and critic forwards: the old log-probs are the
+    # sampler's) and 4 updates of policy + critic; the critic never computes the LM head.
     e, t = data["ppo_iteration"], 32
     fwd_t = flops_per_token(cfg, t)
-    rollout = flops_per_token(cfg, t - 1) * 4 * (t - 1) + (3 * fwd_t - head) * 4 * t
+    rollout = flops_per_token(cfg, t - 1) * 4 * (t - 1) + (2 * fwd_t - head) * 4 * t
     assert e["updates"] == 4
     assert e["flops_per_s"] * e["step_s"] == pytest.approx(rollout + 4 * 3 * (2 * fwd_t - head) * 4 * t, rel=1e-9)
     assert e["step_s"] == pytest.approx(e["rollout_s"] + e["update_s"], rel=1e-9)

@@ -463,6 +463,7 @@ def test_rl_lora_first_minibatch_ratio_is_one_and_kl_is_zero_against_the_base(sf
     from ptx.stages import rl
 
     c = rl_lora_config(kind, sft_dir, base_dtype)
+    c.rl.old_logprobs = "forward"  # the update's own program, so the ratio is exactly 1
     mesh = sharding.make_mesh(c.mesh)
     policy_cfg, _, params, ref = rl.build_models(c, mesh)
     lcfg, rl_cfg = rl.lora_config(c), common.rl_config(c)

@@ -39,32 +39,76 @@ def read_metrics(workdir):
         return [r for r in map(json.loads, f) if "loss" in r]
 
 
-@pytest.mark.parametrize("kind", ["ppo", "grpo", "gspo"])
-def test_first_minibatch_ratio_is_one_and_kl_is_zero_at_the_reference(sft_dir, tmp_path, kind):
+def rollout_at_the_reference(kind, sft_dir, old_logprobs, kl_coef=0.1, no_reference=False):
+    """One prepared rollout of 2 prompts x 4 completions from the SFT policy: (config, params,
+    policy model, sampler output, prepared batch, metrics). no_reference: rl.kl_coef = 0 in the
+    config and no reference parameters passed at all."""
     c = rl_cfg(kind, sft_dir)
+    c.rl.old_logprobs = old_logprobs
+    if no_reference:
+        c.rl.kl_coef = 0.0
     mesh = sharding.make_mesh(c.mesh)
     policy_cfg, critic_cfg, params, ref = rl.build_models(c, mesh)
     policy_model = Transformer(policy_cfg)
     prompts = np.array([[2, 40, 41, 42], [2, 43, 44, 0]], np.int32).repeat(4, axis=0)
     lens = np.array([4, 3], np.int32).repeat(4)
-    gen = sampler.make_generate_fn(policy_cfg, max_new_tokens=8, eos_id=3)
+    gen = sampler.make_generate_fn(policy_cfg, max_new_tokens=8, eos_id=3, group_size=4)
     out = gen(params["policy"], prompts, lens, jax.random.split(jax.random.PRNGKey(0), 8))
     seq = rollout.build_sequences(prompts, lens, out, pad_id=0)
     scores = np.linspace(0, 1, 8).astype(np.float32)
-    batch, m = rollout.prepare(params, ref, seq, scores, 0.1, policy_model=policy_model,
+    batch, m = rollout.prepare(params, None if no_reference else ref, seq, scores, kl_coef, policy_model=policy_model,
                                critic_model=None, width=4, rl_cfg=common.rl_config(c))
+    return c, params, policy_model, out, batch, m
+
+
+def first_minibatch_metrics(c, params, policy_model, batch):
+    first = jax.tree_util.tree_map(lambda x: x[:4], batch)
+    return rollout.rl_loss_fn(params, first, policy_model=policy_model, critic_model=None, width=4,
+                              rl_cfg=common.rl_config(c))[1]
+
+
+@pytest.mark.parametrize("kind", ["ppo", "grpo", "gspo"])
+def test_first_minibatch_ratio_is_one_and_kl_is_zero_at_the_reference(sft_dir, kind):
+    # Old log-probs from a teacher-forced forward: the same program as the update's, so exact.
+    c, params, policy_model, out, batch, m = rollout_at_the_reference(kind, sft_dir, "forward")
     assert float(m["objective/kl"]) == 0.0
     np.testing.assert_allclose(batch["ref_logps"], batch["old_logps"], atol=0)
-    # The sampler's own log-probs agree with the recomputed ones (same distribution).
-    np.testing.assert_allclose(np.asarray(out.logprobs) * np.asarray(seq["mask"]), batch["old_logps"] * seq["mask"],
-                               atol=1e-4)
-    first = jax.tree_util.tree_map(lambda x: x[:4], batch)
-    _, metrics = rollout.rl_loss_fn(params, first, policy_model=policy_model, critic_model=None, width=4,
-                                    rl_cfg=common.rl_config(c))
+    metrics = first_minibatch_metrics(c, params, policy_model, batch)
     np.testing.assert_allclose(metrics["val/ratio"], 1.0, atol=1e-6)
     assert float(metrics["policy/clipfrac"]) == 0.0
     if kind != "ppo":
         np.testing.assert_allclose(metrics["loss/kl"], 0.0, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["ppo", "grpo"])
+def test_sampler_old_logprobs_are_the_sampler_s_and_agree_with_the_forward_within_1e4(sft_dir, kind):
+    c, params, policy_model, out, batch, m = rollout_at_the_reference(kind, sft_dir, "sampler")
+    _, _, _, _, forward, m_forward = rollout_at_the_reference(kind, sft_dir, "forward")
+    mask = np.asarray(batch["mask"])
+    np.testing.assert_array_equal(batch["old_logps"], out.logprobs)
+    # float32, tiny model: the cached decode and the full forward differ only in rounding.
+    np.testing.assert_allclose(batch["old_logps"], forward["old_logps"] * mask, atol=1e-4)
+    for k in ("advantages", "returns", "old_values", "ref_logps"):
+        np.testing.assert_allclose(batch[k] * mask, forward[k] * mask, atol=1e-4, err_msg=k)
+    for k in m_forward:
+        np.testing.assert_allclose(m[k], m_forward[k], atol=1e-4, err_msg=k)
+    metrics = first_minibatch_metrics(c, params, policy_model, batch)
+    np.testing.assert_allclose(metrics["val/ratio"], 1.0, atol=1e-4)
+    assert float(metrics["policy/clipfrac"]) == 0.0
+
+
+@pytest.mark.parametrize("kind", ["ppo", "grpo"])
+def test_without_a_kl_term_the_reference_is_not_read_and_the_update_is_unchanged(sft_dir, kind):
+    # rl.kl_coef = 0 and no reference parameters at all, against a run with a KL term at coefficient 0.
+    c, params, policy_model, _, batch, m = rollout_at_the_reference(kind, sft_dir, "sampler", 0.0, no_reference=True)
+    c_ref, _, _, _, with_ref, m_ref = rollout_at_the_reference(kind, sft_dir, "sampler", 0.0)
+    assert set(with_ref) - set(batch) == {"ref_logps"} and set(m_ref) - set(m) == {"objective/kl"}
+    for k in batch:
+        np.testing.assert_array_equal(batch[k], with_ref[k], err_msg=k)
+    loss = lambda cfg, b: rollout.rl_loss_fn(params, jax.tree_util.tree_map(lambda x: x[:4], b),
+                                             policy_model=policy_model, critic_model=None, width=4,
+                                             rl_cfg=common.rl_config(cfg))[0]
+    np.testing.assert_allclose(loss(c, batch), loss(c_ref, with_ref), rtol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["ppo", "grpo", "rloo"])

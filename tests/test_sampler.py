@@ -401,13 +401,22 @@ def test_batched_rows_equal_rows_sampled_alone(params, prompts, keys, generate_f
         np.testing.assert_allclose(alone.logprobs[0], batch.logprobs[r], rtol=1e-5, atol=1e-5)
 
 
-def test_logprobs_equal_teacher_forced_full_forward(params, prompts, keys, generate_fn, forward):
-    out = generate_fn(params, prompts, PROMPT_LENS, keys, **MIXED)
+@pytest.mark.parametrize("n_tokens", [None, 40])
+def test_logprobs_and_entropy_equal_teacher_forced_full_forward(params, prompts, keys, generate_fn, forward,
+                                                               n_tokens):
+    # With a padded vocabulary (n_tokens < vocab) the draw skips the padding ids but the log-probs
+    # stay those of the whole vocabulary: the distribution the RL loss recomputes.
+    gen = generate_fn if n_tokens is None else sampler.make_generate_fn(
+        CFG, max_new_tokens=MAX_NEW, eos_id=EOS, pad_id=PAD, n_tokens=n_tokens)
+    out = gen(params, prompts, PROMPT_LENS, keys, **MIXED)
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
     full = forward_logits(forward, params, prompts, PROMPT_LENS, tokens, lengths)[:, :MAX_NEW]
-    expected = np.take_along_axis(log_softmax(full), tokens[..., None], -1)[..., 0]
+    log_p = log_softmax(full)
+    expected = np.take_along_axis(log_p, tokens[..., None], -1)[..., 0]
     kept = np.arange(MAX_NEW)[None, :] < lengths[:, None]
     np.testing.assert_allclose(out.logprobs, np.where(kept, expected, 0.0), rtol=1e-5, atol=1e-5)
+    entropy = -np.sum(np.exp(log_p) * log_p, axis=-1)
+    np.testing.assert_allclose(out.entropy, np.where(kept, entropy, 0.0), rtol=1e-5, atol=1e-5)
     assert (tokens[~kept] == PAD).all()
     assert {sampler.FINISH_EOS, sampler.FINISH_LENGTH} <= set(np.asarray(out.finish_reason).tolist())
 
@@ -439,3 +448,32 @@ def test_generate_under_a_tensor_parallel_mesh_equals_unsharded(params, prompts,
     np.testing.assert_array_equal(out.lengths, plain.lengths)
     np.testing.assert_allclose(out.logprobs, plain.logprobs, rtol=1e-5, atol=1e-5)
     assert {sampler.FINISH_EOS, sampler.FINISH_LENGTH} <= set(np.asarray(out.finish_reason).tolist())
+
+
+@pytest.mark.parametrize("shape", [None, (8, 1, 1), (1, 2, 4)])
+def test_group_prefill_samples_as_prefilling_every_copy(params, prompts, shape):
+    # Two completions per prompt, as RL samples them: prefilled once per group and the cache
+    # repeated, the rows draw the same tokens as when every copy is prefilled. On the (8, 1, 1)
+    # mesh the 4 prefilled rows do not divide the 8 data-parallel devices.
+    g, rows = 2, np.repeat(np.arange(len(PROMPT_LENS)), 2)
+    batch = {"t": prompts[rows], "n": PROMPT_LENS[rows], "k": jax.random.split(jax.random.key(3), len(rows)),
+             **{k: v[rows] for k, v in MIXED.items()}}
+    settings = lambda b: {k: b[k] for k in MIXED}
+    each = sampler.make_generate_fn(CFG, max_new_tokens=MAX_NEW, eos_id=EOS, pad_id=PAD)(
+        params, batch["t"], batch["n"], batch["k"], **settings(batch))
+    grouped = sampler.make_generate_fn(CFG, max_new_tokens=MAX_NEW, eos_id=EOS, pad_id=PAD, group_size=g)
+    if shape is None:
+        out = grouped(params, batch["t"], batch["n"], batch["k"], **settings(batch))
+    else:
+        mesh = sharding.make_mesh(dict(zip(sharding.AXES, shape)))
+        with jax.set_mesh(mesh):
+            placed = sharding.put_global(batch, mesh)
+            out = grouped(jax.device_put(params, sharding.param_shardings(params, CFG, mesh)), placed["t"],
+                          placed["n"], placed["k"], **settings(placed))
+    np.testing.assert_array_equal(out.tokens, each.tokens)
+    np.testing.assert_array_equal(out.lengths, each.lengths)
+    np.testing.assert_array_equal(out.finish_reason, each.finish_reason)
+    np.testing.assert_allclose(out.logprobs, each.logprobs, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.entropy, each.entropy, rtol=1e-5, atol=1e-5)
+    # Copies of one prompt drew with their own keys: a group's rows differ.
+    assert any((out.tokens[i] != out.tokens[i + 1]).any() for i in range(0, len(rows), g))

@@ -123,8 +123,9 @@ def _run(config, workdir: str, mesh, source: common.InitSource, rl: rollout.RLCo
     state_sh = state_sh.replace(params=sharding.named(mesh, sharding.tree_specs(init, rules, mesh, strict=True)))
     batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
+    # Each prompt is prefilled once and its KV cache repeated over its group_size completions.
     generate = sampler.make_generate_fn(policy_cfg, max_new_tokens=rl.max_new_tokens, eos_id=tok.eos_ids,
-                                        pad_id=tok.pad_id, n_tokens=tok.vocab_size)
+                                        pad_id=tok.pad_id, n_tokens=tok.vocab_size, group_size=rl.group_size)
     build = jax.jit(lambda p, n, out: rollout.build_sequences(p, n, out, pad_id=tok.pad_id))
     prepare = jax.jit(lambda p, r, seq, s, k: rollout.prepare(
         p, r, seq, s, k, policy_model=policy_model, critic_model=critic_model, width=width, rl_cfg=rl))
