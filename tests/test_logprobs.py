@@ -89,7 +89,8 @@ def test_chunked_rl_log_probs_entropy_and_kl_equal_the_unchunked(critic):
     `prepare` and the evaluation's KL read only the completion's columns, chunked or not."""
     cfg = CFG.replace(scalar_head=critic == "policy")
     rl = rollout.RLConfig(rollout_batch=4, group_size=2, minibatch_size=4, ent_coef=0.01, kl_in_loss=True,
-                          advantage="gae" if critic == "policy" else "grpo", critic=critic)
+                          advantage="gae" if critic == "policy" else "grpo", critic=critic,
+                          old_logprobs="forward")  # prepare's own policy forward, chunked or not
     params = {"policy": init_params(cfg, jax.random.PRNGKey(3))}
     ref = init_params(CFG, jax.random.PRNGKey(4))
     batch, width = rl_batch(6), 4

@@ -249,25 +249,31 @@ def test_two_processes_run_best_of_n_with_a_judge_and_ai_feedback_like_one_proce
 
 # Every mesh alike.
 
-def ppo(rl_models, mesh):
+def ppo(rl_models, mesh, old_logprobs="sampler"):
     c = ppo_config.get_config("tiny")
     c.data.train = rl_models["prompts"]
     # The critic starts from the reward model, so the update trains two parameter trees.
     c.init.checkpoint, c.reward.checkpoint, c.rl.critic = rl_models["sft"], rl_models["rm"], "reward"
     c.train.steps, c.train.ckpt_every = 2, 0
+    c.rl.old_logprobs = old_logprobs
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
     return c
 
 
-def test_ppo_gives_the_same_samples_metrics_and_parameters_on_every_mesh_as_on_one_device(rl_models, tmp_path):
-    rl.run(ppo(rl_models, (1, 1, 1)), str(tmp_path / "one"), devices=jax.devices()[:1])
+# The sampler's old log-probs come from the decode program, whose reductions each mesh splits
+# differently (rounding ~1e-6); AdamW's normalised step turns such rounding in a near-zero
+# gradient into a visible difference (2.6e-5 seen), still far below one step of lr 3e-4.
+@pytest.mark.parametrize("old_logprobs,param_atol", [("forward", 2e-5), ("sampler", 1e-4)])
+def test_ppo_gives_the_same_samples_metrics_and_parameters_on_every_mesh_as_on_one_device(
+        rl_models, tmp_path, old_logprobs, param_atol):
+    rl.run(ppo(rl_models, (1, 1, 1), old_logprobs), str(tmp_path / "one"), devices=jax.devices()[:1])
     ref, ref_params = read_metrics(tmp_path / "one"), host_params(tmp_path / "one")
     assert ref[0]["objective/scores"] != 0 and ref[0]["loss/value"] > 0
     for mesh in [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]:
         workdir = tmp_path / "x".join(map(str, mesh))
-        rl.run(ppo(rl_models, mesh), str(workdir))
+        rl.run(ppo(rl_models, mesh, old_logprobs), str(workdir))
         assert_rl_metrics_close(read_metrics(workdir), ref, rtol=1e-4, atol=1e-5, label=mesh)
-        assert_trees_close(host_params(workdir), ref_params, atol=2e-5)
+        assert_trees_close(host_params(workdir), ref_params, atol=param_atol)
 
 
 def constraints(jaxpr) -> list:
