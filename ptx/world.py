@@ -34,7 +34,10 @@ from ptx.oracle import KINDS, FACTS, PROBLEMS, WORDS, Oracle, request_text
 JUDGE_TEMPLATE = "Request: {prompt}\nAnswer A: {a}\nAnswer B: {b}\nBetter answer:"
 JUDGE_OPTIONS = ("A", "B")
 
-_PRETRAIN_MIX = {"transcript": 0.4, "facts": 0.15, "numbers": 0.15, "spelling": 0.15,
+# Shares of the pre-training rows. Sums at 0.3 (each of the 126 stated ~86 times in the default
+# 6000 rows): at 0.15 the quickstart model recalled a held-out sum after "a + b =" with
+# probability 0.37, at 0.3 with 0.46-0.52.
+_PRETRAIN_MIX = {"transcript": 0.25, "facts": 0.15, "numbers": 0.3, "spelling": 0.15,
                  "review": 0.15}
 
 
