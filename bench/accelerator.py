@@ -13,12 +13,12 @@ device's name. On CPU it refuses (the 1B shape would take hours) unless `--tiny`
 the same three at a test size in float32 to check the plumbing.
 """
 import argparse
-import json
 import os
 
 import jax
 
 from bench import main as bench_main
+from bench.peer import is_benchmark, is_memory_entry
 
 SHAPE_1B = "llama3_2_1b"
 ENTRIES_1B = "sft_step,dpo_step,prefill,decode_b1,decode_b16,decode_b64,grpo_iteration"
@@ -58,9 +58,9 @@ def summary(results: dict) -> dict:
     rows = {}
     for run, res in results.items():
         for name, e in res.items():
-            if isinstance(e, dict) and "tokens_per_s" in e:
+            if is_benchmark(e):
                 rows[f"{run}/{name}"] = {k: e.get(k) for k in ("tokens_per_s", "mfu", "peak_mem_mb", "compile_s")}
-            elif isinstance(e, dict) and "temp_mib" in e:
+            elif is_memory_entry(e):
                 rows[f"{run}/{name}"] = {k: e[k] for k in ("argument_mib", "temp_mib")}
     first = next(iter(results.values()))
     return {"device": first["device"], "platform": first["platform"], "jax_version": jax.__version__,
@@ -86,8 +86,7 @@ def main(argv=None) -> dict:
                          "build (PTX_JAX_EXTRA=cuda12 or tpu ./launch.sh setup) or pass --tiny to check the plumbing")
     results = {name: bench_main.main(argv_) for name, argv_ in runs(args).items()}
     s = summary(results)
-    with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
-        json.dump(s, f, indent=2)
+    bench_main.write_json(os.path.join(args.out_dir, "summary.json"), s)
     print(table(s))
     return s
 

@@ -213,14 +213,18 @@ def main(argv=None) -> dict:
     if peer_trl:
         print(peer_trl.table(results))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"wrote {args.out}")
+        write_json(args.out, results)
     if args.compare:
         with open(args.compare) as f:
             print(f"compared with {args.compare}:\n" + bench_peer.compare(results, json.load(f)))
     return results
+
+
+def write_json(path: str, results: dict):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {path}")
 
 
 def memory_only(args, cfg: ModelConfig, names, dev) -> dict:
@@ -239,10 +243,7 @@ def memory_only(args, cfg: ModelConfig, names, dev) -> dict:
         print(f"  {name}: temps {results[name]['temp_mib']:.0f} MiB", flush=True)
     print(bench_peer.memory_table(results))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"wrote {args.out}")
+        write_json(args.out, results)
     return results
 
 
