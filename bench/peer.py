@@ -78,6 +78,13 @@ def memory_entry(compiled, compile_s: float, **extra) -> dict:
                 host_temp_mib=mib("host_temp_size_in_bytes"), compile_s=compile_s, **extra)
 
 
+def dpo_lengths(args) -> tuple:
+    """(prompt, response) tokens per DPO row: --dpo_prompt_len (0 = seq // 2), --dpo_response_len
+    (0 = seq - prompt)."""
+    prompt = args.dpo_prompt_len or args.seq // 2
+    return prompt, args.dpo_response_len or max(args.seq - prompt, 1)
+
+
 def is_memory_entry(v) -> bool:
     return isinstance(v, dict) and "temp_mib" in v
 

@@ -34,7 +34,7 @@ import tokenizers
 import transformers
 import trl
 
-from bench.peer import entry, llama_config
+from bench.peer import dpo_lengths, entry, llama_config
 from configs import common
 from configs import dpo as dpo_configs
 from configs import grpo as grpo_configs
@@ -135,13 +135,6 @@ def grpo_trainer(model, tok, prompts: datasets.Dataset, args, *, group: int, new
         loss_type="grpo" if rl.aggregation == "seq_mean_token_mean" else "dapo")
     return trl.GRPOTrainer(model=model, reward_funcs=even_share, args=config, train_dataset=prompts,
                            processing_class=tok, callbacks=list(callbacks))
-
-
-def dpo_lengths(args) -> tuple:
-    """(prompt, response) tokens per DPO row: --dpo_prompt_len (0 = seq // 2), --dpo_response_len
-    (0 = seq - prompt)."""
-    prompt = args.dpo_prompt_len or args.seq // 2
-    return prompt, args.dpo_response_len or max(args.seq - prompt, 1)
 
 
 def trl_peer(args, cfg: ModelConfig, width: int, new: int, peak: float, names) -> dict:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.peer import compile_timed, entry, mb, median_time, memory_entry
+from bench.peer import compile_timed, dpo_lengths, entry, mb, median_time, memory_entry
 from configs import common
 from configs import dpo as dpo_configs
 from configs import grpo as grpo_configs
@@ -96,8 +96,7 @@ class Suite:
         self.new = args.new_tokens or max(args.seq - self.width, 2)
         self.fwd = flops_per_token(cfg, args.seq)  # per token, LM head included
         # The DPO entries' pairs: a prompt and two responses, each sequence prompt + response tokens.
-        self.dpo_prompt = args.dpo_prompt_len or args.seq // 2
-        self.dpo_response = args.dpo_response_len or max(args.seq - self.dpo_prompt, 1)
+        self.dpo_prompt, self.dpo_response = dpo_lengths(args)
         self.head = 2 * cfg.d_model * cfg.vocab_size
         self._params = None
         options = {"xla_backend_optimization_level": args.backend_opt_level} if args.backend_opt_level >= 0 else {}
