@@ -108,7 +108,7 @@ def link_stages(qs: Quickstart, workdir: str, trained=()):
             os.symlink(qs.stage(stage), link)
 
 
-def train_variant(qs: Quickstart, workdir: str, chain: dict) -> str:
+def train_variant(qs: Quickstart, workdir: str, chain: dict, train_files: dict | None = None) -> str:
     """Train the quickstart with some stages changed, in `workdir`; returns workdir.
 
     chain: stage -> {dotted field: value} overrides of config.<stage>, e.g.
@@ -117,21 +117,24 @@ def train_variant(qs: Quickstart, workdir: str, chain: dict) -> str:
     ai_feedback -> rlaif do): up to the first stage whose overrides change
     something, stages are the quickstart's own runs; from it on, every stage
     of the chain trains in workdir. Stages outside the chain are the
-    quickstart's. `<workdir>/<stage>` holds each stage either way, a
-    quickstart one as a symlink. A finished variant is not trained again.
+    quickstart's. train_files: stage -> the data file it trains on instead of
+    the quickstart's (`quickstart.run_stages`); such a stage counts as changed.
+    `<workdir>/<stage>` holds each stage either way, a quickstart one as a
+    symlink. A finished variant is not trained again.
     """
-    unknown = set(chain) - set(quickstart.STAGES)
+    train_files = train_files or {}
+    unknown = (set(chain) | set(train_files)) - set(quickstart.STAGES)
     if unknown:
         raise ValueError(f"no quickstart stage {sorted(unknown)}; stages: {quickstart.STAGES}")
     config = copy.deepcopy(qs.config)
     trained = set()
-    for stage in [s for s in quickstart.STAGES if s in chain]:
+    for stage in [s for s in quickstart.STAGES if s in chain or s in train_files]:
         before = config[stage].to_json_best_effort()
-        config[stage].update_from_flattened_dict(chain[stage])
-        if trained or config[stage].to_json_best_effort() != before:
+        config[stage].update_from_flattened_dict(chain.get(stage, {}))
+        if trained or stage in train_files or config[stage].to_json_best_effort() != before:
             trained.add(stage)
     link_stages(qs, workdir, trained)
-    quickstart.run_stages(config, workdir, qs.files)
+    quickstart.run_stages(config, workdir, qs.files, train_files)
     return workdir
 
 

@@ -4,14 +4,16 @@ large k (Yue et al. 2025, "Does reinforcement learning really incentivize reason
 capacity in LLMs beyond the base model?")?
 
 python -m experiments.pass_at_k --quickstart runs/quickstart --out experiments/results/pass_at_k \
-    [--seeds 0 1 2] [--n 256] [--steps 200] [--set rl.group_size=16 ...]
+    [--seeds 0 1 2] [--n 256] [--steps 200] [--tasks arithmetic] [--set rl.group_size=16 ...]
 Each policy draws n samples per held-out prompt (the evaluation's temperature 1); pass@k
 for k = 1, 2, 4, ..., n is Chen et al.'s unbiased estimate from those n, averaged over the
 prompts of each task. GRPO is the quickstart's `grpo` stage with reward.source=function
-(ptx.world:oracle_reward) trained for --steps iterations with the --set overrides, one
-run per seed, in <runs>/grpo_oracle[_<overrides>]_seed<S>.
+(ptx.world:oracle_reward) trained for --steps iterations with the --set overrides, on the SFT
+prompts of the --tasks kinds (default all), one run per seed, in
+<runs>/grpo_oracle[_<tasks>][_<overrides>]_seed<S>.
 """
 import json
+import os
 import sys
 
 import numpy as np
@@ -25,6 +27,20 @@ ORACLE = {"reward.source": "function", "reward.function": "ptx.world:oracle_rewa
 def ks_up_to(n: int) -> list[int]:
     """1, 2, 4, ... up to n, and n itself."""
     return sorted({2 ** i for i in range(int(np.log2(n)) + 1)} | {n})
+
+
+def task_prompts(qs: common.Quickstart, oracle, kinds: list[str], out: str) -> str:
+    """Writes the quickstart's SFT prompts of `kinds` (an RL stage's usual prompts, one kind's
+    subset) to `out`; returns it. ValueError for a kind the world does not have."""
+    unknown = set(kinds) - set(world.KINDS)
+    if unknown:
+        raise ValueError(f"--tasks {sorted(unknown)}: the world's tasks are {list(world.KINDS)}")
+    with open(qs.files["sft"]) as f:
+        rows = [json.loads(line) for line in f]
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        f.writelines(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows if oracle.kind_of(r["prompt"]) in kinds)
+    return out
 
 
 def correct_counts(ev: common.Evaluator, params, n: int, seed: int) -> np.ndarray:
@@ -49,6 +65,8 @@ def main(argv=None):
     args = common.parse_args("pass_at_k", argv, seeds=(0, 1, 2), options={
         "--n": dict(type=int, default=None, help="samples per prompt (default 256; 4 with --tiny)"),
         "--steps": dict(type=int, default=None, help="GRPO iterations (default 200; the quickstart's with --tiny)"),
+        "--tasks": dict(nargs="+", default=None, metavar="KIND",
+                        help="GRPO samples only the SFT prompts of these kinds (default all)"),
         "--set": dict(action="append", default=[], metavar="FIELD=VALUE",
                       help="a further override of the grpo stage, e.g. rl.group_size=16 (JSON values)")})
     n = args.n or (4 if args.tiny else 256)
@@ -59,20 +77,23 @@ def main(argv=None):
     steps = args.steps or (qs.config.grpo.train.steps if args.tiny else 200)
     ev = common.Evaluator(qs)
     kinds = [ev.oracle.kind_of(prompt) for prompt in ev.prompts]
+    name = "grpo_oracle" + "".join(f"_{a}" for a in (args.tasks or []) + args.set)
+    train_files = {"grpo": task_prompts(qs, ev.oracle, args.tasks, f"{args.runs}/{name}_prompts.jsonl")
+                   } if args.tasks else {}
     print(f"== SFT, {n} samples per prompt")
     counts = {"sft": correct_counts(ev, ev.params(), n, ev.seed).tolist(), "grpo": []}
     sft = curves(np.asarray(counts["sft"]), kinds, n)
     overrides = dict(ORACLE, **{"train.steps": steps},
                      **{k: json.loads(v) for k, v in (a.split("=", 1) for a in args.set)})
-    name = "grpo_oracle" + "".join(f"_{a}" for a in args.set)
     grpo = []
     for seed in args.seeds:
-        workdir = common.train_variant(qs, f"{args.runs}/{name}_seed{seed}", {"grpo": dict(overrides, seed=seed)})
+        workdir = common.train_variant(qs, f"{args.runs}/{name}_seed{seed}", {"grpo": dict(overrides, seed=seed)},
+                                       train_files)
         print(f"== GRPO (oracle reward), seed {seed}, {n} samples per prompt")
         counts["grpo"].append(correct_counts(ev, ev.params(f"{workdir}/grpo"), n, ev.seed).tolist())
         grpo.append(curves(np.asarray(counts["grpo"][-1]), kinds, n))
     ks = ks_up_to(n)
-    results = {"n_samples": n, "grpo_steps": steps, "grpo_overrides": overrides, "seeds": args.seeds, "ks": ks, "kinds": kinds, "counts": counts,
+    results = {"n_samples": n, "grpo_steps": steps, "grpo_overrides": overrides, "grpo_tasks": args.tasks or list(world.KINDS), "seeds": args.seeds, "ks": ks, "kinds": kinds, "counts": counts,
                "sft": sft,
                "grpo": {kind: {str(k): common.over_seeds([{"v": g[kind][k]} for g in grpo], ["v"])["v"] for k in ks}
                         for kind in sft}}
@@ -99,7 +120,8 @@ def main(argv=None):
         ax.set_xlabel("k")
     np.atleast_1d(axes)[0].set_ylabel("pass@k (held-out)")
     np.atleast_1d(axes)[0].legend(fontsize=8)
-    title = common.over_seeds_title(f"pass@k per task, {n} samples per prompt, GRPO {steps} iterations",
+    on = f" on {', '.join(args.tasks)}" if args.tasks else ""
+    title = common.over_seeds_title(f"pass@k per task, {n} samples per prompt, GRPO {steps} iterations{on}",
                                     args.seeds, "GRPO mean ± std")
     common.write_outputs(args.out, "pass_at_k", title, table, results, fig)
     return results

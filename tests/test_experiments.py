@@ -86,6 +86,23 @@ def test_pass_at_k_curves_follow_the_closed_form_from_the_sample_counts(quicksta
     assert checkpoint.resolve(str(runs / "grpo_oracle_seed1" / "grpo"))[1] == results["grpo_steps"]
 
 
+def test_pass_at_k_trains_grpo_on_the_prompts_of_the_chosen_tasks_only(quickstart, tmp_path):
+    results, runs = run(pass_at_k, "pass_at_k", quickstart, tmp_path, "--n", "2", "--seeds", "0", "--tasks", "arithmetic")
+    assert results["grpo_tasks"] == ["arithmetic"]
+    c = stage_config(runs / "grpo_oracle_arithmetic_seed0", "grpo")
+    assert c["data"]["train"] == str(runs / "grpo_oracle_arithmetic_prompts.jsonl")
+    w = world.World(world.WorldConfig(seed=0))
+    sft = [json.loads(line)["prompt"] for line in open(os.path.join(quickstart[0], "world", "sft.jsonl"))]
+    rows = [json.loads(line) for line in open(c["data"]["train"])]
+    assert [r["prompt"] for r in rows] == [p for p in sft if w.kind_of(p) == "arithmetic"] and rows
+    assert checkpoint.resolve(str(runs / "grpo_oracle_arithmetic_seed0" / "grpo"))[1] == results["grpo_steps"]
+    # The other stages are the quickstart's own.
+    assert os.path.realpath(runs / "grpo_oracle_arithmetic_seed0" / "sft") == os.path.join(quickstart[0], "sft")
+    with pytest.raises(ValueError, match="tasks are"):
+        pass_at_k.main(["--quickstart", quickstart[0], "--out", str(tmp_path / "o2"), "--runs", str(runs),
+                        "--tiny", "--n", "2", "--tasks", "algebra"])
+
+
 def test_distinct_n_counts_repeated_bigrams_once():
     assert sampling.distinct_n(["a b c", "a b c"], 2) == 0.5
     assert sampling.distinct_n(["a b", "c d"], 2) == 1.0

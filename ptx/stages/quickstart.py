@@ -71,8 +71,9 @@ def human_feedback(w: world.World, workdir: str, files: dict, ai_dir: str, seed:
     return paths
 
 
-def run_stages(config, workdir: str, files: dict) -> dict:
-    """Train every stage in order; returns stage -> workdir."""
+def run_stages(config, workdir: str, files: dict, train_files: dict | None = None) -> dict:
+    """Train every stage in order; returns stage -> workdir. train_files: stage -> the data file
+    it trains on instead of its usual one (an experiment's prompt subset, say)."""
     dirs = {name: os.path.join(workdir, name) for name in STAGES}
     w = common.make_world(config)
     human = os.path.join(workdir, "human_feedback", "train.jsonl")
@@ -86,6 +87,7 @@ def run_stages(config, workdir: str, files: dict) -> dict:
               # Online DPO and GSPO sample the RL prompts; KTO and ORPO learn from DPO's comparisons.
               "online_dpo": (files["sft"], ""), "gspo": (files["sft"], ""),
               "kto": (human, files["preference_heldout"]), "orpo": (human, files["preference_heldout"])}
+    inputs.update({name: (path, inputs[name][1]) for name, path in (train_files or {}).items()})
     parents = {"sft": "pretrain", "judge": "pretrain", "reward": "sft", "dpo": "sft", "ppo": "sft",
                "grpo": "sft", "rlaif": "sft", "online_dpo": "sft", "kto": "sft", "orpo": "sft", "gspo": "sft"}
     for name in stages_of(config):
