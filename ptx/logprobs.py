@@ -1,8 +1,9 @@
 """What every loss reads of the LM head: log-probabilities of target tokens (and entropy, argmax).
 
-One forward to the final hidden states, then the head: over the whole batch at
-once when its [batch, seq, vocab] logits fit one chunk of `chunk_tokens(cfg)`
-tokens (the path of the plain forward, bit for bit), else chunk by chunk with
+One forward to the final hidden states, then the head on the columns a loss
+reads: in the forward when their [batch, n, vocab] logits fit one chunk of
+`chunk_tokens(cfg)` tokens (the plain forward's logits bit for bit when n is
+every column), else chunk by chunk with
 `losses.chunked_token_logprobs`, whose largest buffers forward and backward are
 one chunk's logits and their gradient (equal within float tolerance).
 """
@@ -46,14 +47,16 @@ def token_stats(model: Transformer, params, tokens, positions, segment_ids, targ
     also compute them (else None). Columns outside the range reach no head.
     """
     cfg = model.cfg
-    b, t = tokens.shape
+    b = tokens.shape[0]
     n = targets.shape[1]
     chunk = chunk_tokens(cfg)
-    whole = b * t <= chunk  # the plain forward's logits fit one chunk
-    out = model.apply({"params": params}, tokens, positions, segment_ids, branch_ids=branch_ids, logits=whole)
-    values = None if out.values is None else out.values[:, start:start + n]
+    whole = b * n <= chunk  # the read columns' logits fit one chunk
+    cols = slice(start, start + n)
+    out = model.apply({"params": params}, tokens, positions, segment_ids, branch_ids=branch_ids,
+                      logits=cols if whole else False)
+    values = None if out.values is None else out.values[:, cols]
     if whole:
-        logits = out.logits[:, start:start + n]
+        logits = out.logits
         return TokenStats(logps=losses.token_logprobs(logits, targets),
                           entropy=losses.token_entropy(logits) if entropy else None,
                           argmax=losses.argmax(logits) if argmax else None, values=values)
@@ -61,7 +64,7 @@ def token_stats(model: Transformer, params, tokens, positions, segment_ids, targ
     # XLA's CPU backend computes a bfloat16 product in float32 anyway, through float32
     # copies of its operands (here the whole head): take the float32 head as it is.
     dtype = jnp.float32 if jax.default_backend() == "cpu" else None
-    res = losses.chunked_token_logprobs(out.hidden[:, start:start + n], head, targets, vocab_major=vocab_major,
+    res = losses.chunked_token_logprobs(out.hidden[:, cols], head, targets, vocab_major=vocab_major,
                                         chunk_size=chunk, entropy=entropy, argmax=argmax, dtype=dtype)
     res = res if isinstance(res, tuple) else (res,)
     ent = res[1] if entropy else None

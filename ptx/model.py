@@ -298,8 +298,10 @@ class Transformer(nn.Module):
         (scan_layers=False: `unstack_cache` of it), written at slot
         `cache_index` (int32 scalar). logits: True for the LM
         head at every position, "last" for the last column only ([batch, 1,
-        vocab]: a prefill needs no more), False to skip it (reward model, or
-        `Output.hidden` and `lm_head` into `losses.chunked_token_logprobs`).
+        vocab]: a prefill needs no more), a slice of columns for those alone
+        ([batch, len, vocab]: a loss on the response columns), False to skip it
+        (reward model, or `Output.hidden` and `lm_head` into
+        `losses.chunked_token_logprobs`).
         """
         cfg = self.cfg
         b, t = tokens.shape
@@ -368,7 +370,7 @@ class Transformer(nn.Module):
         hidden = _norm(cfg, "final_norm")(x)
         out_logits = None
         if logits:
-            head_in = hidden[:, -1:] if logits == "last" else hidden
+            head_in = hidden[:, logits] if isinstance(logits, slice) else hidden[:, -1:] if logits == "last" else hidden
             flat = head_in.reshape(-1, cfg.d_model)  # one token axis for the weight gradient (see Block)
             if cfg.tie_embeddings:
                 out_logits = embed.attend(flat)

@@ -139,3 +139,17 @@ def test_chunked_sft_step_keeps_no_vocabulary_sized_buffer():
 
     logits_bytes = 8 * 128 * 32768 * 4
     assert temp_bytes(WHOLE) >= logits_bytes > 3 * temp_bytes(128)
+
+
+def test_the_lm_head_reads_only_the_completion_columns():
+    """Compiled only: rows of 120 prompt and 8 completion columns over 32,768 words. All columns'
+    float32 logits would be 128 MiB; the unchunked path holds the completion's 8 MiB."""
+    cfg = CFG.replace(vocab_size=32768, n_layers=1, loss_chunk=WHOLE)
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+    b, width, n = 8, 120, 8
+    ids = lambda t: jax.ShapeDtypeStruct((b, t), jnp.int32)
+    seq = {"tokens": ids(width + n), "positions": ids(width + n), "segment_ids": ids(width + n), "completion": ids(n)}
+    fn = jax.grad(lambda p, s: rollout.response_forward(Transformer(cfg), p, s, width)[0].sum())
+    temp = jax.jit(fn).lower(params, seq).compile().memory_analysis().temp_size_in_bytes
+    all_logits = b * (width + n) * cfg.vocab_size * 4
+    assert temp < all_logits / 4
