@@ -226,12 +226,19 @@ def encode_preference(rows: Sequence[dict], tok: Tokenizer | HFTokenizer, *, max
 def pair_arrays(chosen: Sequence[tuple[list[int], list[int]]], rejected: Sequence[tuple[list[int], list[int]]],
                 *, max_len: int, pad_id: int, shared_prefix: bool = False) -> dict[str, np.ndarray]:
     """(seq, trained flags) of each pair's sides, at most max_len + 1 ids each -> two aligned
-    sequence batches [N, max_len] ('chosen_inputs', ..., 'rejected_loss_mask'), or with
-    shared_prefix one row per pair (`_shared_rows`)."""
+    sequence batches ('chosen_inputs', ..., 'rejected_loss_mask'), or with shared_prefix one
+    row per pair (`_shared_rows`). Inputs, positions and segment ids are [N, max_len];
+    targets and loss masks [N, max_len - s], the last columns: the s before are prompt
+    in every row of both sides, and the LM head never reads them (`steps.pair_logps`)."""
     if shared_prefix:
         return _shared_rows(chosen, rejected, pad_id)
-    return {f"{side}_{k}": v for side, docs in (("chosen", chosen), ("rejected", rejected))
-            for k, v in _to_arrays(docs, max_len, pad_id, pack=False).items()}
+    out = {f"{side}_{k}": v for side, docs in (("chosen", chosen), ("rejected", rejected))
+           for k, v in _to_arrays(docs, max_len, pad_id, pack=False).items()}
+    trained = out["chosen_loss_mask"].any(axis=0) | out["rejected_loss_mask"].any(axis=0)
+    s = int(np.argmax(trained)) if trained.any() else 0
+    for key in ("chosen_targets", "chosen_loss_mask", "rejected_targets", "rejected_loss_mask"):
+        out[key] = out[key][:, s:]
+    return out
 
 
 def _shared_rows(chosen: Sequence[tuple[list[int], list[int]]], rejected: Sequence[tuple[list[int], list[int]]],

@@ -44,14 +44,12 @@ class OnlineConfig:
 
 def sequence_batch(seq: dict, rows) -> dict:
     """Rollout rows `rows` of the host batch `seq` (tokens / positions / segment_ids [b, P + N],
-    completion / mask [b, N]) as a DPO sequence batch: inputs / targets / positions /
-    segment_ids [n, P + N - 1] int32 and loss_mask [n, P + N - 1] float32, 1 on the completion."""
-    width = seq["tokens"].shape[1] - seq["completion"].shape[1]
+    completion / mask [b, N]) as a DPO sequence batch: inputs / positions / segment_ids
+    [n, P + N - 1] int32, and the completion's columns (the last N): targets [n, N] int32 and
+    loss_mask [n, N] float32 (`steps.pair_logps`)."""
     tokens = seq["tokens"][rows]
-    mask = seq["mask"][rows]
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": seq["positions"][rows, :-1],
-            "segment_ids": seq["segment_ids"][rows, :-1],
-            "loss_mask": np.concatenate([np.zeros((len(tokens), width - 1), np.float32), mask], axis=1)}
+    return {"inputs": tokens[:, :-1], "targets": seq["completion"][rows], "positions": seq["positions"][rows, :-1],
+            "segment_ids": seq["segment_ids"][rows, :-1], "loss_mask": seq["mask"][rows]}
 
 
 def preference_batch(seq: dict, scores: np.ndarray, group_size: int) -> tuple[dict, np.ndarray]:

@@ -142,8 +142,10 @@ def reward_loss_fn(model: Transformer, params, batch, frozen=None, *, center_coe
 def pair_logps(model: Transformer, params, batch):
     """Summed response log-probs of chosen and rejected ([b] f32 each) and response lengths.
 
-    batch: two rows per pair (chosen_* and rejected_* sequence arrays), or with
-    'branch_ids' one shared-prefix row per pair (`data.pair_arrays`): inputs /
+    batch: two rows per pair (chosen_* and rejected_* sequence arrays: inputs /
+    positions / segment_ids [b, t] int32, targets [b, n] int32 and loss_mask [b, n]
+    float32 of the last n columns), or with 'branch_ids' one shared-prefix row per
+    pair (`data.pair_arrays`): inputs /
     positions / segment_ids / branch_ids [b, t] int32, then targets [b, n] int32
     and chosen_loss_mask / rejected_loss_mask [b, n] float32 of the last n
     columns, the responses' (a chunked LM head reads only those columns).
@@ -156,7 +158,8 @@ def pair_logps(model: Transformer, params, batch):
         return (tuple(losses.sequence_logps(logps, m) for m in masks),
                 tuple(jnp.maximum(m.sum(-1), 1.0) for m in masks))
     pair = _pair_batch(batch)
-    seq = losses.sequence_logps(_token_stats(model, params, pair).logps, pair["loss_mask"])
+    start = pair["inputs"].shape[1] - pair["targets"].shape[1]
+    seq = losses.sequence_logps(_token_stats(model, params, pair, start=start).logps, pair["loss_mask"])
     lengths = jnp.maximum(pair["loss_mask"].sum(-1), 1.0)
     return jnp.split(seq, 2), jnp.split(lengths, 2)
 

@@ -405,8 +405,11 @@ def test_shared_prefix_rows_hold_each_side_as_its_own_row_does(tok):
                 np.testing.assert_array_equal(shared[k][r][cols], pairs[f"{side}_{k}"][r][real])
             own = shared["branch_ids"][r, prefix:] == branch
             n = own.sum()
-            np.testing.assert_array_equal(shared["targets"][r][own], pairs[f"{side}_targets"][r][real][-n:])
-            np.testing.assert_array_equal(shared[f"{side}_loss_mask"][r][own], pairs[f"{side}_loss_mask"][r][real][-n:])
+            # The two-row targets are those of its last columns (`pair_arrays`).
+            real_targets = real[real.size - pairs[f"{side}_targets"].shape[1]:]
+            np.testing.assert_array_equal(shared["targets"][r][own], pairs[f"{side}_targets"][r][real_targets][-n:])
+            np.testing.assert_array_equal(shared[f"{side}_loss_mask"][r][own],
+                                          pairs[f"{side}_loss_mask"][r][real_targets][-n:])
             assert shared[f"{side}_loss_mask"][r].sum() == pairs[f"{side}_loss_mask"][r].sum()
 
 

@@ -28,10 +28,11 @@ def test_preference_batch_pairs_the_best_and_worst_sample_of_each_group_from_the
     batch, tied = online.preference_batch(seq, np.array([0.2, 0.9, 0.1, 0.5, 0.5, 0.5]), 3)
     np.testing.assert_array_equal(tied, [False, True])
     np.testing.assert_array_equal(batch["chosen_inputs"][0], [0, 1, 5, 12])
-    np.testing.assert_array_equal(batch["chosen_targets"][0], [1, 5, 12, 0])
-    np.testing.assert_array_equal(batch["chosen_loss_mask"][0], [0, 0, 1, 0])
-    np.testing.assert_array_equal(batch["rejected_targets"][0], [1, 5, 13, 14])
-    np.testing.assert_array_equal(batch["rejected_loss_mask"][0], [0, 0, 1, 1])
+    # Targets and loss masks of the completion's columns (inputs 2 and 3) alone.
+    np.testing.assert_array_equal(batch["chosen_targets"][0], [12, 0])
+    np.testing.assert_array_equal(batch["chosen_loss_mask"][0], [1, 0])
+    np.testing.assert_array_equal(batch["rejected_targets"][0], [13, 14])
+    np.testing.assert_array_equal(batch["rejected_loss_mask"][0], [1, 1])
     np.testing.assert_array_equal(batch["rejected_segment_ids"][0], [0, 1, 1, 1])
     assert batch["prob_chosen"].tolist() == [1.0, 1.0]
 

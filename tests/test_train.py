@@ -203,6 +203,31 @@ def two_row_and_shared_pairs():
     return two, shared
 
 
+def test_two_row_pairs_drop_the_prompt_columns_of_every_row_and_keep_the_log_probs():
+    """Targets and loss masks start at the first column any row trains on (a 3-id prompt: column
+    2); the summed log-probs equal the plain forward's log-softmax at each side's trained targets."""
+    rng = np.random.default_rng(1)
+    docs = {"chosen": [], "rejected": []}
+    for prompt, n_chosen, n_rejected in ((5, 4, 9), (3, 6, 2), (9, 3, 3)):
+        head = [int(i) for i in rng.integers(3, 200, prompt)]
+        for side, n in (("chosen", n_chosen), ("rejected", n_rejected)):
+            docs[side].append((head + [int(i) for i in rng.integers(3, 200, n)], [0] * prompt + [1] * n))
+    two = data.pair_arrays(docs["chosen"], docs["rejected"], max_len=24, pad_id=0)
+    assert two["chosen_inputs"].shape == (3, 24)
+    for key in ("chosen_targets", "chosen_loss_mask", "rejected_targets", "rejected_loss_mask"):
+        assert two[key].shape == (3, 22), key
+    cfg = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
+    m = Transformer(cfg)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    (got_chosen, got_rejected), lengths = jax.jit(functools.partial(steps.pair_logps, m))(params, two)
+    for side, got, n in (("chosen", got_chosen, lengths[0]), ("rejected", got_rejected, lengths[1])):
+        for r, (seq, trained) in enumerate(docs[side]):
+            logp = np.asarray(jax.nn.log_softmax(m.apply({"params": params}, np.asarray([seq[:-1]])).logits[0]))
+            want = sum(logp[j, seq[j + 1]] for j in range(len(seq) - 1) if trained[j + 1])
+            np.testing.assert_allclose(got[r], want, rtol=1e-5)
+            assert n[r] == sum(trained[1:])
+
+
 @pytest.mark.parametrize("model", [dict(attention="xla"), dict(attention="blockwise", attention_block_q=8,
                                                                  attention_block_k=16, remat="full"),
                                    dict(sliding_window=4)], ids=["xla", "blockwise", "window"])
