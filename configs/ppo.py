@@ -65,6 +65,9 @@ def rl_config(arg=None, stage="ppo"):
     c.rl.dynamic_max_retries = 3  # extra prompt batches per iteration; then dropped groups fill the rest
     c.rl.overlong_buffer = 0  # DAPO: penalty over the last N tokens before max_new_tokens; 0 = off
     c.rl.overlong_penalty = 1.0  # the penalty at max_new_tokens (falls linearly from 0 over the buffer)
+    # group_size > 1: each group's policy / reference forwards are one row that reads its prompt once
+    # (branch ids, as DPO's shared prefix); minibatches then hold whole groups
+    c.rl.shared_prefix = False
     return c
 
 

@@ -63,6 +63,8 @@ class RLConfig:
     dynamic_max_retries: int = 3  # extra prompt batches an iteration may draw; then dropped groups fill the rest
     overlong_buffer: int = 0  # DAPO: penalty over the last N tokens before max_new_tokens; 0 = off
     overlong_penalty: float = 1.0  # the penalty at max_new_tokens, falling linearly from 0
+    # Forwards of a group as one row, its prompt read once (`group_rows`); minibatches of whole groups.
+    shared_prefix: bool = False
 
     def __post_init__(self):
         for name in ("rollout_batch", "group_size", "max_new_tokens", "num_epochs", "minibatch_size"):
@@ -88,6 +90,9 @@ class RLConfig:
         if not 0 <= self.overlong_buffer <= self.max_new_tokens:
             raise ValueError(f"rl.overlong_buffer={self.overlong_buffer} must be in [0, rl.max_new_tokens="
                              f"{self.max_new_tokens}]")
+        if self.shared_prefix and (self.group_size < 2 or self.minibatch_size % self.group_size):
+            raise ValueError(f"rl.shared_prefix reads each group's prompt once: it needs rl.group_size >= 2 "
+                             f"(got {self.group_size}) dividing rl.minibatch_size={self.minibatch_size}")
         if self.temperature < 0 or not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
             raise ValueError(f"rl sampling: temperature={self.temperature} must be >= 0, top_p={self.top_p} "
                              f"in (0, 1], top_k={self.top_k} >= 0")
@@ -96,6 +101,11 @@ class RLConfig:
     def needs_reference(self) -> bool:
         """Whether a KL term (in the reward, in the loss, or the adaptive controller) reads the reference."""
         return self.kl_coef != 0 or self.adaptive_kl
+
+    @property
+    def shared_group(self) -> int:
+        """Rows per shared-prefix row of the policy and reference forwards: group_size, or 1 (none)."""
+        return self.group_size if self.shared_prefix else 1
 
     @property
     def critic_kind(self) -> str:
@@ -144,17 +154,54 @@ def policy_params(params, frozen, lora_cfg=None):
     return lora.apply(frozen, params["policy"], lora_cfg, dtype=jnp.float32)
 
 
-def response_forward(model, params, seq: dict, width: int, *, entropy: bool = True):
+def group_rows(seq: dict, width: int, group_size: int) -> dict:
+    """Rollout rows as one shared-prefix row per group (`ptx.attention`'s branch ids).
+
+    seq: tokens / positions / segment_ids [b, P + N] int32 in the rollout layout
+    (prompts end at column P - 1), `group_size` (g) consecutive rows per prompt.
+    Returns tokens / positions / segment_ids / branch_ids [b / g, P - 1 + g N]
+    int32: the prompt less its last id (branch 0, seen by all), then each
+    completion's N inputs (branch k = 1..g: that last prompt id, which predicts
+    the completion's first token, and its first N - 1 tokens) with the positions
+    of its own row. Column P - 1 + k N + j predicts row k's completion token j.
+    """
+    b, t = seq["tokens"].shape
+    n = t - width
+    rows = b // group_size
+
+    def fold(x):
+        prefix = x[::group_size, :width - 1]
+        branches = x[:, width - 1:t - 1].reshape(rows, group_size * n)
+        return jnp.concatenate([prefix, branches], axis=1)
+
+    out = {k: fold(seq[k]) for k in ("tokens", "positions", "segment_ids")}
+    branch = jnp.repeat(jnp.arange(1, group_size + 1, dtype=jnp.int32), n)
+    out["branch_ids"] = jnp.broadcast_to(jnp.concatenate([jnp.zeros((width - 1,), jnp.int32), branch]),
+                                         out["tokens"].shape)
+    return out
+
+
+def response_forward(model, params, seq: dict, width: int, *, entropy: bool = True, group_size: int = 1):
     """Log-probs and entropy of the completion tokens, and values if the model has a scalar head.
 
     Returns (logps [b, N] f32, entropy [b, N] f32 (None without `entropy`),
     values [b, N] f32 or None); values[j] is the estimate before token j is
     emitted. The LM head reads only the completion's columns, chunked over the
-    vocabulary when they are many (`logprobs.token_stats`).
+    vocabulary when they are many (`logprobs.token_stats`). group_size > 1:
+    one forward row per group of consecutive rows (`group_rows`), each prompt
+    read once; the same values within float tolerance.
     """
-    stats = logprobs.token_stats(model, params, seq["tokens"], seq["positions"], seq["segment_ids"],
-                                 seq["completion"], start=width - 1, entropy=entropy)
-    return stats.logps, stats.entropy, stats.values
+    if group_size == 1:
+        stats = logprobs.token_stats(model, params, seq["tokens"], seq["positions"], seq["segment_ids"],
+                                     seq["completion"], start=width - 1, entropy=entropy)
+        return stats.logps, stats.entropy, stats.values
+    rows = group_rows(seq, width, group_size)
+    b, n = seq["completion"].shape
+    stats = logprobs.token_stats(model, params, rows["tokens"], rows["positions"], rows["segment_ids"],
+                                 seq["completion"].reshape(b // group_size, group_size * n),
+                                 branch_ids=rows["branch_ids"], start=width - 1, entropy=entropy)
+    unfold = lambda x: None if x is None else x.reshape(b, n)
+    return unfold(stats.logps), unfold(stats.entropy), unfold(stats.values)
 
 
 def response_values(model, params, seq: dict, width: int):
@@ -191,14 +238,16 @@ def prepare(params, ref_params, seq: dict, scores, kl_coef, *, policy_model, cri
         values = (response_values(policy_model, params["policy"], seq, width)
                   if policy_model.cfg.scalar_head and "critic" not in params else None)
     else:
-        logps, entropy, values = response_forward(policy_model, params["policy"], seq, width)
+        logps, entropy, values = response_forward(policy_model, params["policy"], seq, width,
+                                                  group_size=rl_cfg.shared_group)
     if "critic" in params:
         values = response_values(critic_model, params["critic"], seq, width)
     ref = {}
     if rl_cfg.needs_reference:
         # The reference is the SFT trunk: no value head even when the policy carries one.
         ref_model = Transformer(policy_model.cfg.replace(scalar_head=False))
-        ref["ref_logps"], _, _ = response_forward(ref_model, ref_params, seq, width, entropy=False)
+        ref["ref_logps"], _, _ = response_forward(ref_model, ref_params, seq, width, entropy=False,
+                                                  group_size=rl_cfg.shared_group)
         kl = losses.kl_penalty(logps, ref["ref_logps"], rl_cfg.kl_estimator) * mask
     else:
         kl = jnp.zeros_like(mask)  # no KL term: the reference forward is skipped
@@ -247,7 +296,8 @@ def rl_loss_fn(params, batch, frozen=None, *, policy_model, critic_model, width:
     """
     mask = batch["mask"]
     policy = policy_params(params, frozen, lora_cfg)
-    logps, entropy, values = response_forward(policy_model, policy, batch, width, entropy=bool(rl_cfg.ent_coef))
+    logps, entropy, values = response_forward(policy_model, policy, batch, width, entropy=bool(rl_cfg.ent_coef),
+                                              group_size=rl_cfg.shared_group)
     loss, metrics = losses.ppo_policy_loss(
         logps, batch["old_logps"], batch["advantages"], mask, clip_eps=rl_cfg.clip_eps,
         clip_eps_high=rl_cfg.clip_eps_high or None, aggregation=rl_cfg.aggregation, ratio_level=rl_cfg.ratio_level)
@@ -266,6 +316,14 @@ def rl_loss_fn(params, batch, frozen=None, *, policy_model, critic_model, width:
         loss = loss + rl_cfg.vf_coef * v_loss
         metrics.update(v_metrics)
     return loss, metrics
+
+
+def update_order(rows: int, rl_cfg: RLConfig, rng: np.random.Generator) -> np.ndarray:
+    """[rows] int: one epoch's order of the rollout's rows, cut into minibatches in turn. A
+    permutation of rows, or with rl.shared_prefix of whole groups (each minibatch then holds
+    whole groups, their rows consecutive, as `group_rows` reads them)."""
+    g = rl_cfg.shared_group
+    return (rng.permutation(rows // g)[:, None] * g + np.arange(g)).reshape(-1) if g > 1 else rng.permutation(rows)
 
 
 def fill_groups(draws, groups: int, group_size: int) -> tuple[dict, dict]:

@@ -1,4 +1,5 @@
 """PPO / GRPO / RLOO: first-minibatch ratio, zero KL at the reference, learning a known reward."""
+import dataclasses
 import json
 import os
 
@@ -10,8 +11,8 @@ from configs import dapo as dapo_config
 from configs import grpo as grpo_config
 from configs import gspo as gspo_config
 from configs import ppo as ppo_config
-from ptx import losses, rollout, sampler, sharding
-from ptx.model import Transformer
+from ptx import losses, rollout, sampler, sharding, steps
+from ptx.model import ModelConfig, Transformer, init_params
 from ptx.stages import common, rl
 
 
@@ -214,3 +215,66 @@ def test_dynamic_sampling_keeps_a_batch_with_signal_and_overlong_shaping_is_adde
     assert row["dynamic/draws"] == 1 and row["dynamic/filled_groups"] == 0
     want = np.mean(LETTER_SCORES) - row["response_length"] / c.rl.max_new_tokens
     np.testing.assert_allclose(row["objective/scores"], want, rtol=1e-5)
+
+
+def grouped_rollout(seed=0, groups=3, g=4, width=6, n=5, vocab=97):
+    """Rollout-layout rows (`steps.join_prompt_completion`): `groups` prompts of different lengths,
+    each repeated over its g consecutive completions, some ended early (padding after them)."""
+    rng = np.random.default_rng(seed)
+    lens = np.repeat(np.array([width, 2, 4][:groups], np.int32), g)
+    prompts = np.repeat(rng.integers(1, vocab, (groups, width)).astype(np.int32), g, axis=0)
+    prompts[np.arange(width)[None, :] >= lens[:, None]] = 0
+    completion = rng.integers(1, vocab, (groups * g, n)).astype(np.int32)
+    completion_lens = rng.integers(1, n + 1, groups * g).astype(np.int32)
+    completion[np.arange(n)[None, :] >= completion_lens[:, None]] = 0
+    seq = steps.join_prompt_completion(prompts, lens, completion, completion_lens)
+    return {k: np.asarray(v) for k, v in seq.items()}
+
+
+@pytest.mark.parametrize("model", [dict(), dict(attention="blockwise", attention_block_q=8, attention_block_k=8),
+                                   dict(loss_chunk=7, tie_embeddings=False)], ids=["xla", "blockwise", "chunked"])
+def test_a_group_as_one_shared_prefix_row_gives_each_row_s_log_probs_entropy_values_and_gradients(model):
+    """response_forward with group_size (one row per group, the prompt read once) against one row
+    per completion, on the live tokens; and the GRPO loss's gradients with rl.shared_prefix."""
+    cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, scalar_head=True,
+                      **model)
+    m = Transformer(cfg)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    seq, width = grouped_rollout(), 6
+    rows = rollout.group_rows(seq, width, 4)
+    assert rows["tokens"].shape == (3, width - 1 + 4 * 5)
+    mask = seq["mask"]
+    shared = jax.jit(lambda p, s: rollout.response_forward(m, p, s, width, group_size=4))(params, seq)
+    plain = jax.jit(lambda p, s: rollout.response_forward(m, p, s, width))(params, seq)
+    for a, b in zip(shared, plain):
+        np.testing.assert_allclose(np.asarray(a) * mask, np.asarray(b) * mask, atol=2e-5)
+    rng = np.random.default_rng(1)
+    batch = dict(seq, old_logps=np.asarray(plain[0]) - 0.05 * rng.random(mask.shape, np.float32),
+                 ref_logps=np.asarray(plain[0]) + 0.05 * rng.random(mask.shape, np.float32),
+                 advantages=rng.normal(size=mask.shape).astype(np.float32) * mask,
+                 kl_coef=np.full((12,), 0.04, np.float32))
+    grpo = common.rl_config(grpo_config.get_config("tiny"))
+    grads = {}
+    for on in (True, False):
+        rl_cfg = dataclasses.replace(grpo, shared_prefix=on, ent_coef=0.01)
+        loss = lambda p: rollout.rl_loss_fn({"policy": p}, batch, policy_model=m, critic_model=None, width=width,
+                                            rl_cfg=rl_cfg)[0]
+        grads[on] = jax.jit(jax.value_and_grad(loss))(params)
+    np.testing.assert_allclose(grads[True][0], grads[False][0], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6), grads[True][1], grads[False][1])
+
+
+def test_shared_prefix_minibatches_hold_whole_groups_and_bad_settings_are_named():
+    grpo = common.rl_config(grpo_config.get_config("tiny"))
+    assert grpo.shared_prefix and grpo.shared_group == grpo.group_size == 4
+    order = rollout.update_order(24, grpo, np.random.default_rng(0))
+    assert sorted(order) == list(range(24))
+    blocks = order.reshape(-1, 4)
+    assert (blocks[:, 0] % 4 == 0).all() and (np.diff(blocks, axis=1) == 1).all()
+    plain = dataclasses.replace(grpo, shared_prefix=False)
+    np.testing.assert_array_equal(rollout.update_order(24, plain, np.random.default_rng(0)),
+                                  np.random.default_rng(0).permutation(24))
+    with pytest.raises(ValueError, match="shared_prefix"):
+        dataclasses.replace(grpo, rollout_batch=3, minibatch_size=6)  # 12 rows, minibatches of 1.5 groups
+    with pytest.raises(ValueError, match="shared_prefix"):
+        dataclasses.replace(common.rl_config(ppo_config.get_config("tiny")), shared_prefix=True)

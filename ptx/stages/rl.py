@@ -196,7 +196,7 @@ def _run(config, workdir: str, mesh, source: common.InitSource, rl: rollout.RLCo
             roll, roll_metrics = sharding.gather((roll, roll_metrics))
             history = []
             for epoch in range(rl.num_epochs):
-                perm = np.random.default_rng([config.seed, it, epoch]).permutation(b)
+                perm = rollout.update_order(b, rl, np.random.default_rng([config.seed, it, epoch]))
                 for i in range(0, b, rl.minibatch_size):
                     idx = perm[i:i + rl.minibatch_size]
                     state, m = update(state, sharding.put_global({k: v[idx] for k, v in roll.items()}, mesh), frozen)
