@@ -32,22 +32,31 @@ def stop_ids(tok: Tokenizer, stops) -> tuple:
 
 
 class Sampler:
-    """`generate` compiled once for a policy, a batch size and static settings."""
+    """`generate` compiled once for a policy, a batch size and static settings.
 
-    def __init__(self, policy: Policy, *, batch_size: int, max_new_tokens: int, stops=(), keep_stop=False):
+    group_size: the rows come in groups of that many consecutive copies of one
+    prompt (n samples per prompt), each group's prompt prefilled once; the
+    samples are those of prefilling every copy. 1 if it does not divide
+    batch_size.
+    """
+
+    def __init__(self, policy: Policy, *, batch_size: int, max_new_tokens: int, stops=(), keep_stop=False,
+                 group_size: int = 1):
         sharding.check_batch(policy.mesh, batch_size, "sampling batch_size")
         self.policy, self.batch_size = policy, batch_size
+        self.group_size = group_size if group_size > 0 and batch_size % group_size == 0 else 1
         self.fn = sampler.make_generate_fn(policy.cfg, max_new_tokens=max_new_tokens,
                                            eos_id=policy.tok.eos_ids, pad_id=policy.tok.pad_id,
                                            stop_sequences=stop_ids(policy.tok, stops), keep_stop=keep_stop,
-                                           n_tokens=policy.tok.vocab_size)
+                                           n_tokens=policy.tok.vocab_size, group_size=self.group_size)
         self.build = jax.jit(lambda t, n, out: rollout.build_sequences(t, n, out, pad_id=policy.tok.pad_id))
 
     def __call__(self, prompt_tokens, prompt_lens, seed: int, *, params=None, temperature=1.0, top_k=0,
                  top_p=1.0, min_p=0.0):
         """Sample every row (chunks of batch_size; the last is padded by repetition).
 
-        prompt_tokens: [n, P] int32 right-padded; prompt_lens: [n] int32.
+        prompt_tokens: [n, P] int32 right-padded; prompt_lens: [n] int32; with
+        group_size, n a multiple of it and each group's rows copies of one prompt.
         Row i draws with key fold_in(PRNGKey(seed), i), so results do not
         depend on the batch size. Returns a list of dicts per chunk with the
         host arrays (tokens, lengths, finish_reason, logprobs) and the

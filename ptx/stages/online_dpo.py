@@ -60,7 +60,7 @@ def _run(config, workdir: str, mesh, source: common.InitSource, dpo: steps.DPOCo
         out_shardings=(state_sh, sharding.replicated(mesh)), donate_state=True)
     # One sampler call per draw, on whatever parameters it is handed: the current policy's.
     smp = inference.Sampler(inference.Policy(cfg, ref, tok, mesh), batch_size=o.rollout_batch * o.group_size,
-                            max_new_tokens=o.max_new_tokens)
+                            max_new_tokens=o.max_new_tokens, group_size=o.group_size)
     ref_logps = jax.jit(lambda p, seq: steps.completion_logps(model, p, seq), out_shardings=sharding.replicated(mesh))
     prompts_it = data.BatchIterator(arrays, o.rollout_batch, seed=config.seed)
 

@@ -41,7 +41,7 @@ def run(config, workdir: str) -> str:
     tokens = np.repeat(arrays["prompt_tokens"], s.num_samples, axis=0)
     lens = np.repeat(arrays["prompt_lens"], s.num_samples, axis=0)
     smp = inference.Sampler(policy, batch_size=config.batch_size, max_new_tokens=s.max_new_tokens,
-                            stops=list(s.stop), keep_stop=s.keep_stop)
+                            stops=list(s.stop), keep_stop=s.keep_stop, group_size=s.num_samples)
     chunks = smp(tokens, lens, config.seed, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                  min_p=s.min_p)
     texts = smp.texts(chunks)
