@@ -263,7 +263,8 @@ class Suite:
                           tokens=a.batch * a.seq)
 
     def grpo_update(self):
-        """GRPO's update as configs/grpo.py runs it: no critic, the KL to the reference in the loss."""
+        """GRPO's update as configs/grpo.py runs it: no critic, the KL to the reference in the loss, each
+        group of rl.group_size rows one shared-prefix row (FLOPs of the rows: an effective MFU)."""
         return self._rl_update(stage_common.rl_config(grpo_configs.get_config()), critic=False)
 
     def lora_ppo_update(self):
@@ -350,7 +351,9 @@ class Suite:
     def _rl_iteration(self, rl, critic: bool, minibatch: int, updates: int):
         """Rollout (generate, each prompt prefilled once for its group -> build -> prepare: the
         policy forward only with rl.old_logprobs=forward, the reference only with a KL term, the
-        critic if any), then `updates` minibatch steps of policy (+ critic): one timed, times `updates`."""
+        critic if any), then `updates` minibatch steps of policy (+ critic): one timed, times `updates`.
+        FLOPs count a forward per row; with rl.shared_prefix (GRPO) a group's prompt is read once,
+        so its MFU is an effective one."""
         a, cfg, width, n = self.args, self.cfg, self.width, self.new
         rl = dataclasses.replace(rl, group_size=math.gcd(a.batch, rl.group_size))  # the batch holds whole groups
         model, critic_cfg = Transformer(cfg), cfg.replace(scalar_head=True)

@@ -167,11 +167,15 @@ class Evaluator(evaluate.Evaluation):
 
     def __call__(self, stage_dir: str = None) -> dict:
         """`Evaluation.policy` of the policy in stage_dir (None: SFT) on one sample per held-out
-        prompt, plus 'rm_score': the reward model's mean score of those very samples."""
+        prompt, plus 'rm_score': the reward model's mean score of those very samples, and
+        'rm_score/<kind>' per task."""
         chunks = []
         out = self.policy(self.params(stage_dir), chunks_out=chunks)
         # A reward model reads the token batch `seq`, not the texts.
-        out["rm_score"] = float(np.concatenate([self.rm(c["seq"], None, None)[:c["rows"]] for c in chunks]).mean())
+        scores = np.concatenate([self.rm(c["seq"], None, None)[:c["rows"]] for c in chunks])
+        out["rm_score"] = float(scores.mean())
+        kinds = np.asarray([self.oracle.kind_of(p) for p in self.prompts])
+        out.update({f"rm_score/{kind}": float(scores[kinds == kind].mean()) for kind in sorted(set(kinds))})
         return out
 
 

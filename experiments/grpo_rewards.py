@@ -4,10 +4,13 @@ as a verifiable reward), every policy judged by the oracle on held-out prompts.
 The reward model's score of the RM-trained policies beside their oracle reward
 shows reward hacking, if any.
 
-python -m experiments.grpo_rewards --quickstart runs/quickstart --out experiments/results/grpo_rewards [--seeds 0 1 2]
+python -m experiments.grpo_rewards --quickstart runs/quickstart --out experiments/results/grpo_rewards \
+    [--seeds 0 1 2] [--steps 100] [--arms grpo_rm grpo_oracle]
 Each arm is the quickstart's `grpo` stage with rl.advantage and / or reward.source
 changed (RLOO keeps GRPO's KL-in-loss and aggregation, so only the baseline
-differs), trained in <runs>/<arm>_seed<S>.
+differs), and --steps iterations (default the quickstart's), trained in
+<runs>/<arm>[_<steps>]_seed<S>. Per task, the reward model's score next to the
+oracle's accuracy shows where it is exploited: its score up, the accuracy flat or down.
 """
 import sys
 
@@ -22,11 +25,14 @@ ARMS = {"grpo_rm": {}, "grpo_oracle": ORACLE,
         "rloo_rm": {"rl.advantage": "rloo"}, "rloo_oracle": {"rl.advantage": "rloo", **ORACLE}}
 TINY_ARMS = ("grpo_rm", "rloo_oracle")
 KEYS = ("oracle_reward", "kl_to_sft", "rm_score", "mean_length", "correct_refusal_rate", "over_refusal_rate",
-        *(f"accuracy/{kind}" for kind in KINDS), *(f"reward/{kind}" for kind in KINDS))
+        *(f"accuracy/{kind}" for kind in KINDS), *(f"reward/{kind}" for kind in KINDS),
+        *(f"rm_score/{kind}" for kind in KINDS))
 
 
 def main(argv=None):
-    args = common.parse_args("grpo_rewards", argv, seeds=(0, 1, 2))
+    args = common.parse_args("grpo_rewards", argv, seeds=(0, 1, 2), options={
+        "--steps": dict(type=int, default=None, help="GRPO / RLOO iterations (default: the quickstart's)"),
+        "--arms": dict(nargs="+", default=None, choices=sorted(ARMS), help="default: all (two with --tiny)")})
     qs = common.load_quickstart(args.quickstart, args.tiny)
     if qs.config.world.seed != world.WorldConfig().seed:
         # ptx.world:oracle_reward grades in the default world.
@@ -34,9 +40,11 @@ def main(argv=None):
                          f"is that of world seed {world.WorldConfig().seed}")
     ev = common.Evaluator(qs)
     sft = ev()
-    arms = {name: o for name, o in ARMS.items() if not args.tiny or name in TINY_ARMS}
+    chosen = args.arms or (TINY_ARMS if args.tiny else list(ARMS))
+    steps = {"train.steps": args.steps} if args.steps else {}
+    arms = {name + (f"_{args.steps}" if args.steps else ""): dict(ARMS[name], **steps) for name in chosen}
     runs = common.run_grid(qs, ev, args.runs, {name: {"grpo": o} for name, o in arms.items()}, args.seeds, "grpo")
-    results = {"seeds": args.seeds, "sft": sft, "variants": {
+    results = {"seeds": args.seeds, "steps": args.steps or qs.config.grpo.train.steps, "sft": sft, "variants": {
         name: {"overrides": o, **common.over_seeds(runs[name], KEYS), "runs": runs[name]} for name, o in arms.items()}}
     v = results["variants"]
     rows = [["sft", f"{sft['oracle_reward']:.3f}", f"{sft['rm_score']:.3f}", "0",
@@ -47,9 +55,11 @@ def main(argv=None):
                                    "over-refusals"], rows)
     # Where the reward model is exploited: its score up while the oracle's accuracy of a task
     # stays flat or falls.
-    tasks = [["sft", f"{sft['rm_score']:.3f}"] + [f"{sft[f'accuracy/{k}']:.3f}" for k in KINDS]]
-    tasks += [[name, common.pm(r["rm_score"])] + [common.pm(r[f"accuracy/{k}"]) for k in KINDS] for name, r in v.items()]
-    table += "\n\nOracle accuracy per task:\n\n" + common.markdown_table(["arm", "RM score", *KINDS], tasks)
+    tasks = [["sft"] + [f"{sft[f'rm_score/{k}']:.3f} / {sft[f'accuracy/{k}']:.3f}" for k in KINDS]]
+    tasks += [[name] + [f"{common.pm(r[f'rm_score/{k}'])} / {common.pm(r[f'accuracy/{k}'])}" for k in KINDS]
+              for name, r in v.items()]
+    table += ("\n\nPer task, the reward model's score / the oracle's accuracy:\n\n"
+              + common.markdown_table(["arm", *KINDS], tasks))
 
     plt = common.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))

@@ -101,9 +101,9 @@ def main(argv=None):
     rows = []
     for kind in sft:
         g = results["grpo"][kind]
-        spread = max(g[str(1)]["std"], 1e-12)
+        spread = g[str(1)]["std"]
         rows.append([kind] + [f"{sft[kind][k]:.3f} / {common.pm(g[str(k)])}" for k in shown]
-                    + [f"{(g['1']['mean'] - sft[kind][1]) / spread:.1f}"])
+                    + [f"{(g['1']['mean'] - sft[kind][1]) / spread:.1f}" if spread > 1e-9 else "no spread"])
     table = common.markdown_table(["task"] + [f"pass@{k}: SFT / GRPO" for k in shown]
                                   + ["pass@1 gain / GRPO spread"], rows)
 

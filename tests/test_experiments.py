@@ -149,12 +149,25 @@ def test_grpo_with_the_oracle_reward_trains_on_oracle_scores(quickstart, tmp_pat
     for kind in KINDS:
         assert (results["variants"]["grpo_rm"][f"accuracy/{kind}"]["values"]
                 == [quickstart[1]["methods"]["grpo"][f"accuracy/{kind}"]])
-    assert "Oracle accuracy per task" in (tmp_path / "out" / "table.md").read_text()
+    assert "Per task, the reward model's score / the oracle's accuracy" in (tmp_path / "out" / "table.md").read_text()
+    # The held-out prompts split evenly over the tasks: the per-task scores average to the whole.
+    for arm in ("sft", "grpo_rm"):
+        r = results[arm] if arm == "sft" else {k: v["values"][0] for k, v in results["variants"][arm].items()
+                                                if isinstance(v, dict) and "values" in v}
+        assert np.mean([r[f"rm_score/{kind}"] for kind in KINDS]) == pytest.approx(r["rm_score"], rel=1e-5)
     c = stage_config(runs / "rloo_oracle_seed0", "grpo")
     assert (c["rl"]["advantage"], c["reward"]["source"]) == ("rloo", "function")
     logged = [json.loads(line) for line in open(runs / "rloo_oracle_seed0" / "grpo" / "metrics.jsonl")]
     scores = [m["objective/scores"] for m in logged if "objective/scores" in m]
     assert scores and all(0.0 <= s <= 1.0 for s in scores)  # the oracle's range; a reward model's is not
+
+
+def test_grpo_rewards_trains_the_chosen_arms_for_the_given_iterations(quickstart, tmp_path):
+    results, runs = run(grpo_rewards, "grpo_rewards", quickstart, tmp_path, "--seeds", "0", "--arms", "grpo_oracle",
+                        "--steps", "3")
+    assert list(results["variants"]) == ["grpo_oracle_3"] and results["steps"] == 3
+    assert checkpoint.resolve(str(runs / "grpo_oracle_3_seed0" / "grpo"))[1] == 3
+    assert stage_config(runs / "grpo_oracle_3_seed0", "grpo")["reward"]["source"] == "function"
 
 
 def test_judge_size_retrains_the_judge_chain_from_the_quickstart_pretraining(quickstart, tmp_path):
