@@ -19,5 +19,5 @@ def get_config(arg=None):
     c.rl.kl_coef = 0.04
     c.rl.aggregation = "seq_mean_token_mean"
     c.rl.whiten_advantages = False  # the group baseline already normalises
-    c.rl.shared_prefix = True  # a group's 4 completions share one prompt read in every forward
+    c.rl.shared_prefix = "auto"  # a group's completions share one prompt read where that costs less
     return c

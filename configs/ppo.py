@@ -66,8 +66,9 @@ def rl_config(arg=None, stage="ppo"):
     c.rl.overlong_buffer = 0  # DAPO: penalty over the last N tokens before max_new_tokens; 0 = off
     c.rl.overlong_penalty = 1.0  # the penalty at max_new_tokens (falls linearly from 0 over the buffer)
     # group_size > 1: each group's policy / reference forwards are one row that reads its prompt once
-    # (branch ids, as DPO's shared prefix); minibatches then hold whole groups
-    c.rl.shared_prefix = False
+    # (branch ids, as DPO's shared prefix): off | on | auto (where it costs less, rollout.shared_prefix_pays);
+    # not off: minibatches hold whole groups
+    c.rl.shared_prefix = "off"
     return c
 
 

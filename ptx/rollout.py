@@ -23,6 +23,12 @@ from ptx.model import Transformer
 ADVANTAGES = ("gae",) + losses.GROUP_ADVANTAGE_KINDS
 CRITICS = ("reward", "policy", "none")
 OLD_LOGPROBS = ("sampler", "forward")
+SHARED_PREFIX = ("off", "on", "auto")
+# Time of dense attention per query-key pair over its FLOPs (4 x heads x head size), against the
+# projections' per FLOP: ~8 measured on the 2-core CPU at the bench size (the mask, the softmax,
+# small per-head products), where one row per group of 4 x 256 completions after a 64-token
+# prompt ran 1.7x slower than 4 rows and 4 x 64 completions 1.36x faster.
+ATTENTION_COST = 8.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +69,9 @@ class RLConfig:
     dynamic_max_retries: int = 3  # extra prompt batches an iteration may draw; then dropped groups fill the rest
     overlong_buffer: int = 0  # DAPO: penalty over the last N tokens before max_new_tokens; 0 = off
     overlong_penalty: float = 1.0  # the penalty at max_new_tokens, falling linearly from 0
-    # Forwards of a group as one row, its prompt read once (`group_rows`); minibatches of whole groups.
-    shared_prefix: bool = False
+    # Forwards of a group as one row, its prompt read once (`group_rows`): off | on | auto (where
+    # `shared_prefix_pays`); not off: minibatches of whole groups.
+    shared_prefix: str = "off"
 
     def __post_init__(self):
         for name in ("rollout_batch", "group_size", "max_new_tokens", "num_epochs", "minibatch_size"):
@@ -90,7 +97,9 @@ class RLConfig:
         if not 0 <= self.overlong_buffer <= self.max_new_tokens:
             raise ValueError(f"rl.overlong_buffer={self.overlong_buffer} must be in [0, rl.max_new_tokens="
                              f"{self.max_new_tokens}]")
-        if self.shared_prefix and (self.group_size < 2 or self.minibatch_size % self.group_size):
+        if self.shared_prefix not in SHARED_PREFIX:
+            raise ValueError(f"rl.shared_prefix={self.shared_prefix!r}; expected one of {SHARED_PREFIX}")
+        if self.shared_prefix != "off" and (self.group_size < 2 or self.minibatch_size % self.group_size):
             raise ValueError(f"rl.shared_prefix reads each group's prompt once: it needs rl.group_size >= 2 "
                              f"(got {self.group_size}) dividing rl.minibatch_size={self.minibatch_size}")
         if self.temperature < 0 or not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
@@ -104,8 +113,8 @@ class RLConfig:
 
     @property
     def shared_group(self) -> int:
-        """Rows per shared-prefix row of the policy and reference forwards: group_size, or 1 (none)."""
-        return self.group_size if self.shared_prefix else 1
+        """Rows a shared-prefix row may hold (`response_forward`): group_size, or 1 (off)."""
+        return self.group_size if self.shared_prefix != "off" else 1
 
     @property
     def critic_kind(self) -> str:
@@ -181,22 +190,38 @@ def group_rows(seq: dict, width: int, group_size: int) -> dict:
     return out
 
 
-def response_forward(model, params, seq: dict, width: int, *, entropy: bool = True, group_size: int = 1):
+def shared_prefix_pays(cfg, width: int, n: int, group_size: int) -> bool:
+    """Whether one row per group (`group_rows`) costs less than its group_size rows: the
+    projections read g - 1 fewer copies of the prompt, but the row's attention spans every
+    completion (masked, not skipped), g (P + N)^2 query-key pairs against (P - 1 + g N)^2.
+    Costed per layer in FLOPs, attention weighted by ATTENTION_COST."""
+    d, hd = cfg.d_model, cfg.head_size
+    per_token = 2 * (d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * d * cfg.d_ff)
+    per_pair = ATTENTION_COST * 4 * cfg.n_heads * hd
+    rows, shared = group_size * (width + n), width - 1 + group_size * n
+    return shared * per_token + shared ** 2 * per_pair < rows * per_token + group_size * (width + n) ** 2 * per_pair
+
+
+def response_forward(model, params, seq: dict, width: int, *, entropy: bool = True, group_size: int = 1,
+                     shared: str = "on"):
     """Log-probs and entropy of the completion tokens, and values if the model has a scalar head.
 
     Returns (logps [b, N] f32, entropy [b, N] f32 (None without `entropy`),
     values [b, N] f32 or None); values[j] is the estimate before token j is
     emitted. The LM head reads only the completion's columns, chunked over the
-    vocabulary when they are many (`logprobs.token_stats`). group_size > 1:
-    one forward row per group of consecutive rows (`group_rows`), each prompt
-    read once; the same values within float tolerance.
+    vocabulary when they are many (`logprobs.token_stats`). group_size > 1 and
+    shared "on" (or "auto" where `shared_prefix_pays`): one forward row per
+    group of consecutive rows (`group_rows`), each prompt read once; the same
+    values within float tolerance.
     """
-    if group_size == 1:
+    n = seq["completion"].shape[1]
+    if group_size == 1 or shared == "off" or (shared == "auto"
+                                              and not shared_prefix_pays(model.cfg, width, n, group_size)):
         stats = logprobs.token_stats(model, params, seq["tokens"], seq["positions"], seq["segment_ids"],
                                      seq["completion"], start=width - 1, entropy=entropy)
         return stats.logps, stats.entropy, stats.values
     rows = group_rows(seq, width, group_size)
-    b, n = seq["completion"].shape
+    b = seq["completion"].shape[0]
     stats = logprobs.token_stats(model, params, rows["tokens"], rows["positions"], rows["segment_ids"],
                                  seq["completion"].reshape(b // group_size, group_size * n),
                                  branch_ids=rows["branch_ids"], start=width - 1, entropy=entropy)
@@ -239,7 +264,7 @@ def prepare(params, ref_params, seq: dict, scores, kl_coef, *, policy_model, cri
                   if policy_model.cfg.scalar_head and "critic" not in params else None)
     else:
         logps, entropy, values = response_forward(policy_model, params["policy"], seq, width,
-                                                  group_size=rl_cfg.shared_group)
+                                                  group_size=rl_cfg.shared_group, shared=rl_cfg.shared_prefix)
     if "critic" in params:
         values = response_values(critic_model, params["critic"], seq, width)
     ref = {}
@@ -247,7 +272,7 @@ def prepare(params, ref_params, seq: dict, scores, kl_coef, *, policy_model, cri
         # The reference is the SFT trunk: no value head even when the policy carries one.
         ref_model = Transformer(policy_model.cfg.replace(scalar_head=False))
         ref["ref_logps"], _, _ = response_forward(ref_model, ref_params, seq, width, entropy=False,
-                                                  group_size=rl_cfg.shared_group)
+                                                  group_size=rl_cfg.shared_group, shared=rl_cfg.shared_prefix)
         kl = losses.kl_penalty(logps, ref["ref_logps"], rl_cfg.kl_estimator) * mask
     else:
         kl = jnp.zeros_like(mask)  # no KL term: the reference forward is skipped
@@ -297,7 +322,7 @@ def rl_loss_fn(params, batch, frozen=None, *, policy_model, critic_model, width:
     mask = batch["mask"]
     policy = policy_params(params, frozen, lora_cfg)
     logps, entropy, values = response_forward(policy_model, policy, batch, width, entropy=bool(rl_cfg.ent_coef),
-                                              group_size=rl_cfg.shared_group)
+                                              group_size=rl_cfg.shared_group, shared=rl_cfg.shared_prefix)
     loss, metrics = losses.ppo_policy_loss(
         logps, batch["old_logps"], batch["advantages"], mask, clip_eps=rl_cfg.clip_eps,
         clip_eps_high=rl_cfg.clip_eps_high or None, aggregation=rl_cfg.aggregation, ratio_level=rl_cfg.ratio_level)

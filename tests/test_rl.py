@@ -255,26 +255,37 @@ def test_a_group_as_one_shared_prefix_row_gives_each_row_s_log_probs_entropy_val
                  kl_coef=np.full((12,), 0.04, np.float32))
     grpo = common.rl_config(grpo_config.get_config("tiny"))
     grads = {}
-    for on in (True, False):
+    for on in ("on", "off"):
         rl_cfg = dataclasses.replace(grpo, shared_prefix=on, ent_coef=0.01)
         loss = lambda p: rollout.rl_loss_fn({"policy": p}, batch, policy_model=m, critic_model=None, width=width,
                                             rl_cfg=rl_cfg)[0]
         grads[on] = jax.jit(jax.value_and_grad(loss))(params)
-    np.testing.assert_allclose(grads[True][0], grads[False][0], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6), grads[True][1], grads[False][1])
+    np.testing.assert_allclose(grads["on"][0], grads["off"][0], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6), grads["on"][1], grads["off"][1])
 
 
 def test_shared_prefix_minibatches_hold_whole_groups_and_bad_settings_are_named():
     grpo = common.rl_config(grpo_config.get_config("tiny"))
-    assert grpo.shared_prefix and grpo.shared_group == grpo.group_size == 4
+    assert grpo.shared_prefix == "auto" and grpo.shared_group == grpo.group_size == 4
     order = rollout.update_order(24, grpo, np.random.default_rng(0))
     assert sorted(order) == list(range(24))
     blocks = order.reshape(-1, 4)
     assert (blocks[:, 0] % 4 == 0).all() and (np.diff(blocks, axis=1) == 1).all()
-    plain = dataclasses.replace(grpo, shared_prefix=False)
+    plain = dataclasses.replace(grpo, shared_prefix="off")
     np.testing.assert_array_equal(rollout.update_order(24, plain, np.random.default_rng(0)),
                                   np.random.default_rng(0).permutation(24))
     with pytest.raises(ValueError, match="shared_prefix"):
         dataclasses.replace(grpo, rollout_batch=3, minibatch_size=6)  # 12 rows, minibatches of 1.5 groups
     with pytest.raises(ValueError, match="shared_prefix"):
-        dataclasses.replace(common.rl_config(ppo_config.get_config("tiny")), shared_prefix=True)
+        dataclasses.replace(common.rl_config(ppo_config.get_config("tiny")), shared_prefix="on")
+    with pytest.raises(ValueError, match="shared_prefix"):
+        dataclasses.replace(grpo, shared_prefix="yes")
+
+
+def test_auto_shares_a_prefix_where_it_costs_less():
+    """The bench model (d_model 512, 8 layers): one row per group of 4 paid at a 64-token prompt and
+    64-token completions (1.36x faster) and lost at 256-token ones (1.7x slower) on the 2-core CPU."""
+    cfg = ModelConfig(vocab_size=8192, d_model=512, n_layers=8, n_heads=4, n_kv_heads=4, d_ff=1536)
+    assert rollout.shared_prefix_pays(cfg, 64, 64, 4) and not rollout.shared_prefix_pays(cfg, 64, 256, 4)
+    assert rollout.shared_prefix_pays(cfg, 512, 64, 8)  # a long prompt: its copies dominate
+    assert not rollout.shared_prefix_pays(cfg, 1, 64, 4)  # nothing to share
