@@ -209,19 +209,18 @@ def response_forward(model, params, seq: dict, width: int, *, entropy: bool = Tr
     Returns (logps [b, N] f32, entropy [b, N] f32 (None without `entropy`),
     values [b, N] f32 or None); values[j] is the estimate before token j is
     emitted. The LM head reads only the completion's columns, chunked over the
-    vocabulary when they are many (`logprobs.token_stats`). group_size > 1 and
-    shared "on" (or "auto" where `shared_prefix_pays`): one forward row per
-    group of consecutive rows (`group_rows`), each prompt read once; the same
-    values within float tolerance.
+    vocabulary when they are many (`logprobs.token_stats`). group_size > 1
+    dividing b and shared "on" (or "auto" where `shared_prefix_pays`): one
+    forward row per group of consecutive rows (`group_rows`), each prompt read
+    once; the same values within float tolerance.
     """
-    n = seq["completion"].shape[1]
-    if group_size == 1 or shared == "off" or (shared == "auto"
-                                              and not shared_prefix_pays(model.cfg, width, n, group_size)):
+    b, n = seq["completion"].shape
+    if (group_size == 1 or b % group_size or shared == "off"
+            or (shared == "auto" and not shared_prefix_pays(model.cfg, width, n, group_size))):
         stats = logprobs.token_stats(model, params, seq["tokens"], seq["positions"], seq["segment_ids"],
                                      seq["completion"], start=width - 1, entropy=entropy)
         return stats.logps, stats.entropy, stats.values
     rows = group_rows(seq, width, group_size)
-    b = seq["completion"].shape[0]
     stats = logprobs.token_stats(model, params, rows["tokens"], rows["positions"], rows["segment_ids"],
                                  seq["completion"].reshape(b // group_size, group_size * n),
                                  branch_ids=rows["branch_ids"], start=width - 1, entropy=entropy)

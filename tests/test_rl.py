@@ -248,6 +248,10 @@ def test_a_group_as_one_shared_prefix_row_gives_each_row_s_log_probs_entropy_val
     plain = jax.jit(lambda p, s: rollout.response_forward(m, p, s, width))(params, seq)
     for a, b in zip(shared, plain):
         np.testing.assert_allclose(np.asarray(a) * mask, np.asarray(b) * mask, atol=2e-5)
+    # Rows that are not whole groups (a benchmark's single row) run one forward row each.
+    part = {k: v[:2] for k, v in seq.items()}
+    np.testing.assert_array_equal(rollout.response_forward(m, params, part, width, group_size=4)[0],
+                                  rollout.response_forward(m, params, part, width)[0])
     rng = np.random.default_rng(1)
     batch = dict(seq, old_logps=np.asarray(plain[0]) - 0.05 * rng.random(mask.shape, np.float32),
                  ref_logps=np.asarray(plain[0]) + 0.05 * rng.random(mask.shape, np.float32),
