@@ -142,25 +142,24 @@ def reward_loss_fn(model: Transformer, params, batch, frozen=None, *, center_coe
 def pair_logps(model: Transformer, params, batch):
     """Summed response log-probs of chosen and rejected ([b] f32 each) and response lengths.
 
-    batch: two rows per pair (chosen_* and rejected_* sequence arrays: inputs /
-    positions / segment_ids [b, t] int32, targets [b, n] int32 and loss_mask [b, n]
-    float32 of the last n columns), or with 'branch_ids' one shared-prefix row per
-    pair (`data.pair_arrays`): inputs /
-    positions / segment_ids / branch_ids [b, t] int32, then targets [b, n] int32
-    and chosen_loss_mask / rejected_loss_mask [b, n] float32 of the last n
-    columns, the responses' (a chunked LM head reads only those columns).
+    batch (`data.pair_arrays`): two rows per pair, chosen_* and rejected_* sequence
+    arrays (inputs / positions / segment_ids [b, t] int32, targets [b, n] int32 and
+    loss_mask [b, n] float32), or with 'branch_ids' one shared-prefix row per pair
+    (inputs / positions / segment_ids / branch_ids [b, t] int32, targets [b, n] int32,
+    chosen_loss_mask / rejected_loss_mask [b, n] float32). Targets and masks are those
+    of the last n columns, the only ones the LM head reads.
     """
-    if "branch_ids" in batch:
-        start = batch["inputs"].shape[1] - batch["targets"].shape[1]
-        logps = logprobs.token_stats(model, params, batch["inputs"], batch["positions"], batch["segment_ids"],
-                                     batch["targets"], branch_ids=batch["branch_ids"], start=start).logps
+    shared = "branch_ids" in batch
+    rows = batch if shared else _pair_batch(batch)
+    start = rows["inputs"].shape[1] - rows["targets"].shape[1]
+    logps = logprobs.token_stats(model, params, rows["inputs"], rows["positions"], rows["segment_ids"], rows["targets"],
+                                 branch_ids=rows.get("branch_ids"), start=start).logps
+    if shared:
         masks = batch["chosen_loss_mask"], batch["rejected_loss_mask"]
         return (tuple(losses.sequence_logps(logps, m) for m in masks),
                 tuple(jnp.maximum(m.sum(-1), 1.0) for m in masks))
-    pair = _pair_batch(batch)
-    start = pair["inputs"].shape[1] - pair["targets"].shape[1]
-    seq = losses.sequence_logps(_token_stats(model, params, pair, start=start).logps, pair["loss_mask"])
-    lengths = jnp.maximum(pair["loss_mask"].sum(-1), 1.0)
+    seq = losses.sequence_logps(logps, rows["loss_mask"])
+    lengths = jnp.maximum(rows["loss_mask"].sum(-1), 1.0)
     return jnp.split(seq, 2), jnp.split(lengths, 2)
 
 
