@@ -68,8 +68,13 @@ def visible(q_positions, k_positions, q_segment_ids, k_segment_ids, window=0, q_
     if window:
         mask = mask & (k_positions[:, None, :] > q_positions[:, :, None] - window)
     if k_branch_ids is not None:
-        mask = mask & ((k_branch_ids[:, None, :] == 0) | (k_branch_ids[:, None, :] == q_branch_ids[:, :, None]))
+        mask = mask & _branch_visible(q_branch_ids, k_branch_ids)
     return mask
+
+
+def _branch_visible(q_branch_ids, k_branch_ids):
+    """[b, t] and [b, s] branch ids -> [b, t, s] bool: the key is the prefix's or the query's branch."""
+    return (k_branch_ids[:, None, :] == 0) | (k_branch_ids[:, None, :] == q_branch_ids[:, :, None])
 
 
 def attend(q, k, v, *, q_positions, k_positions, q_segment_ids, k_segment_ids, window=0, q_branch_ids=None,
@@ -272,7 +277,7 @@ def cudnn_attention(q, k, v, *, q_positions, k_positions, q_segment_ids, k_segme
         raise ValueError("attention impl 'cudnn' windows by index: it cannot window branched rows")
     mask = q_segment_ids[:, :, None] == k_segment_ids[:, None, :]
     if k_branch_ids is not None:
-        mask = mask & ((k_branch_ids[:, None, :] == 0) | (k_branch_ids[:, None, :] == q_branch_ids[:, :, None]))
+        mask = mask & _branch_visible(q_branch_ids, k_branch_ids)
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=True,
                                         local_window_size=(window - 1, 0) if window else None,
                                         implementation="cudnn")
