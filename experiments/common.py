@@ -158,12 +158,14 @@ def run_grid(qs: Quickstart, evaluator, runs_dir: str, variants: dict, seeds, st
 
 class Evaluator(evaluate.Evaluation):
     """The quickstart's evaluation (`quickstart.evaluation`: held-out prompts, SFT policy, oracle)
-    with its reward model; `__call__` grades a policy like every method of the quickstart table."""
+    with its reward model; `__call__` grades a policy like every method of the quickstart table.
+    kinds: the task of each held-out prompt."""
 
     def __init__(self, qs: Quickstart):
         mesh = sharding.make_mesh(qs.config.mesh)
         super().__init__(**quickstart.evaluation_args(qs.config, qs.files, qs.stage("sft"), mesh))
         self.rm = rewards.ModelReward(qs.stage("reward"), mesh)
+        self.kinds = [self.oracle.kind_of(p) for p in self.prompts]
 
     def __call__(self, stage_dir: str = None) -> dict:
         """`Evaluation.policy` of the policy in stage_dir (None: SFT) on one sample per held-out
@@ -174,8 +176,8 @@ class Evaluator(evaluate.Evaluation):
         # A reward model reads the token batch `seq`, not the texts.
         scores = np.concatenate([self.rm(c["seq"], None, None)[:c["rows"]] for c in chunks])
         out["rm_score"] = float(scores.mean())
-        kinds = np.asarray([self.oracle.kind_of(p) for p in self.prompts])
-        out.update({f"rm_score/{kind}": float(scores[kinds == kind].mean()) for kind in sorted(set(kinds))})
+        kinds = np.asarray(self.kinds)
+        out.update({f"rm_score/{kind}": float(scores[kinds == kind].mean()) for kind in sorted(set(self.kinds))})
         return out
 
 

@@ -76,7 +76,7 @@ def main(argv=None):
                          f"is that of world seed {world.WorldConfig().seed}")
     steps = args.steps or (qs.config.grpo.train.steps if args.tiny else 200)
     ev = common.Evaluator(qs)
-    kinds = [ev.oracle.kind_of(prompt) for prompt in ev.prompts]
+    kinds = ev.kinds
     name = "grpo_oracle" + "".join(f"_{a}" for a in (args.tasks or []) + args.set)
     train_files = {"grpo": task_prompts(qs, ev.oracle, args.tasks, f"{args.runs}/{name}_prompts.jsonl")
                    } if args.tasks else {}
@@ -93,8 +93,9 @@ def main(argv=None):
         counts["grpo"].append(correct_counts(ev, ev.params(f"{workdir}/grpo"), n, ev.seed).tolist())
         grpo.append(curves(np.asarray(counts["grpo"][-1]), kinds, n))
     ks = ks_up_to(n)
-    results = {"n_samples": n, "grpo_steps": steps, "grpo_overrides": overrides, "grpo_tasks": args.tasks or list(world.KINDS), "seeds": args.seeds, "ks": ks, "kinds": kinds, "counts": counts,
-               "sft": sft,
+    results = {"n_samples": n, "grpo_steps": steps, "grpo_overrides": overrides,
+               "grpo_tasks": args.tasks or list(world.KINDS), "seeds": args.seeds, "ks": ks, "kinds": kinds,
+               "counts": counts, "sft": sft,
                "grpo": {kind: {str(k): common.over_seeds([{"v": g[kind][k]} for g in grpo], ["v"])["v"] for k in ks}
                         for kind in sft}}
     shown = [k for k in (1, 16, n) if k in ks]

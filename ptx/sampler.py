@@ -249,7 +249,8 @@ def decode(step_fn: Callable, state, first_logits, keys, *, max_new_tokens: int,
         step=jnp.int32(0), state=state, last=jnp.zeros((b,), jnp.int32),
         tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
         logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
-        entropy=jnp.zeros((b, max_new_tokens), jnp.float32), recent=jnp.full((b, window), -1, jnp.int32), done=jnp.zeros((b,), bool),
+        entropy=jnp.zeros((b, max_new_tokens), jnp.float32), recent=jnp.full((b, window), -1, jnp.int32),
+        done=jnp.zeros((b,), bool),
         lengths=jnp.full((b,), max_new_tokens, jnp.int32),
         finish_reason=jnp.full((b,), FINISH_LENGTH, jnp.int32))
     # Step 0 is peeled so the loop never calls step_fn for logits nobody samples.
