@@ -2,7 +2,8 @@
 # ptx launcher.
 #   ./launch.sh setup                 create .venv from requirements.txt (PTX_JAX_EXTRA=tpu|cuda12 adds jax[extra])
 #   ./launch.sh quickstart [flags]    the embedded default, end to end, into runs/quickstart
-#   ./launch.sh test [pytest args]    the test suite
+#   ./launch.sh test [--fast] [pytest args]
+#                                     ruff, then the test suite (--fast: unit tests only, no whole-stage runs)
 #   ./launch.sh bench [flags]         the benchmark suite (see bench/main.py)
 #   ./launch.sh bench-accelerator     bench + a 1B shape in bfloat16 on a GPU / TPU (bench/accelerator.py)
 #   ./launch.sh CONFIG [flags]        one config locally, e.g. configs/sft.py:tiny --workdir=runs/sft
@@ -141,7 +142,14 @@ case "$cmd" in
       "$PY" -m pip install --quiet -r requirements-test.txt
       touch "$VENV/.installed-test"
     fi
-    exec "$PY" -m pytest -q tests "$@" ;;
+    # Style first (pyproject.toml's [tool.ruff]); a finding fails the run before any test.
+    "$PY" -m ruff check ptx configs tests bench experiments
+    # --fast: the unit tests only, without the whole-stage runs (pytest.mark.stage).
+    args=()
+    for a in "$@"; do
+      if [ "$a" = --fast ]; then args+=(-m "not stage"); else args+=("$a"); fi
+    done
+    exec "$PY" -m pytest -q tests ${args[@]+"${args[@]}"} ;;
   bench)
     setup
     exec "$PY" -m bench.main "$@" ;;
