@@ -25,14 +25,27 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expandus
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+# Below the environment above: jax reads XLA_FLAGS and JAX_PLATFORMS when it is first imported.
+import jax  # noqa: E402
+from tensorboardX.proto import event_pb2  # noqa: E402
+
+from configs import dapo as dapo_config  # noqa: E402
+from configs import grpo as grpo_config  # noqa: E402
+from configs import gspo as gspo_config  # noqa: E402
+from configs import ppo as ppo_config  # noqa: E402
+from configs import quickstart as quickstart_config  # noqa: E402
+from configs import sft as sft_config  # noqa: E402
+from ptx import checkpoint, hf, metrics  # noqa: E402
+from ptx.stages import quickstart as quickstart_stage  # noqa: E402
+from ptx.stages import supervised  # noqa: E402
+
+from chat_dirs import FAMILIES, make_bpe_json, write_dir  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def quickstart(tmp_path_factory):
     """The quickstart shortened to a few steps per stage, run once per session:
     (workdir, results.json as written)."""
-    from configs import quickstart as quickstart_config
-    from ptx.stages import quickstart as quickstart_stage
-
     workdir = tmp_path_factory.mktemp("quickstart")
     quickstart_stage.run(quickstart_config.get_config("tiny"), str(workdir))
     with open(workdir / "results.json") as f:
@@ -42,14 +55,49 @@ def quickstart(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sft_dir(tmp_path_factory):
     """A tiny SFT run on the embedded world (10 steps): the policy and base of RL and LoRA tests."""
-    from configs import sft as sft_config
-    from ptx.stages import supervised
-
     d = tmp_path_factory.mktemp("sft")
     c = sft_config.get_config("tiny")
     c.train.steps, c.train.eval_every = 10, 0
     supervised.run(c, str(d))
     return str(d)
+
+
+# Helpers that several test files share: `from conftest import read_metrics` (as chat_dirs.py is imported).
+
+def read_metrics(workdir, key=None):
+    """metrics.jsonl's rows; with `key`, only the rows that hold it (an RL run's training rows hold "loss")."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return rows if key is None else [r for r in rows if key in r]
+
+
+def host_params(workdir):
+    """The newest checkpoint's parameters in host memory."""
+    return jax.device_get(checkpoint.load_params(str(workdir))[0])
+
+
+def assert_trees_close(a, b, **tol):
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, **tol), a, b)
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def rl_cfg(kind, sft_dir, seed=0, steps=1):
+    """The tiny config of an RL `kind` from the SFT checkpoint, rewarded by reward_fns.letter_share."""
+    c = {"ppo": ppo_config, "gspo": gspo_config, "dapo": dapo_config}.get(kind, grpo_config).get_config("tiny")
+    c.seed = seed
+    c.init.checkpoint = sft_dir
+    c.reward.source = "function"
+    c.reward.function = "reward_fns:letter_share"
+    c.rl.critic = "policy"
+    c.train.steps = steps
+    c.train.ckpt_every = 0
+    if kind == "rloo":
+        c.rl.advantage, c.rl.kl_in_loss, c.rl.kl_estimator = "rloo", False, "k1"
+    return c
 
 
 # Resume: a run killed at a chosen point, then resumed, against an uninterrupted one.
@@ -65,8 +113,6 @@ def comparable(rows):
 def tb_scalars(workdir):
     """(tag, step, value) as TensorBoard shows them: event files in name order, where a session
     START at step s (SummaryWriter's purge_step) hides the events before it at steps >= s."""
-    from tensorboardX.proto import event_pb2
-
     shown = []
     for path in sorted(glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*"))):
         with open(path, "rb") as f:
@@ -86,8 +132,6 @@ def tb_scalars(workdir):
 def kill_at(monkeypatch, where: str, step: int):
     """Stop the next run like a kill -9: 'log' right after the metrics line of `step`, 'checkpoint'
     while its checkpoint is written (a torn write leaves orbax's temporary directory behind)."""
-    from ptx import checkpoint, metrics
-
     if where == "log":
         real = metrics.MetricWriter.write
 
@@ -120,10 +164,6 @@ def resumes_like_straight(tmp_path, monkeypatch):
     """check(run, config, kills): `run(config, workdir)` straight, and killed at each of `kills`
     ((where, step, newest checkpoint left), see `kill_at`) then resumed: bit-identical
     parameters, metrics.jsonl line for line (timings aside) and the same TensorBoard scalars."""
-    import jax
-
-    from ptx import checkpoint
-
     def params(workdir):
         return jax.device_get(checkpoint.load_params(str(workdir))[0])
 
@@ -150,23 +190,17 @@ def resumes_like_straight(tmp_path, monkeypatch):
 # Hugging Face tokenizer directories (tests/chat_dirs.py), built once for every test file that reads them.
 @pytest.fixture(scope="session")
 def bpe_json() -> str:
-    from chat_dirs import make_bpe_json
-
     return make_bpe_json()
 
 
 @pytest.fixture(scope="session")
 def dirs(bpe_json, tmp_path_factory) -> dict:
-    from chat_dirs import FAMILIES, write_dir
-
     root = tmp_path_factory.mktemp("hf_tok")
     return {f: write_dir(root / f, bpe_json, f) for f in FAMILIES}
 
 
 @pytest.fixture(scope="session")
 def toks(dirs) -> dict:
-    from ptx import hf
-
     return {f: hf.load_tokenizer(d) for f, d in dirs.items()}
 
 

@@ -1,7 +1,6 @@
 """TRL's conversational formats through a chat template: rows stay messages, the loss mask is the
 rendered template's assistant spans (transformers' assistant masks), prompts end with the
 generation prompt; without a chat template the same rows render in the HH template."""
-import json
 
 import numpy as np
 import pytest
@@ -9,18 +8,15 @@ import pytest
 from ptx import data
 from ptx.data import DataError, load_rows
 from ptx.tokenizer import PromptTemplate
+
 from chat_dirs import FAMILIES
+from conftest import write_jsonl
 
 T = PromptTemplate()
 SYSTEM = {"role": "system", "content": "You are terse."}
 CHAT = [SYSTEM, {"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
         {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Green, of course."}]
 PROMPT, REPLY = CHAT[:4], CHAT[4:]
-
-
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def test_conversational_rows_stay_messages_for_a_chat_template(tmp_path):

@@ -6,9 +6,10 @@ import pandas as pd
 import pytest
 
 from ptx import data
-from ptx.data import (BatchIterator, DataError, encode_preference, encode_prompts,
-                      encode_sft, encode_text, load_rows)
+from ptx.data import BatchIterator, DataError, encode_preference, encode_prompts, encode_sft, encode_text, load_rows
 from ptx.tokenizer import PromptTemplate, train_tokenizer
+
+from conftest import write_jsonl
 
 T = PromptTemplate()
 SEQ_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
@@ -21,11 +22,6 @@ def tok(tmp_path_factory):
     texts += ["Some plain corpus text, with words and more words.\n"] * 20
     return train_tokenizer(texts, vocab_size=400,
                            path=str(tmp_path_factory.mktemp("tok") / "t.model"))
-
-
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def write(path, rows) -> str:

@@ -17,7 +17,9 @@ from configs import sample as sample_config
 from configs import sft as sft_config
 from ptx import checkpoint, hf, stages
 from ptx.model import ModelConfig, Transformer
+
 from chat_dirs import FAMILIES, write_dir
+from conftest import write_jsonl
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -45,11 +47,6 @@ def conversation(i: int) -> list[dict]:
             {"role": "assistant", "content": f"{2 * i}."},
             {"role": "user", "content": "And doubled?"},
             {"role": "assistant", "content": f"That is {4 * i}."}]
-
-
-def write_jsonl(path, rows) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def data_files(root) -> dict:

@@ -4,6 +4,7 @@ import dataclasses
 import functools
 import json
 import re
+import warnings
 
 import flax.linen as nn
 import flax.traverse_util
@@ -13,12 +14,11 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-import warnings
 from jax.sharding import PartitionSpec as P
 
 from ptx import lora, sharding, steps
-from ptx.stages import common, supervised
 from ptx.model import Dense, ModelConfig, Transformer, count_params, init_params
+from ptx.stages import common, supervised
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                   tie_embeddings=False)
@@ -439,18 +439,13 @@ def adapted_module_names(adapters):
     return {p.split("/")[-3] for p in flax.traverse_util.flatten_dict(adapters, sep="/") if p.endswith("kernel/a")}
 
 
-def letter_share(prompt: str, completion: str) -> float:
-    """A dense reward that varies between samples, so the advantages are not all zero."""
-    return sum(ch.isalpha() for ch in completion) / max(len(completion), 1)
-
-
 def rl_lora_config(kind, sft_dir, base_dtype="float32"):
     from configs import grpo as grpo_config
     from configs import ppo as ppo_config
 
     c = (ppo_config if kind == "ppo" else grpo_config).get_config("tiny")
     c.init.checkpoint = sft_dir
-    c.reward.source, c.reward.function = "function", "test_lora:letter_share"
+    c.reward.source, c.reward.function = "function", "reward_fns:letter_share"
     c.rl.critic = "policy"
     c.lora.rank, c.lora.base_dtype = 4, base_dtype
     c.train.steps, c.train.ckpt_every = 1, 0

@@ -12,11 +12,6 @@ from ptx import checkpoint, inference, online, stages
 from ptx.stages import online_dpo
 
 
-def letter_share(prompt: str, completion: str) -> float:
-    """A dense, known reward: the share of letters among the completion's characters."""
-    return sum(ch.isalpha() for ch in completion) / max(len(completion), 1)
-
-
 def test_preference_batch_pairs_the_best_and_worst_sample_of_each_group_from_their_token_ids():
     # Two groups of three rows in the rollout layout: prompt width 3 (left-aligned), 2 completion tokens.
     tokens = np.array([[0, 1, 5, 10, 11], [0, 1, 5, 12, 0], [0, 1, 5, 13, 14],
@@ -68,7 +63,7 @@ def test_online_dpo_samples_each_iteration_from_the_current_policy(sft_dir, tmp_
     monkeypatch.setattr(inference.Sampler, "__call__", record)
     c = online_dpo_config.get_config("tiny")
     c.init.checkpoint = sft_dir
-    c.reward.source, c.reward.function = "function", "test_online_dpo:letter_share"
+    c.reward.source, c.reward.function = "function", "reward_fns:letter_share"
     c.optim.lr = 5e-3
     c.train.steps, c.train.ckpt_every = 2, 1
     workdir = str(tmp_path / "odpo")

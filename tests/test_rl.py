@@ -1,43 +1,18 @@
 """PPO / GRPO / RLOO: first-minibatch ratio, zero KL at the reference, learning a known reward."""
 import dataclasses
-import json
-import os
 
 import jax
 import numpy as np
 import pytest
 
-from configs import dapo as dapo_config
 from configs import grpo as grpo_config
-from configs import gspo as gspo_config
 from configs import ppo as ppo_config
 from ptx import losses, rollout, sampler, sharding, steps
 from ptx.model import ModelConfig, Transformer, init_params
 from ptx.stages import common, rl
 
-
-def letter_share(prompt: str, completion: str) -> float:
-    """A dense, known reward: the share of letters among the completion's characters."""
-    return sum(ch.isalpha() for ch in completion) / max(len(completion), 1)
-
-
-def rl_cfg(kind, sft_dir, seed=0, steps=1):
-    c = {"ppo": ppo_config, "gspo": gspo_config, "dapo": dapo_config}.get(kind, grpo_config).get_config("tiny")
-    c.seed = seed
-    c.init.checkpoint = sft_dir
-    c.reward.source = "function"
-    c.reward.function = "test_rl:letter_share"
-    c.rl.critic = "policy"
-    c.train.steps = steps
-    c.train.ckpt_every = 0
-    if kind == "rloo":
-        c.rl.advantage, c.rl.kl_in_loss, c.rl.kl_estimator = "rloo", False, "k1"
-    return c
-
-
-def read_metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if "loss" in r]
+from conftest import read_metrics, rl_cfg
+from reward_fns import letter_share
 
 
 def rollout_at_the_reference(kind, sft_dir, old_logprobs, kl_coef=0.1, no_reference=False):
@@ -129,7 +104,7 @@ def test_rl_raises_a_known_reward_across_three_seeds(sft_dir, tmp_path, kind):
 
 def read_metrics_after(c, workdir):
     rl.run(c, str(workdir))
-    return read_metrics(workdir)
+    return read_metrics(workdir, "loss")
 
 
 def test_ppo_resume_restores_the_kl_controller_and_continues(sft_dir, tmp_path):
@@ -137,10 +112,10 @@ def test_ppo_resume_restores_the_kl_controller_and_continues(sft_dir, tmp_path):
     c.rl.adaptive_kl, c.rl.kl_target, c.rl.kl_horizon = True, 0.001, 10
     c.train.ckpt_every = 1
     rl.run(c, str(tmp_path))
-    first = read_metrics(tmp_path)
+    first = read_metrics(tmp_path, "loss")
     c.train.steps = 3
     rl.run(c, str(tmp_path))
-    rows = read_metrics(tmp_path)
+    rows = read_metrics(tmp_path, "loss")
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[:2] == first
     # Each coefficient is the controller's update of the previous one, across the resume too.

@@ -21,12 +21,14 @@ from configs import reward as reward_config
 from configs import sample as sample_config
 from configs import sft as sft_config
 from ptx import checkpoint, distributed, optim, sharding, steps
-from ptx.stages import rl, sample, supervised
 from ptx.model import ModelConfig, Transformer, abstract_params, init_cache, init_params
+from ptx.stages import rl, sample, supervised
+
+from conftest import assert_trees_close, host_params, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240  # per subprocess; a hung coordinator must fail the test, not stall the suite
-REWARD_FN = "tests.test_rl:letter_share"  # dense and known; subprocesses import it too
+REWARD_FN = "tests.reward_fns:letter_share"  # dense and known; subprocesses import it too
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +40,6 @@ def sft_file(tmp_path_factory):
             a, b = rng.integers(0, 10, 2)
             f.write(json.dumps({"prompt": f"What is {a} + {b}?", "completion": f"{a} + {b} = {a + b}."}) + "\n")
     return str(path)
-
-
-def read_metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def host_params(workdir):
-    return jax.device_get(checkpoint.load_params(str(workdir))[0])
-
-
-def assert_trees_close(a, b, **tol):
-    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, **tol), a, b)
 
 
 # Two processes.

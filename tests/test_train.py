@@ -21,6 +21,8 @@ from ptx.losses import sequence_logps, token_logprobs
 from ptx.model import ModelConfig, Transformer, init_params
 from ptx.stages import common, supervised
 
+from conftest import assert_trees_close, host_params, read_metrics
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -46,20 +48,6 @@ def sft(files, **overrides):
     c.train.eval_every = 0
     c.update_from_flattened_dict(overrides)
     return c
-
-
-def final_params(workdir):
-    params, _ = checkpoint.load_params(workdir)
-    return jax.device_get(params)
-
-
-def assert_trees_close(a, b, **tol):
-    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, **tol), a, b)
-
-
-def read_metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_sft_loss_goes_down_on_a_memorisable_batch(files, tmp_path):
@@ -93,7 +81,7 @@ def test_a_killed_run_resumes_to_the_same_parameters_and_logs(files, tmp_path, r
 def test_gradient_accumulation_equals_one_big_batch(files, tmp_path):
     supervised.run(sft(files, **{"train.steps": 3}), str(tmp_path / "big"))
     supervised.run(sft(files, **{"train.steps": 3, "optim.accum_steps": 4}), str(tmp_path / "accum"))
-    assert_trees_close(final_params(tmp_path / "big"), final_params(tmp_path / "accum"), atol=2e-6)
+    assert_trees_close(host_params(tmp_path / "big"), host_params(tmp_path / "accum"), atol=2e-6)
 
 
 def test_train_step_applies_a_finite_update_and_skips_a_nonfinite_one():
@@ -115,13 +103,13 @@ def test_train_step_applies_a_finite_update_and_skips_a_nonfinite_one():
 def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(files, tmp_path):
     c = sft(files, **{"train.steps": 12, "train.ckpt_every": 4})
     supervised.run(c, str(tmp_path))
-    good = final_params(tmp_path)
+    good = host_params(tmp_path)
     c.train.steps = 20
     c.optim.lr = float("nan")
     with pytest.raises(metrics.NonFiniteError, match=r"the last good checkpoint \(step 12\) is intact"):
         supervised.run(c, str(tmp_path))
     assert checkpoint.resolve(str(tmp_path))[1] == 12
-    assert_trees_close(final_params(tmp_path), good, rtol=0, atol=0)
+    assert_trees_close(host_params(tmp_path), good, rtol=0, atol=0)
     # Before the first checkpoint there is none to keep, and the error says so.
     c = sft(files, **{"train.steps": 4, "train.ckpt_every": 0, "optim.lr": float("nan")})
     with pytest.raises(metrics.NonFiniteError, match="no checkpoint of this run was written yet"):
@@ -142,12 +130,12 @@ def test_eight_devices_give_the_same_loss_and_parameters_as_one(files, tmp_path,
         return c
 
     supervised.run(config((1, 1, 1)), str(tmp_path / "one"), devices=jax.devices()[:1])
-    ref_params, ref_loss = final_params(tmp_path / "one"), read_metrics(tmp_path / "one")[-1]["loss"]
+    ref_params, ref_loss = host_params(tmp_path / "one"), read_metrics(tmp_path / "one")[-1]["loss"]
     for mesh in [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]:
         name = "x".join(map(str, mesh))
         supervised.run(config(mesh), str(tmp_path / name))
         np.testing.assert_allclose(read_metrics(tmp_path / name)[-1]["loss"], ref_loss, rtol=1e-5)
-        assert_trees_close(final_params(tmp_path / name), ref_params, atol=2e-5)
+        assert_trees_close(host_params(tmp_path / name), ref_params, atol=2e-5)
 
 
 def test_reward_model_and_dpo_learn_a_learnable_preference(files, tmp_path):
