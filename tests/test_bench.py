@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from bench import accelerator
 from bench import main as bench
 from bench import peer as bench_peer
 from bench import suite as bench_suite
@@ -200,8 +201,6 @@ def test_qwen3_0_6b_preset_and_shape_flags():
 
 
 def test_accelerator_run_refuses_the_cpu_and_tiny_checks_its_three_runs(tmp_path):
-    from bench import accelerator
-
     with pytest.raises(SystemExit, match="no GPU or TPU"):
         accelerator.main(["--out_dir", str(tmp_path)])
     s = accelerator.main(["--tiny", "--out_dir", str(tmp_path)])

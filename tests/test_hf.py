@@ -14,9 +14,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from ptx import hf, sharding
+from configs import reward as reward_config
+from configs import sft as sft_config
+from ptx import checkpoint, hf, sharding, world
 from ptx.model import ModelConfig, Transformer, init_params
 from ptx.sampler import make_generate_fn
+from ptx.stages import supervised
 from ptx.tokenizer import train_tokenizer
 
 torch = pytest.importorskip("torch")
@@ -377,8 +380,6 @@ def test_a_broken_directory_is_an_error_naming_the_file_and_field(tmp_path):
 def world_and_hf_base(tmp_path):
     """The embedded world's files and a small model saved as a Hugging Face directory
     (tmp_path / 'hf', with a tokenizer trained on the world): (files, params)."""
-    from ptx import world
-
     files = world.World(world.WorldConfig(n_pretrain=50, n_sft=40, n_pref=40, n_heldout=8)).write(
         str(tmp_path / "world"))
     tok = train_tokenizer([json.loads(line)["text"] for line in open(files["pretrain"])],
@@ -392,10 +393,6 @@ def world_and_hf_base(tmp_path):
 
 def test_sft_stage_starts_from_an_hf_dir(tmp_path):
     """init.hf_dir: the stage reads architecture, weights and tokenizer from the directory."""
-    from configs import sft as sft_config
-    from ptx import checkpoint
-    from ptx.stages import supervised
-
     files, params = world_and_hf_base(tmp_path)
     c = sft_config.get_config("tiny")
     c.data.train = files["sft"]
@@ -410,10 +407,6 @@ def test_sft_stage_starts_from_an_hf_dir(tmp_path):
 
 def test_lora_reward_stage_on_an_hf_base_trains_and_its_checkpoint_loads_merged(tmp_path):
     """Adapters on an HF trunk with a fresh full scalar head; loading merges into that HF base."""
-    from configs import reward as reward_config
-    from ptx import checkpoint
-    from ptx.stages import supervised
-
     files, params = world_and_hf_base(tmp_path)
     c = reward_config.get_config("tiny")
     c.data.train = files["preference"]

@@ -6,6 +6,8 @@ import os
 import pathlib
 import sys
 
+from ptx import stages
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PTX = ROOT / "ptx"
 OUTSIDE = ("configs", "bench", "experiments", "tests")
@@ -100,8 +102,6 @@ def test_module_imports_form_no_cycle():
 
 
 def test_every_stage_module_is_in_the_dispatch_table_or_shared():
-    from ptx import stages
-
     runners = {f.__module__ for f in stages.RUNNERS.values()}
     stage_modules = {n for n in modules(PTX / "stages") if n != "ptx.stages"}
     assert stage_modules == runners | SHARED_STAGE_CODE

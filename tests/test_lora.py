@@ -13,12 +13,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from ptx import lora, sharding, steps
+from configs import dpo as dpo_config
+from configs import grpo as grpo_config
+from configs import merge as merge_config
+from configs import ppo as ppo_config
+from configs import reward as reward_config
+from configs import sft as sft_config
+from ptx import checkpoint, hf, inference, lora, rollout, sampler, sharding, stages, steps
 from ptx.model import Dense, ModelConfig, Transformer, count_params, init_params
-from ptx.stages import common, supervised
+from ptx.stages import common, rl, supervised
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                   tie_embeddings=False)
@@ -308,11 +315,6 @@ def test_adapters_shard_like_their_weights_on_a_2x2x2_mesh(base, trained):
 
 def test_lora_stages_train_adapters_only_and_their_checkpoints_load_merged(tmp_path):
     """SFT, reward and DPO stages with lora.rank > 0 end to end through the supervised stage."""
-    from configs import dpo as dpo_config
-    from configs import reward as reward_config
-    from configs import sft as sft_config
-    from ptx import checkpoint
-
     c = sft_config.get_config("tiny")
     c.train.steps, c.train.eval_every = 4, 0
     supervised.run(c, str(tmp_path / "sft"))
@@ -424,10 +426,6 @@ def test_bfloat16_base_halves_its_memory_trains_and_merges_into_the_model_it_tra
 
 def raw_state(workdir):
     """The newest checkpoint's saved train state as host arrays (no target tree: what is on disk)."""
-    import orbax.checkpoint as ocp
-
-    from ptx import checkpoint
-
     directory, step = checkpoint.resolve(str(workdir))
     # Without a target orbax places each array as it was saved, and warns that it does.
     with ocp.PyTreeCheckpointer() as reader, warnings.catch_warnings():
@@ -440,9 +438,6 @@ def adapted_module_names(adapters):
 
 
 def rl_lora_config(kind, sft_dir, base_dtype="float32"):
-    from configs import grpo as grpo_config
-    from configs import ppo as ppo_config
-
     c = (ppo_config if kind == "ppo" else grpo_config).get_config("tiny")
     c.init.checkpoint = sft_dir
     c.reward.source, c.reward.function = "function", "reward_fns:letter_share"
@@ -454,9 +449,6 @@ def rl_lora_config(kind, sft_dir, base_dtype="float32"):
 
 @pytest.mark.parametrize("kind,base_dtype", [("ppo", "float32"), ("grpo", "float32"), ("ppo", "bfloat16")])
 def test_rl_lora_first_minibatch_ratio_is_one_and_kl_is_zero_against_the_base(sft_dir, kind, base_dtype):
-    from ptx import checkpoint, rollout, sampler
-    from ptx.stages import rl
-
     c = rl_lora_config(kind, sft_dir, base_dtype)
     c.rl.old_logprobs = "forward"  # the update's own program, so the ratio is exactly 1
     mesh = sharding.make_mesh(c.mesh)
@@ -494,9 +486,6 @@ def test_rl_lora_first_minibatch_ratio_is_one_and_kl_is_zero_against_the_base(sf
 
 
 def test_rl_lora_iteration_trains_adapters_and_value_head_only_and_loads_merged(sft_dir, tmp_path):
-    from ptx import checkpoint, inference
-    from ptx.stages import rl
-
     c = rl_lora_config("ppo", sft_dir)
     c.optim.lr = 1e-2
     rl.run(c, str(tmp_path))
@@ -534,10 +523,6 @@ def test_rl_lora_iteration_trains_adapters_and_value_head_only_and_loads_merged(
 
 
 def test_merge_command_writes_a_full_checkpoint_whose_logits_equal_the_adapter_model(sft_dir, tmp_path):
-    from configs import merge as merge_config
-    from configs import sft as sft_config
-    from ptx import checkpoint, hf, stages
-
     c = sft_config.get_config("tiny")
     c.init.checkpoint, c.lora.rank, c.optim.lr = sft_dir, 4, 1e-2
     c.train.steps, c.train.eval_every = 4, 0

@@ -1,5 +1,7 @@
 """ptx.sampler: filters match an exact reference, cached decoding matches the
 full forward, rows are independent of their batch, stops end rows exactly."""
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from scipy import stats
 
-from ptx import sampler, sharding
+from ptx import inference, sampler, sharding
 from ptx.model import ModelConfig, Transformer, init_params
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
@@ -483,10 +485,6 @@ def test_group_prefill_samples_as_prefilling_every_copy(params, prompts, shape):
 def test_sampler_chunks_with_group_prefill_are_those_of_prefilling_every_copy(params, prompts, group_size):
     """inference.Sampler over 4 prompts x 3 samples in chunks of 6 rows (the last padded): with
     group_size 3 each chunk prefills 2 prompts; 4 does not divide the chunk, so it prefills all."""
-    import types
-
-    from ptx import inference
-
     tok = types.SimpleNamespace(eos_ids=(EOS,), pad_id=PAD, vocab_size=CFG.vocab_size)
     policy = inference.Policy(CFG, params, tok, sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1), jax.devices()[:1]))
     rows = np.repeat(np.arange(len(PROMPT_LENS)), 3)
