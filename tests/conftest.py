@@ -34,6 +34,7 @@ from configs import grpo as grpo_config  # noqa: E402
 from configs import gspo as gspo_config  # noqa: E402
 from configs import ppo as ppo_config  # noqa: E402
 from configs import quickstart as quickstart_config  # noqa: E402
+from configs import reward as reward_config  # noqa: E402
 from configs import sft as sft_config  # noqa: E402
 from ptx import checkpoint, hf, metrics  # noqa: E402
 from ptx.stages import quickstart as quickstart_stage  # noqa: E402
@@ -208,3 +209,54 @@ def toks(dirs) -> dict:
 def hf_toks(dirs) -> dict:
     transformers = pytest.importorskip("transformers")
     return {f: transformers.AutoTokenizer.from_pretrained(d) for f, d in dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def sft_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "sft.jsonl"
+    rng = np.random.default_rng(0)
+    with open(path, "w") as f:
+        for _ in range(64):
+            a, b = rng.integers(0, 10, 2)
+            f.write(json.dumps({"prompt": f"What is {a} + {b}?", "completion": f"{a} + {b} = {a + b}."}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def rl_models(tmp_path_factory):
+    """A tiny SFT policy and a reward model trained on top of it (the PPO critic too)."""
+    d = tmp_path_factory.mktemp("rl")
+    rng = np.random.default_rng(1)
+    with open(d / "pref.jsonl", "w") as f:
+        for _ in range(32):
+            a, b = rng.integers(0, 10, 2)
+            f.write(json.dumps({"prompt": f"What is {a} + {b}?", "chosen": f"{a} + {b} = {a + b}.",
+                                "rejected": f"{a} + {b} = {a + b + 1}. Sorry."}) + "\n")
+    # On the embedded world: its corpus gives the tokenizer every piece of the model's vocabulary.
+    c = sft_config.get_config("tiny")
+    c.train.steps, c.train.eval_every = 10, 0
+    supervised.run(c, str(d / "sft"))
+    r = reward_config.get_config("tiny")
+    r.data.train, r.init.checkpoint, r.train.steps, r.train.eval_every = str(d / "pref.jsonl"), str(d / "sft"), 4, 0
+    supervised.run(r, str(d / "rm"))
+    return {"sft": str(d / "sft"), "rm": str(d / "rm"), "prompts": str(d / "sft" / "world" / "sft.jsonl")}
+
+
+def assert_rl_metrics_close(rows, ref, *, rtol, atol, label=""):
+    """The same logged samples (so the same sampled tokens, texts and scores) and close metrics."""
+    assert [r["step"] for r in rows] == [r["step"] for r in ref], label
+    assert [r for r in rows if "samples" in r] == [r for r in ref if "samples" in r], label
+    for row, expected in zip(rows, ref):
+        for k in expected.keys() - {"step", "samples", "completion_tokens_per_s"}:
+            # A clip fraction counts ties (a value or ratio at its old value) that float
+            # rounding breaks either way: a few of the 256 tokens may flip.
+            tol = 0.02 if k.endswith("clipfrac") else atol
+            np.testing.assert_allclose(row[k], expected[k], rtol=rtol, atol=tol, err_msg=f"{label} {k}")
+
+
+def assert_same_params(a, b):
+    flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+    for (path, x), (_, y) in zip(flat_a, flat_b):
+        assert x.dtype == y.dtype, path
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))

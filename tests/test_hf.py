@@ -14,13 +14,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from configs import reward as reward_config
-from configs import sft as sft_config
-from ptx import checkpoint, hf, sharding, world
+from ptx import hf, sharding
 from ptx.model import ModelConfig, Transformer, init_params
 from ptx.sampler import make_generate_fn
-from ptx.stages import supervised
 from ptx.tokenizer import train_tokenizer
+
+from conftest import assert_same_params
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -118,14 +117,6 @@ def test_greedy_generation_equals_transformers(variant):
     out = generate(ptx_model.params, jnp.asarray(prompt), jnp.full((2,), 8, jnp.int32),
                    jax.random.split(jax.random.PRNGKey(0), 2), temperature=0.0)
     np.testing.assert_array_equal(np.asarray(out.tokens), expected)
-
-
-def assert_same_params(a, b):
-    flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
-    assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
-    for (path, x), (_, y) in zip(flat_a, flat_b):
-        assert x.dtype == y.dtype, path
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
 
 
 def test_export_then_import_is_identity(variant, tmp_path):
@@ -289,136 +280,8 @@ def test_given_cfg_must_match_checkpoint(llama):
         hf.load_params(llama[1], cfg.replace(rope_theta=1.0))
 
 
-BASE = {"architectures": ["LlamaForCausalLM"], "vocab_size": 128, "hidden_size": 64,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
-        "max_position_embeddings": 64}
-
-
-@pytest.mark.parametrize("override, match", [
-    ({"architectures": ["GPT2LMHeadModel"]}, r"config.json architectures=\['GPT2LMHeadModel'\]: ptx imports"),
-    ({"architectures": ["GemmaForCausalLM"]}, r"architectures=\['GemmaForCausalLM'\]"),
-    ({"architectures": ["Gemma3ForConditionalGeneration"]}, r"multimodal Gemma 3.*Gemma3ForCausalLM"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 8.0}}, r"rope_scaling=.*'yarn'"),
-    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, r"rope_parameters=.*'longrope'"),
-    ({"rope_scaling": {"rope_type": "llama3"}}, r"rope_scaling=.*needs a numeric factor"),
-    ({"attention_bias": True}, r"attention_bias=True.*o_proj"),
-    ({"hidden_act": "gelu"}, r"hidden_act='gelu'"),
-    ({"architectures": ["Gemma3ForCausalLM"], "final_logit_softcapping": 30.0}, r"final_logit_softcapping=30.0"),
-    ({"architectures": ["Qwen3ForCausalLM"], "layer_types": ["full_attention"]}, r"layer_types=.*expected 2"),
-    ({"num_attention_heads": None}, r"config.json: field 'num_attention_heads' missing"),
-    ({"hidden_size": "64"}, r"config.json hidden_size='64': expected int"),
-])
-def test_unsupported_config_is_a_clear_error(override, match):
-    with pytest.raises(ValueError, match=match):
-        hf.config_from_hf({**BASE, **override})
-
-
-def test_config_mapping():
-    cfg = hf.config_from_hf({**BASE, "architectures": ["MistralForCausalLM"], "num_key_value_heads": 2,
-                             "head_dim": 32, "sliding_window": 16, "rope_theta": 5e5, "rms_norm_eps": 1e-6,
-                             "tie_word_embeddings": True, "torch_dtype": "bfloat16"})
-    assert cfg == ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32,
-                              d_ff=128, rope_theta=5e5, norm_eps=1e-6, tie_embeddings=True,
-                              param_dtype="bfloat16", sliding_window=16)
-    # Qwen2 stores a sliding_window that only counts with use_sliding_window.
-    qwen = hf.config_from_hf({**BASE, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 16,
-                              "use_sliding_window": False})
-    assert qwen.qkv_bias and qwen.head_dim == 0 and qwen.n_kv_heads == 4 and qwen.sliding_window == 0
-    # Llama 3.2 as downloaded: rope_theta beside rope_scaling.
-    llama = hf.config_from_hf({**BASE, "rope_theta": 5e5, "rope_scaling": {
-        "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192}})
-    assert (llama.rope_type, llama.rope_theta, llama.rope_factor, llama.rope_original_max_len) == (
-        "llama3", 5e5, 32.0, 8192)
-    # Gemma 3 1B as downloaded: no layer_types, the pattern and both rope bases as plain fields,
-    # and transformers' Gemma 3 defaults (head_dim 256, query_pre_attn_scalar 256) where absent.
-    gemma = hf.config_from_hf({**BASE, "architectures": ["Gemma3ForCausalLM"], "num_hidden_layers": 12,
-                               "sliding_window": 512, "sliding_window_pattern": 6, "rope_theta": 1e6,
-                               "rope_local_base_freq": 1e4, "rope_scaling": None})
-    assert gemma.global_layers == (5, 11) and gemma.sliding_window == 512 and gemma.head_size == 256
-    assert (gemma.rope_theta, gemma.rope_local_theta, gemma.query_pre_attn_scalar) == (1e6, 1e4, 256.0)
-    assert gemma.norm_plus_one and gemma.scale_embed and gemma.mlp_act == "gelu_tanh" and gemma.tie_embeddings
-
-
-@pytest.mark.parametrize("cfg", [
-    ModelConfig(vocab_size=64, d_model=32, n_heads=4, n_kv_heads=2, rope_type="dynamic", rope_factor=2.0,
-                rope_original_max_len=16),
-    ModelConfig(vocab_size=64, d_model=32, rope_type="linear", rope_factor=4.0, qk_norm=True, sliding_window=8,
-                n_layers=3, global_layers=(0, 2)),
-    ModelConfig(vocab_size=64, d_model=32, qkv_bias=True, scalar_head=True, tie_embeddings=False),
-    ModelConfig(vocab_size=64, d_model=32, n_layers=4, head_dim=16, qk_norm=True, norm_plus_one=True,
-                post_norms=True, scale_embed=True, mlp_act="gelu_tanh", query_pre_attn_scalar=24.0,
-                sliding_window=4, global_layers=(3,), rope_local_theta=1e4, rope_theta=1e6, scalar_head=True),
-])
-def test_exported_config_reads_back_as_the_same_model(cfg):
-    hf_config = hf.to_hf_config(cfg, "float32", max_position_embeddings=16)
-    assert hf.config_from_hf(hf_config) == cfg
-    # transformers builds it: its config class accepts every field.
-    config_cls = transformers.AutoConfig.for_model(hf_config["model_type"]).__class__
-    config_cls.from_dict(hf_config)
-
-
 def test_a_config_no_transformers_family_computes_is_refused_before_writing(tmp_path):
     cfg = ModelConfig(vocab_size=64, d_model=32, qk_norm=True, qkv_bias=True)
     with pytest.raises(ValueError, match="q / k norms with qkv biases"):
         hf.save_params(init_params(cfg, jax.random.PRNGKey(0)), cfg, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
-
-
-def test_a_broken_directory_is_an_error_naming_the_file_and_field(tmp_path):
-    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], ')
-    with pytest.raises(ValueError, match=r"config\.json: malformed JSON"):
-        hf.load_model(str(tmp_path))
-    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in BASE.items() if k != "num_attention_heads"}))
-    with pytest.raises(ValueError, match=rf"{tmp_path}/config\.json: field 'num_attention_heads' missing"):
-        hf.load_model(str(tmp_path))
-    (tmp_path / "config.json").unlink()
-    with pytest.raises(FileNotFoundError, match=r"config\.json: no such file"):
-        hf.load_model(str(tmp_path))
-
-
-def world_and_hf_base(tmp_path):
-    """The embedded world's files and a small model saved as a Hugging Face directory
-    (tmp_path / 'hf', with a tokenizer trained on the world): (files, params)."""
-    files = world.World(world.WorldConfig(n_pretrain=50, n_sft=40, n_pref=40, n_heldout=8)).write(
-        str(tmp_path / "world"))
-    tok = train_tokenizer([json.loads(line)["text"] for line in open(files["pretrain"])],
-                          vocab_size=512, path=str(tmp_path / "tok.model"))
-    cfg = ModelConfig(vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
-                      tie_embeddings=False)
-    params = init_params(cfg, jax.random.PRNGKey(3))
-    hf.save_params(params, cfg, str(tmp_path / "hf"), tokenizer=tok)
-    return files, params
-
-
-def test_sft_stage_starts_from_an_hf_dir(tmp_path):
-    """init.hf_dir: the stage reads architecture, weights and tokenizer from the directory."""
-    files, params = world_and_hf_base(tmp_path)
-    c = sft_config.get_config("tiny")
-    c.data.train = files["sft"]
-    c.init.hf_dir = str(tmp_path / "hf")
-    c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 0.0, 0, "constant"
-    c.train.steps, c.train.eval_every = 1, 0
-    supervised.run(c, str(tmp_path / "run"))
-    loaded, meta = checkpoint.load_params(str(tmp_path / "run"))
-    assert meta["model"]["d_model"] == 32 and meta["model"]["tie_embeddings"] is False
-    assert_same_params(jax.device_get(loaded), jax.device_get(params))
-
-
-def test_lora_reward_stage_on_an_hf_base_trains_and_its_checkpoint_loads_merged(tmp_path):
-    """Adapters on an HF trunk with a fresh full scalar head; loading merges into that HF base."""
-    files, params = world_and_hf_base(tmp_path)
-    c = reward_config.get_config("tiny")
-    c.data.train = files["preference"]
-    c.init.hf_dir = str(tmp_path / "hf")
-    c.lora.rank = 4
-    # The head starts at zero, so the trunk's adapters get gradient from the second step on.
-    c.train.steps, c.train.eval_every, c.optim.lr = 3, 0, 1e-2
-    c.optim.warmup_steps, c.optim.schedule = 0, "constant"
-    supervised.run(c, str(tmp_path / "rm"))
-    loaded, meta = checkpoint.load_params(str(tmp_path / "rm"))
-    assert meta["model"]["scalar_head"] is True and meta["lora"]["base"]["hf_dir"] == str(tmp_path / "hf")
-    loaded = jax.device_get(loaded)
-    assert np.abs(loaded["scalar_head"]["kernel"]).max() > 0  # the head trained in full
-    np.testing.assert_array_equal(loaded["embed"]["embedding"], params["embed"]["embedding"])  # not adapted
-    assert np.abs(loaded["layers"]["attn"]["q"]["kernel"] - params["layers"]["attn"]["q"]["kernel"]).max() > 0

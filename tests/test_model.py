@@ -1,14 +1,21 @@
-"""The transformer: shapes, causality, packing isolation, cached = full forward, sharding rules."""
-import flax.linen as nn
+"""The transformer: shapes, causality, packing isolation, cached = full forward."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ptx import losses, sharding
-from ptx.layers import rope_frequencies
-from ptx.model import (Dense, ModelConfig, Transformer, count_params, init_cache, init_params, lm_head,
-                       rope_tables, unstack_cache, unstack_layers)
+from ptx.model import (
+    ModelConfig,
+    Transformer,
+    count_params,
+    init_cache,
+    init_params,
+    lm_head,
+    rope_tables,
+    unstack_cache,
+    unstack_layers,
+)
 
 CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64,
                   qkv_bias=True, tie_embeddings=False, scalar_head=True)
@@ -232,22 +239,6 @@ def test_mixed_sliding_and_global_layers_agree_in_loop_scan_and_cached_decode():
     sharding.tree_specs(p, sharding.param_rules(cfg), mesh, strict=True)  # one rule per parameter
 
 
-def test_scaled_rope_frequencies_follow_their_closed_forms():
-    base = 10000.0 ** (-np.arange(0, 16, 2) / 16)
-    np.testing.assert_allclose(rope_frequencies(16, 1e4, "linear", factor=4.0), base / 4, rtol=1e-6)
-    # llama3: short wavelengths kept, long ones divided by the factor, a ramp between.
-    freq = np.asarray(rope_frequencies(16, 1e4, "llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                       original_max_len=64))
-    wavelen = 2 * np.pi / base
-    np.testing.assert_allclose(freq[wavelen < 16], base[wavelen < 16], rtol=1e-6)
-    np.testing.assert_allclose(freq[wavelen > 64], base[wavelen > 64] / 8, rtol=1e-6)
-    # dynamic: the base grows only past the original length.
-    short, long = (rope_frequencies(16, 1e4, "dynamic", factor=2.0, original_max_len=8,
-                                    positions=jnp.arange(n)[None]) for n in (8, 16))
-    np.testing.assert_allclose(short, base, rtol=1e-6)
-    np.testing.assert_allclose(long, (1e4 * 3 ** (16 / 14)) ** (-np.arange(0, 16, 2) / 16), rtol=1e-5)
-
-
 @pytest.mark.parametrize("tie", [False, True])
 def test_hidden_states_and_lm_head_give_the_logits_log_probs_in_chunks(params, tie):
     cfg = CFG.replace(tie_embeddings=tie)
@@ -279,19 +270,6 @@ def test_rotary_tables_match_the_closed_form_and_are_evaluated_once_per_step(par
     assert hlo.count(" sine(") == 1 and hlo.count(" cosine(") == 1
 
 
-def test_dense_has_flax_dense_generals_parameters_and_outputs():
-    rng = np.random.default_rng(0)
-    for in_axes, features, x_shape in ((1, (4, 8), (3, 5, 16)), (2, (16,), (3, 5, 4, 8))):
-        x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
-        ours = Dense(features, in_axes, True, jnp.float32, jnp.float32)
-        ref = nn.DenseGeneral(features, axis=tuple(range(-in_axes, 0)), use_bias=True,
-                              kernel_init=nn.initializers.normal(0.02))
-        params = ours.init(jax.random.key(3), x)
-        jax.tree.map(np.testing.assert_array_equal, params, ref.init(jax.random.key(3), x))
-        params = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
-        np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-6)
-
-
 def test_bad_model_config_is_a_clear_error():
     with pytest.raises(ValueError, match="n_kv_heads"):
         ModelConfig(n_heads=4, n_kv_heads=3)
@@ -313,29 +291,3 @@ def test_bad_model_config_is_a_clear_error():
         ModelConfig(mlp_act="relu")
     # A config read back from JSON holds lists: it stays hashable (a static jit argument).
     assert hash(ModelConfig(n_layers=4, global_layers=[1, 3])) == hash(ModelConfig(n_layers=4, global_layers=(1, 3)))
-
-
-def test_every_parameter_matches_exactly_one_sharding_rule(params):
-    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    specs = sharding.tree_specs(params, sharding.param_rules(CFG), mesh, strict=True)
-    assert specs["layers"]["attn"]["q"]["kernel"] == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
-    assert specs["layers"]["down"]["kernel"] == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
-    # 97 is not divisible by 2: the axis is dropped instead of failing.
-    assert specs["lm_head"]["kernel"] == jax.sharding.PartitionSpec("fsdp", None)
-
-
-def test_a_rule_without_parameter_or_a_parameter_without_rule_is_an_error(params):
-    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-    rules = sharding.param_rules(CFG)
-    with pytest.raises(ValueError, match="match no parameter"):
-        sharding.tree_specs(params, rules + [(r"nothing/here", jax.sharding.PartitionSpec())], mesh,
-                            strict=True)
-    with pytest.raises(ValueError, match="final_norm/scale matches 0"):
-        sharding.tree_specs(params, [r for r in rules if "final_norm" not in r[0]], mesh, strict=True)
-
-
-def test_mesh_from_config_fills_the_rest_and_rejects_bad_sizes():
-    assert dict(sharding.make_mesh({"data": -1, "fsdp": 2, "tensor": 1}).shape) == {
-        "data": 4, "fsdp": 2, "tensor": 1}
-    with pytest.raises(ValueError, match="needs 16 devices"):
-        sharding.make_mesh({"data": 4, "fsdp": 4, "tensor": 1})

@@ -1,6 +1,5 @@
 """ptx.sampler: filters match an exact reference, cached decoding matches the
 full forward, rows are independent of their batch, stops end rows exactly."""
-import types
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +8,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from scipy import stats
 
-from ptx import inference, sampler, sharding
+from ptx import sampler, sharding
 from ptx.model import ModelConfig, Transformer, init_params
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
@@ -479,21 +478,3 @@ def test_group_prefill_samples_as_prefilling_every_copy(params, prompts, shape):
     np.testing.assert_allclose(out.entropy, each.entropy, rtol=1e-5, atol=1e-5)
     # Copies of one prompt drew with their own keys: a group's rows differ.
     assert any((out.tokens[i] != out.tokens[i + 1]).any() for i in range(0, len(rows), g))
-
-
-@pytest.mark.parametrize("group_size", [3, 4])
-def test_sampler_chunks_with_group_prefill_are_those_of_prefilling_every_copy(params, prompts, group_size):
-    """inference.Sampler over 4 prompts x 3 samples in chunks of 6 rows (the last padded): with
-    group_size 3 each chunk prefills 2 prompts; 4 does not divide the chunk, so it prefills all."""
-    tok = types.SimpleNamespace(eos_ids=(EOS,), pad_id=PAD, vocab_size=CFG.vocab_size)
-    policy = inference.Policy(CFG, params, tok, sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1), jax.devices()[:1]))
-    rows = np.repeat(np.arange(len(PROMPT_LENS)), 3)
-    each, grouped = (inference.Sampler(policy, batch_size=6, max_new_tokens=MAX_NEW, group_size=g)
-                     for g in (1, group_size))
-    assert grouped.group_size == (3 if group_size == 3 else 1)
-    a, b = (smp(prompts[rows], PROMPT_LENS[rows], 7, temperature=1.0) for smp in (each, grouped))
-    assert [c["rows"] for c in a] == [c["rows"] for c in b] == [6, 6]
-    for x, y in zip(a, b):
-        for k in ("tokens", "lengths", "finish_reason"):
-            np.testing.assert_array_equal(x[k], y[k])
-        np.testing.assert_allclose(x["logprobs"], y["logprobs"], rtol=1e-5, atol=1e-5)

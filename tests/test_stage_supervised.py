@@ -1,14 +1,12 @@
-"""The training loop: learning, resume equality, NaN guard, multi-device equality, config errors."""
-import functools
+"""The supervised stage: learning, resume equality, NaN guard, multi-device equality, config and data
+errors, KTO / ORPO, host transfers, and starting from a Hugging Face directory."""
 import json
 import os
 import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from configs import dpo as dpo_config
@@ -16,12 +14,13 @@ from configs import kto as kto_config
 from configs import orpo as orpo_config
 from configs import reward as reward_config
 from configs import sft as sft_config
-from ptx import checkpoint, data, metrics, steps
+from ptx import checkpoint, data, hf, metrics, steps, world
 from ptx.losses import sequence_logps, token_logprobs
 from ptx.model import ModelConfig, Transformer, init_params
 from ptx.stages import common, supervised
+from ptx.tokenizer import train_tokenizer
 
-from conftest import assert_trees_close, host_params, read_metrics
+from conftest import assert_same_params, assert_trees_close, host_params, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,22 +81,6 @@ def test_gradient_accumulation_equals_one_big_batch(files, tmp_path):
     supervised.run(sft(files, **{"train.steps": 3}), str(tmp_path / "big"))
     supervised.run(sft(files, **{"train.steps": 3, "optim.accum_steps": 4}), str(tmp_path / "accum"))
     assert_trees_close(host_params(tmp_path / "big"), host_params(tmp_path / "accum"), atol=2e-6)
-
-
-def test_train_step_applies_a_finite_update_and_skips_a_nonfinite_one():
-    w = jnp.array([1.0, -2.0, 3.0])
-    tx = optax.sgd(0.1)
-    step = jax.jit(functools.partial(
-        steps.train_step, loss_fn=lambda p, batch, _: (batch["scale"] * jnp.sum(p["w"] ** 2), {}),
-        tx=tx, lr_fn=lambda _: 0.1, accum_steps=1))
-    good, m = step(steps.init_state({"w": w}, tx), {"scale": jnp.float32(1.0)}, None)
-    np.testing.assert_allclose(good.params["w"], w - 0.1 * 2 * w, rtol=1e-6)
-    np.testing.assert_allclose([m["grad_norm"], m["update_norm"]],
-                               [np.linalg.norm(2 * w), np.linalg.norm(0.2 * w)], rtol=1e-6)
-    assert int(good.step) == 1 and float(m["nonfinite"]) == 0
-    bad, m = step(good, {"scale": jnp.float32(np.nan)}, None)
-    np.testing.assert_array_equal(bad.params["w"], good.params["w"])
-    assert int(bad.step) == 1 and float(m["nonfinite"]) == 1 and float(m["update_norm"]) == 0
 
 
 def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(files, tmp_path):
@@ -172,84 +155,6 @@ def test_dpo_first_step_loss_is_log2_with_and_without_precomputed_reference_and_
     np.testing.assert_allclose([first for first, _ in losses], [np.log(2)] * 4, rtol=1e-6)
     np.testing.assert_allclose(losses[1][1], losses[0][1], rtol=1e-4)
     np.testing.assert_allclose(losses[3][1], losses[2][1], rtol=1e-4)
-
-
-def two_row_and_shared_pairs():
-    """Pairs of different prompt and response lengths (a one-id prompt among them), right-padded,
-    as two rows each and as one shared-prefix row."""
-    rng = np.random.default_rng(0)
-    docs = {"chosen": [], "rejected": []}
-    for prompt, n_chosen, n_rejected in ((5, 4, 9), (1, 6, 2), (9, 3, 3), (3, 11, 7)):
-        head = [int(i) for i in rng.integers(3, 200, prompt)]
-        for side, n in (("chosen", n_chosen), ("rejected", n_rejected)):
-            docs[side].append((head + [int(i) for i in rng.integers(3, 200, n)], [0] * prompt + [1] * n))
-    two, shared = (data.pair_arrays(docs["chosen"], docs["rejected"], max_len=24, pad_id=0, shared_prefix=on)
-                   for on in (False, True))
-    assert shared["inputs"].shape[1] < 2 * 24  # one row, shorter than the two it stands for
-    for batch in (two, shared):
-        batch["prob_chosen"] = np.ones(4, np.float32)
-    return two, shared
-
-
-def test_two_row_pairs_drop_the_prompt_columns_of_every_row_and_keep_the_log_probs():
-    """Targets and loss masks start at the first column any row trains on (a 3-id prompt: column
-    2); the summed log-probs equal the plain forward's log-softmax at each side's trained targets."""
-    rng = np.random.default_rng(1)
-    docs = {"chosen": [], "rejected": []}
-    for prompt, n_chosen, n_rejected in ((5, 4, 9), (3, 6, 2), (9, 3, 3)):
-        head = [int(i) for i in rng.integers(3, 200, prompt)]
-        for side, n in (("chosen", n_chosen), ("rejected", n_rejected)):
-            docs[side].append((head + [int(i) for i in rng.integers(3, 200, n)], [0] * prompt + [1] * n))
-    two = data.pair_arrays(docs["chosen"], docs["rejected"], max_len=24, pad_id=0)
-    assert two["chosen_inputs"].shape == (3, 24)
-    for key in ("chosen_targets", "chosen_loss_mask", "rejected_targets", "rejected_loss_mask"):
-        assert two[key].shape == (3, 22), key
-    cfg = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
-    m = Transformer(cfg)
-    params = init_params(cfg, jax.random.PRNGKey(0))
-    (got_chosen, got_rejected), lengths = jax.jit(functools.partial(steps.pair_logps, m))(params, two)
-    for side, got, n in (("chosen", got_chosen, lengths[0]), ("rejected", got_rejected, lengths[1])):
-        for r, (seq, trained) in enumerate(docs[side]):
-            logp = np.asarray(jax.nn.log_softmax(m.apply({"params": params}, np.asarray([seq[:-1]])).logits[0]))
-            want = sum(logp[j, seq[j + 1]] for j in range(len(seq) - 1) if trained[j + 1])
-            np.testing.assert_allclose(got[r], want, rtol=1e-5)
-            assert n[r] == sum(trained[1:])
-
-
-@pytest.mark.parametrize("model", [dict(attention="xla"), dict(attention="blockwise", attention_block_q=8,
-                                                                 attention_block_k=16, remat="full"),
-                                   dict(sliding_window=4)], ids=["xla", "blockwise", "window"])
-def test_shared_prefix_dpo_loss_and_gradients_equal_the_two_row_path(model):
-    """Equal log-probs, loss and gradients (float32) of `two_row_and_shared_pairs`."""
-    two, shared = two_row_and_shared_pairs()
-    cfg = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, **model)
-    m = Transformer(cfg)
-    params, ref = init_params(cfg, jax.random.PRNGKey(0)), init_params(cfg, jax.random.PRNGKey(1))
-    loss_fn = steps.make_loss_fn("dpo", m, dpo=steps.DPOConfig(beta=0.5))
-    grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
-    ((loss_two, metrics_two), grads_two), ((loss, metrics), grads) = (grad(params, b, ref) for b in (two, shared))
-    logps = jax.jit(functools.partial(steps.pair_logps, m))
-    (logps_two, lengths_two), (logps_shared, lengths_shared) = logps(params, two), logps(params, shared)
-    np.testing.assert_allclose(logps_shared, logps_two, rtol=1e-5)
-    np.testing.assert_array_equal(lengths_shared, lengths_two)
-    np.testing.assert_allclose(loss, loss_two, rtol=1e-5)
-    assert_trees_close(metrics, metrics_two, rtol=1e-5, atol=1e-6)
-    assert_trees_close(grads, grads_two, rtol=1e-4, atol=1e-7)
-    orpo = jax.jit(steps.make_loss_fn("orpo", m, orpo=steps.ORPOConfig()))  # ORPO reads the same log-probs
-    np.testing.assert_allclose(orpo(params, shared)[0], orpo(params, two)[0], rtol=1e-5)
-
-
-def test_shared_prefix_reward_loss_and_gradients_equal_the_two_row_path():
-    two, shared = two_row_and_shared_pairs()
-    cfg = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, scalar_head=True)
-    params = init_params(cfg, jax.random.PRNGKey(0))
-    # A random head instead of the zero init, so that the trunk has gradients too.
-    params["scalar_head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(1), params["scalar_head"]["kernel"].shape)
-    grad = jax.jit(jax.value_and_grad(steps.make_loss_fn("reward", Transformer(cfg)), has_aux=True))
-    ((loss_two, metrics_two), grads_two), ((loss, metrics), grads) = (grad(params, b) for b in (two, shared))
-    np.testing.assert_allclose(loss, loss_two, rtol=1e-5)
-    assert_trees_close(metrics, metrics_two, rtol=1e-5, atol=1e-6)
-    assert_trees_close(grads, grads_two, rtol=1e-4, atol=1e-6)  # float32 sums in another order
 
 
 def test_bad_data_row_error_names_file_row_and_field(tmp_path):
@@ -357,3 +262,64 @@ def test_kto_rows_score_like_sft_rows_and_its_mismatched_pairs_shift_completions
                           sft_arrays["segment_ids"])
         ref = sequence_logps(token_logprobs(out.logits, sft_arrays["targets"]), sft_arrays["loss_mask"])
         np.testing.assert_allclose(want, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_with_ckpt_every_0_metrics_reach_the_host_only_at_log_steps(tmp_path, monkeypatch):
+    calls = []
+    original = metrics.mean_metrics
+    monkeypatch.setattr(metrics, "mean_metrics", lambda h: calls.append(len(h)) or original(h))
+    c = sft_config.get_config("tiny")
+    c.train.steps, c.train.log_every, c.train.ckpt_every, c.train.eval_every = 6, 3, 0, 0
+    supervised.run(c, str(tmp_path))
+    # One transfer of each 3-step window; before, one per step (ckpt_every 0 counted as 1).
+    assert calls == [3, 3]
+    with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == [0, 3, 6] and "tokens_per_s" in rows[-1]
+
+
+def world_and_hf_base(tmp_path):
+    """The embedded world's files and a small model saved as a Hugging Face directory
+    (tmp_path / 'hf', with a tokenizer trained on the world): (files, params)."""
+    files = world.World(world.WorldConfig(n_pretrain=50, n_sft=40, n_pref=40, n_heldout=8)).write(
+        str(tmp_path / "world"))
+    tok = train_tokenizer([json.loads(line)["text"] for line in open(files["pretrain"])],
+                          vocab_size=512, path=str(tmp_path / "tok.model"))
+    cfg = ModelConfig(vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                      tie_embeddings=False)
+    params = init_params(cfg, jax.random.PRNGKey(3))
+    hf.save_params(params, cfg, str(tmp_path / "hf"), tokenizer=tok)
+    return files, params
+
+
+def test_sft_stage_starts_from_an_hf_dir(tmp_path):
+    """init.hf_dir: the stage reads architecture, weights and tokenizer from the directory."""
+    files, params = world_and_hf_base(tmp_path)
+    c = sft_config.get_config("tiny")
+    c.data.train = files["sft"]
+    c.init.hf_dir = str(tmp_path / "hf")
+    c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 0.0, 0, "constant"
+    c.train.steps, c.train.eval_every = 1, 0
+    supervised.run(c, str(tmp_path / "run"))
+    loaded, meta = checkpoint.load_params(str(tmp_path / "run"))
+    assert meta["model"]["d_model"] == 32 and meta["model"]["tie_embeddings"] is False
+    assert_same_params(jax.device_get(loaded), jax.device_get(params))
+
+
+def test_lora_reward_stage_on_an_hf_base_trains_and_its_checkpoint_loads_merged(tmp_path):
+    """Adapters on an HF trunk with a fresh full scalar head; loading merges into that HF base."""
+    files, params = world_and_hf_base(tmp_path)
+    c = reward_config.get_config("tiny")
+    c.data.train = files["preference"]
+    c.init.hf_dir = str(tmp_path / "hf")
+    c.lora.rank = 4
+    # The head starts at zero, so the trunk's adapters get gradient from the second step on.
+    c.train.steps, c.train.eval_every, c.optim.lr = 3, 0, 1e-2
+    c.optim.warmup_steps, c.optim.schedule = 0, "constant"
+    supervised.run(c, str(tmp_path / "rm"))
+    loaded, meta = checkpoint.load_params(str(tmp_path / "rm"))
+    assert meta["model"]["scalar_head"] is True and meta["lora"]["base"]["hf_dir"] == str(tmp_path / "hf")
+    loaded = jax.device_get(loaded)
+    assert np.abs(loaded["scalar_head"]["kernel"]).max() > 0  # the head trained in full
+    np.testing.assert_array_equal(loaded["embed"]["embedding"], params["embed"]["embedding"])  # not adapted
+    assert np.abs(loaded["layers"]["attn"]["q"]["kernel"] - params["layers"]["attn"]["q"]["kernel"]).max() > 0

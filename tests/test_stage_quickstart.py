@@ -1,61 +1,17 @@
-"""Best-of-N selection, the sample command, and the quickstart shortened to a few steps per stage."""
+"""The quickstart shortened to a few steps per stage, its seed and extra-method switches, and the sample
+and best-of-N commands on its checkpoints."""
 import json
-import math
 import os
 
-import numpy as np
 import pytest
 
 from configs import best_of_n as bon_config
 from configs import quickstart as quickstart_config
 from configs import sample as sample_config
-from ptx import best_of_n, evaluate, rewards
+from ptx import rewards
 from ptx.stages import best_of_n as best_of_n_stage
 from ptx.stages import quickstart as quickstart_stage
 from ptx.stages import sample as sample_stage
-
-
-def test_best_of_n_picks_the_argmax_and_its_mean_is_monotone_in_n():
-    scores = np.random.default_rng(0).normal(size=(50, 16))
-    picked = best_of_n.select(scores, [1, 2, 4, 8, 16])
-    for n, r in picked.items():
-        np.testing.assert_array_equal(r["best_index"], scores[:, :n].argmax(1))
-        assert r["worst"] <= r["random"] <= r["best"] or n == 1
-    best = [picked[n]["best"] for n in (1, 2, 4, 8, 16)]
-    assert all(a <= b for a, b in zip(best, best[1:]))
-    assert picked[1]["best"] == picked[1]["random"] == picked[1]["worst"]
-    with pytest.raises(ValueError, match="best-of-32"):
-        best_of_n.select(scores, [32])
-
-
-def test_kl_bound_is_the_analytic_formula():
-    assert best_of_n.kl_bound(1) == 0.0
-    np.testing.assert_allclose(best_of_n.kl_bound(16), np.log(16) - 15 / 16)
-
-
-def test_summary_counts_refusals_and_accuracy_by_kind():
-    grades = [{"reward": 1.0, "correct": True, "refused": False, "kind": "arithmetic"},
-              {"reward": 0.0, "correct": False, "refused": True, "kind": "arithmetic"},
-              {"reward": 1.0, "correct": True, "refused": True, "kind": "harmful"},
-              {"reward": 0.0, "correct": False, "refused": False, "kind": "harmful"},
-              {"reward": 0.5, "correct": True, "refused": False, "kind": "harmful"}]
-    s = evaluate.summarize(grades, [3, 5, 7, 9, 6])
-    assert s["oracle_reward"] == 0.5 and s["accuracy/arithmetic"] == 0.5 and s["reward/arithmetic"] == 0.5
-    assert s["accuracy/harmful"] == 2 / 3 and s["reward/harmful"] == 0.5
-    assert s["correct_refusal_rate"] == 1 / 3 and s["over_refusal_rate"] == 0.5 and s["mean_length"] == 6
-
-
-def test_pass_at_k_equals_the_combinatorial_formula_and_a_simulation():
-    for n, c, k in [(10, 0, 1), (10, 3, 1), (10, 3, 4), (10, 8, 5), (256, 1, 16), (256, 40, 100), (5, 5, 5)]:
-        exact = 1 - math.comb(n - c, k) / math.comb(n, k)
-        np.testing.assert_allclose(evaluate.pass_at_k(n, c, k), exact, rtol=1e-12, atol=1e-15)
-    assert evaluate.pass_at_k(10, 3, 1) == pytest.approx(0.3)
-    # The chance that k draws without replacement from n samples (c correct) hit a correct one.
-    rng = np.random.default_rng(0)
-    hits = np.mean([rng.permutation(12)[:5].min() < 4 for _ in range(20000)])
-    assert abs(hits - evaluate.pass_at_k(12, 4, 5)) < 0.01
-    with pytest.raises(ValueError, match="pass@k"):
-        evaluate.pass_at_k(4, 5, 1)
 
 
 def test_shortened_quickstart_runs_end_to_end_and_writes_its_report(quickstart):
