@@ -1,6 +1,7 @@
 """The layout is the architecture: library modules (ptx/*.py) never import the stages
 (ptx/stages/), configs, bench or experiments; a stage imports the library and the shared
-stage code; no import hides inside a function; module imports form no cycle."""
+stage code; no import hides inside a function; module imports form no cycle; every library
+module with behaviour has its test file, tests/test_<module>.py."""
 import ast
 import os
 import pathlib
@@ -17,6 +18,14 @@ SHARED_STAGE_CODE = {"ptx.stages.common", "ptx.stages.scaffold", "ptx.stages.val
 COMPOSITE_STAGES = {"ptx.stages", "ptx.stages.quickstart"}
 # `python -m ptx.main`: flags, then the dispatch table.
 ENTRY = {"ptx.main"}
+TESTS = ROOT / "tests"
+# Library modules that are glue, with no behaviour of their own to test: package markers and
+# the package's re-exports. Every other module ptx/<name>.py has tests/test_<name>.py; the
+# modules of a package (ptx/losses/*.py) share tests/test_<package>.py.
+GLUE = {
+    "ptx",  # ptx/__init__.py: empty
+    "ptx.losses",  # ptx/losses/__init__.py: re-exports tokens, supervised and rl
+}
 
 
 def module_name(path: pathlib.Path) -> str:
@@ -93,6 +102,19 @@ def cycles(mods: dict) -> list[list[str]]:
     return found
 
 
+def untested(mods: dict, tests: pathlib.Path) -> list[str]:
+    """Library modules (not stages, not glue) without their test file."""
+    out = []
+    for name in sorted(mods):
+        parts = name.split(".")
+        if name in GLUE or name in ENTRY or "stages" in parts:
+            continue
+        want = tests / f"test_{parts[1]}.py"  # ptx.x -> test_x.py; ptx.losses.rl -> test_losses.py
+        if not want.exists():
+            out.append(f"{name} has no {want.relative_to(tests.parent)}")
+    return out
+
+
 def test_library_never_imports_stages_configs_or_bench_and_no_import_hides_in_a_function():
     assert violations(modules()) == []
 
@@ -121,6 +143,26 @@ def test_the_checks_catch_what_the_old_tree_did(tmp_path, monkeypatch):
     mods = modules(tmp_path / "ptx")
     assert sorted(violations(mods)) == ["library module ptx.lib imports configs", "ptx.lib imports ptx.other inside f()"]
     assert cycles(mods) == [["ptx.other", "ptx.pipe", "ptx.other"]]
+
+
+def test_every_library_module_with_behaviour_has_its_test_file():
+    assert untested(modules(), TESTS) == []
+
+
+def test_the_test_file_check_catches_a_module_without_one(tmp_path, monkeypatch):
+    # As the old tree was: ptx/steps.py tested inside test_train.py, so no test_steps.py.
+    (tmp_path / "ptx" / "losses").mkdir(parents=True)
+    (tmp_path / "tests").mkdir()
+    for f in ("__init__.py", "steps.py", "model.py", "losses/__init__.py", "losses/rl.py", "losses/tokens.py"):
+        (tmp_path / "ptx" / f).write_text("")
+    for f in ("test_model.py", "test_losses.py", "test_train.py"):
+        (tmp_path / "tests" / f).write_text("")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert untested(modules(tmp_path / "ptx"), tmp_path / "tests") == ["ptx.steps has no tests/test_steps.py"]
+    (tmp_path / "tests" / "test_losses.py").unlink()
+    assert untested(modules(tmp_path / "ptx"), tmp_path / "tests") == [
+        "ptx.losses.rl has no tests/test_losses.py", "ptx.losses.tokens has no tests/test_losses.py",
+        "ptx.steps has no tests/test_steps.py"]
 
 
 def test_no_catch_all_module():
