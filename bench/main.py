@@ -45,7 +45,8 @@ from ptx.model import ModelConfig
 
 TRAIN = ("sft_step", "reward_step", "dpo_step", "dpo_step_shared_prefix", "dpo_step_precomputed_ref", "ppo_update",
          "lora_sft_step", "lora_dpo_step")
-MEMORY = ("sft_step", "dpo_step", "ppo_update", "ppo_update_value_head", "grpo_update", "lora_sft_step", "lora_dpo_step", "lora_ppo_update")
+MEMORY = ("sft_step", "dpo_step", "ppo_update", "ppo_update_value_head", "grpo_update", "lora_sft_step",
+          "lora_dpo_step", "lora_ppo_update")
 # Bench-only shapes beside configs/common.MODEL_PRESETS. qwen3_0_6b: Qwen3-0.6B's sizes (tied
 # embeddings, 151,936 words) on the ptx architecture (no q / k norms), bfloat16 compute, full remat.
 BENCH_PRESETS = {

@@ -29,8 +29,8 @@ import time
 
 import datasets
 import numpy as np
-import torch
 import tokenizers
+import torch
 import transformers
 import trl
 

@@ -19,9 +19,8 @@ from configs import grpo as grpo_configs
 from configs import ppo as ppo_configs
 from configs import reward as reward_configs
 from ptx import data, lora, optim, rollout, sampler, sharding, steps
-from ptx.stages import common as stage_common
 from ptx.model import ModelConfig, Transformer, abstract_params, flops_per_token, init_params, unstack_layers
-
+from ptx.stages import common as stage_common
 
 # ---------------------------------------------------------------- inputs
 
@@ -179,7 +178,8 @@ class Suite:
 
     def reward_step(self):
         a, cfg = self.args, self.cfg.replace(scalar_head=True)
-        loss_fn = steps.make_loss_fn("reward", Transformer(cfg), center_coef=reward_configs.get_config().reward.center_coef)
+        loss_fn = steps.make_loss_fn("reward", Transformer(cfg),
+                                     center_coef=reward_configs.get_config().reward.center_coef)
         return self.train(loss_fn, self.weights(cfg, 0), pair_rows(self.rng, a.batch, a.seq, cfg.vocab_size),
                           3 * (self.fwd - self.head) * 2 * a.batch * a.seq)
 
@@ -368,7 +368,7 @@ class Suite:
         settings = (jnp.float32(rl.temperature), jnp.int32(rl.top_k), jnp.float32(rl.top_p))
         scores = jnp.asarray(self.rng.normal(size=a.batch), jnp.float32)
         gen = sampler.make_generate_fn(cfg, max_new_tokens=n, eos_id=-1, group_size=rl.group_size)
-        build = jax.jit(lambda t, l, out: rollout.build_sequences(t, l, out, pad_id=0))
+        build = jax.jit(lambda t, lens, out: rollout.build_sequences(t, lens, out, pad_id=0))
         prep = jax.jit(lambda p, r, seq, s, k: rollout.prepare(
             p, r, seq, s, k, policy_model=model, critic_model=critic_model, width=width, rl_cfg=rl))
         g, gen_compile_s = self.compile(gen, params["policy"], tokens, lens, keys, *settings)

@@ -50,7 +50,8 @@ def main(argv=None):
                           for b, runs in judges.items()}}
     j, human = results["judges"], results["human_label_agreement_with_oracle"]
     rows = [["SFT", "-", "-", "-", f"{sft['oracle_reward']:.3f}", "0"],
-            ["RLHF (human-style labels)", "-", "-" if human is None else f"{human:.3f}", "-", common.pm(results["rlhf"]["oracle_reward"]),
+            ["RLHF (human-style labels)", "-", "-" if human is None else f"{human:.3f}", "-",
+             common.pm(results["rlhf"]["oracle_reward"]),
              common.pm(results["rlhf"]["kl_to_sft"])]]
     rows += [[f"RLAIF, judge tuned {r['judge_steps']} steps", f"{r['n_pairs']['mean']:.0f}",
               common.pm(r["agreement_with_oracle"]), common.pm(r["position_flip_rate"]),

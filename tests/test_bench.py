@@ -123,7 +123,7 @@ def test_compare_prints_new_over_old_ratios(tiny_run, tmp_path, capsys):
                              "--compare", str(old_path)])
     printed = capsys.readouterr().out.split("compared with")[1]
     for name in ("prefill", "decode_b2"):
-        line = next(l for l in printed.splitlines() if l.startswith(name))
+        line = next(x for x in printed.splitlines() if x.startswith(name))
         ratio = new[name]["tokens_per_s"] / old[name]["tokens_per_s"]
         assert f"{ratio:.3f}x" in line.split()[1]
     assert "sft_step" not in printed  # only what both runs have

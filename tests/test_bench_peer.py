@@ -63,7 +63,8 @@ def test_dpo_peer_loss_equals_ptx_dpo_loss_and_is_log_2_at_the_reference(tmp_pat
     rows = peer_trl.dpo_rows(np.random.default_rng(0), 4, 12, 8, cfg.vocab_size)
     policy, _ = hf.load_params(str(tmp_path / "policy"), cfg)
     ref, _ = hf.load_params(str(tmp_path / "ref"), cfg)
-    loss_fn = jax.jit(steps.make_loss_fn("dpo", Transformer(cfg), dpo=stage_common.dpo_config(dpo_configs.get_config())))
+    loss_fn = jax.jit(steps.make_loss_fn("dpo", Transformer(cfg),
+                                         dpo=stage_common.dpo_config(dpo_configs.get_config())))
 
     def losses(ref_model, ptx_ref):
         """(TRL's loss, ptx's loss) on TRL's first batch; ref_model None = TRL's copy of the policy."""

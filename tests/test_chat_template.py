@@ -5,10 +5,11 @@ import os
 
 import pytest
 import tokenizers
-from chat_dirs import CHATS, FAMILIES, SPECIALS, TEXTS, corpus, hf_ids, write_dir
 
 from ptx import hf
 from ptx.tokenizer import HFTokenizer, Tokenizer, train_tokenizer
+
+from chat_dirs import CHATS, FAMILIES, SPECIALS, TEXTS, corpus, hf_ids, write_dir
 
 
 @pytest.mark.parametrize("family", FAMILIES)

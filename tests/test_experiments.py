@@ -7,8 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from experiments import (best_of_n, common, dpo_sweep, grpo_rewards, judge_size, pass_at_k, ppo_kl, sampling,
-                         seeds)
+from experiments import best_of_n, common, dpo_sweep, grpo_rewards, judge_size, pass_at_k, ppo_kl, sampling, seeds
 from ptx import checkpoint, world
 from ptx.oracle import KINDS
 
@@ -87,7 +86,8 @@ def test_pass_at_k_curves_follow_the_closed_form_from_the_sample_counts(quicksta
 
 
 def test_pass_at_k_trains_grpo_on_the_prompts_of_the_chosen_tasks_only(quickstart, tmp_path):
-    results, runs = run(pass_at_k, "pass_at_k", quickstart, tmp_path, "--n", "2", "--seeds", "0", "--tasks", "arithmetic")
+    results, runs = run(pass_at_k, "pass_at_k", quickstart, tmp_path, "--n", "2", "--seeds", "0", "--tasks",
+                        "arithmetic")
     assert results["grpo_tasks"] == ["arithmetic"]
     c = stage_config(runs / "grpo_oracle_arithmetic_seed0", "grpo")
     assert c["data"]["train"] == str(runs / "grpo_oracle_arithmetic_prompts.jsonl")

@@ -120,7 +120,8 @@ def test_sft_on_a_conversational_file_trains_and_its_export_loads_in_transformer
     params, meta = checkpoint.load_params(str(tmp_path / "sft"))
     assert meta["origin"] == {"hf_dir": source, "max_position_embeddings": 128} and meta["model"]["remat"] == "full"
     start, _ = hf.load_params(source)
-    assert np.abs(np.asarray(params["layers"]["attn"]["q"]["kernel"] - start["layers"]["attn"]["q"]["kernel"])).max() > 0
+    assert np.abs(np.asarray(params["layers"]["attn"]["q"]["kernel"]
+                             - start["layers"]["attn"]["q"]["kernel"])).max() > 0
     tokens = np.random.default_rng(0).integers(0, meta["model"]["vocab_size"], (2, 12))
     check_export(str(tmp_path / "sft"), str(tmp_path / "export"), source, tokens)
 

@@ -13,9 +13,8 @@ import pytest
 from configs import ai_feedback as ai_feedback_config
 from configs import sft as sft_config
 from ptx import data, inference, judge, sharding, world
-from ptx.model import abstract_params
+from ptx.model import ModelConfig, Transformer, abstract_params, init_params
 from ptx.stages import ai_feedback, common, supervised
-from ptx.model import ModelConfig, Transformer, init_params
 from ptx.tokenizer import train_tokenizer
 
 PRINCIPLES = ("A good answer is correct.", "A good answer is short.")
@@ -45,7 +44,8 @@ def policy(setup):
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     scaled = lambda rng: jax.tree_util.tree_map_with_path(
         lambda path, x: x if sharding.path_str(path).endswith("scale") else x * 25.0, init_params(cfg, rng))
-    params = jax.jit(scaled, out_shardings=sharding.param_shardings(abstract_params(cfg), cfg, mesh))(jax.random.PRNGKey(0))
+    params = jax.jit(scaled, out_shardings=sharding.param_shardings(abstract_params(cfg), cfg, mesh))(
+        jax.random.PRNGKey(0))
     return inference.Policy(cfg, params, setup["tok"], mesh)
 
 

@@ -141,7 +141,8 @@ def test_the_checks_catch_what_the_old_tree_did(tmp_path, monkeypatch):
     (tmp_path / "ptx" / "pipe.py").write_text("from ptx import other\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     mods = modules(tmp_path / "ptx")
-    assert sorted(violations(mods)) == ["library module ptx.lib imports configs", "ptx.lib imports ptx.other inside f()"]
+    assert sorted(violations(mods)) == ["library module ptx.lib imports configs",
+                                        "ptx.lib imports ptx.other inside f()"]
     assert cycles(mods) == [["ptx.other", "ptx.pipe", "ptx.other"]]
 
 

@@ -2,9 +2,9 @@
 table made from the incoming gradient (so XLA allocates it when the backward pass gets there)."""
 import jax
 import jax.numpy as jnp
-from jax.extend import core
 import numpy as np
 import pytest
+from jax.extend import core
 
 from ptx import lookup
 

@@ -176,7 +176,7 @@ def test_filter_under_vmap_equals_batched_call(filt):
     logits = rng.normal(size=(len(SETTINGS), 12)).astype(np.float32)
     settings = row_settings(*zip(*SETTINGS))
     batched = filt(logits, **settings)
-    mapped = jax.jit(jax.vmap(lambda l, s: sampler.filter_logits(l, **s)))(logits, settings)
+    mapped = jax.jit(jax.vmap(lambda x, s: sampler.filter_logits(x, **s)))(logits, settings)
     np.testing.assert_array_equal(batched, mapped)
     scaled = logits / np.array([s[0] for s in SETTINGS], np.float32)[:, None]
     np.testing.assert_allclose(np.where(np.isfinite(batched), batched, 0),

@@ -34,7 +34,8 @@ REQUIRED = {"ppo": {"init.checkpoint": "x", "reward.checkpoint": "x"}, "grpo": {
             "sample": {"checkpoint": "x", "prompt": "hi"}, "best_of_n": {"checkpoint": "x", "reward.checkpoint": "x"},
             "ai_feedback": {"policy_checkpoint": "x", "judge_checkpoint": "x"}, "merge": {"checkpoint": "x"},
             "export": {"checkpoint": "x"}, "gspo": {"init.checkpoint": "x", "reward.checkpoint": "x"},
-            "dapo": {"init.checkpoint": "x", "reward.checkpoint": "x"}, "online_dpo": {"init.checkpoint": "x", "reward.checkpoint": "x"}}
+            "dapo": {"init.checkpoint": "x", "reward.checkpoint": "x"},
+            "online_dpo": {"init.checkpoint": "x", "reward.checkpoint": "x"}}
 
 
 def config(name, arg="tiny", **overrides):
