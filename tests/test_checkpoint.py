@@ -3,6 +3,7 @@ import shutil
 
 import jax
 import numpy as np
+import pytest
 
 from configs import sft as sft_config
 from ptx import checkpoint, sharding
@@ -10,6 +11,9 @@ from ptx.model import ModelConfig, abstract_params
 from ptx.stages import supervised
 
 from conftest import assert_trees_close, host_params, read_metrics
+
+# Every test here runs a stage end to end (see pyproject.toml's markers).
+pytestmark = pytest.mark.stage
 
 
 def sft(sft_file, mesh, steps_):

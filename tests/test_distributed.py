@@ -92,6 +92,7 @@ def run_processes(args, workdir, *, processes: int, devices: int):
     finish(procs, logs)
 
 
+@pytest.mark.stage
 def test_two_processes_end_with_the_same_parameters_as_one_process_with_four_devices(sft_file, tmp_path):
     # fsdp spans both processes (each holds half of every sharded parameter, so the
     # checkpoint is complete only if both wrote their part); tensor stays within one.
@@ -114,6 +115,7 @@ def test_two_processes_end_with_the_same_parameters_as_one_process_with_four_dev
     assert json.load(open(multi / "config.json"))["distributed"]["num_processes"] == 2
 
 
+@pytest.mark.stage
 def test_two_processes_run_grpo_and_sample_like_one_process_with_four_devices(rl_models, sft_file, tmp_path):
     # Every process samples, decodes and scores the whole rollout but puts only its own
     # rows on the mesh; fsdp spans the processes, tensor stays within one.
@@ -159,6 +161,7 @@ def judge_dir(tmp_path_factory):
     return str(d)
 
 
+@pytest.mark.stage
 def test_two_processes_run_best_of_n_with_a_judge_and_ai_feedback_like_one_process(rl_models, judge_dir, sft_file,
                                                                                  tmp_path):
     # The judge (here best-of-N's reward source, then the AI-feedback labeller) places every

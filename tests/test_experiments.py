@@ -34,6 +34,7 @@ def stage_config(workdir, stage: str) -> dict:
         return json.load(f)
 
 
+@pytest.mark.stage
 def test_best_of_n_picks_the_rm_argmax_and_reports_the_kl_bound_per_seed(quickstart, tmp_path):
     results, runs = run(best_of_n, "best_of_n", quickstart, tmp_path, "--seeds", "0", "1")
     ns = [int(n) for n in results["best_of"]]
@@ -66,6 +67,7 @@ def test_best_of_n_picks_the_rm_argmax_and_reports_the_kl_bound_per_seed(quickst
         assert a["rm_score"] <= b["rm_score"] and a["oracle_ceiling"] <= b["oracle_ceiling"]
 
 
+@pytest.mark.stage
 def test_pass_at_k_curves_follow_the_closed_form_from_the_sample_counts(quickstart, tmp_path):
     results, runs = run(pass_at_k, "pass_at_k", quickstart, tmp_path, "--n", "4", "--seeds", "0", "1")
     n, kinds = results["n_samples"], results["kinds"]
@@ -85,6 +87,7 @@ def test_pass_at_k_curves_follow_the_closed_form_from_the_sample_counts(quicksta
     assert checkpoint.resolve(str(runs / "grpo_oracle_seed1" / "grpo"))[1] == results["grpo_steps"]
 
 
+@pytest.mark.stage
 def test_pass_at_k_trains_grpo_on_the_prompts_of_the_chosen_tasks_only(quickstart, tmp_path):
     results, runs = run(pass_at_k, "pass_at_k", quickstart, tmp_path, "--n", "2", "--seeds", "0", "--tasks",
                         "arithmetic")
@@ -109,6 +112,7 @@ def test_distinct_n_counts_repeated_bigrams_once():
     assert sampling.distinct_n(["a", ""], 2) == 0.0
 
 
+@pytest.mark.stage
 def test_sampling_greedy_gives_one_answer_per_prompt(quickstart, tmp_path):
     results, _ = run(sampling, "sampling", quickstart, tmp_path)
     s, k = results["settings"], results["samples_per_prompt"]
@@ -118,6 +122,7 @@ def test_sampling_greedy_gives_one_answer_per_prompt(quickstart, tmp_path):
         assert 1.0 <= r["unique_answers"] <= k and 0.0 <= r["distinct_2"] <= 1.0 and 0.0 <= r["accuracy"] <= 1.0
 
 
+@pytest.mark.stage
 def test_dpo_sweep_reuses_the_quickstart_dpo_and_trains_the_changed_loss(quickstart, tmp_path):
     results, runs = run(dpo_sweep, "dpo_sweep", quickstart, tmp_path)
     beta = results["quickstart_beta"]
@@ -133,6 +138,7 @@ def test_dpo_sweep_reuses_the_quickstart_dpo_and_trains_the_changed_loss(quickst
     assert results["sft"]["kl_to_sft"] == 0.0
 
 
+@pytest.mark.stage
 def test_ppo_kl_sweep_trains_each_coefficient(quickstart, tmp_path):
     results, runs = run(ppo_kl, "ppo_kl", quickstart, tmp_path)
     c0 = results["quickstart_kl_coef"]
@@ -142,6 +148,7 @@ def test_ppo_kl_sweep_trains_each_coefficient(quickstart, tmp_path):
     assert {m["objective/kl_coef"] for m in logged if "objective/kl_coef" in m} == {0.0}
 
 
+@pytest.mark.stage
 def test_grpo_with_the_oracle_reward_trains_on_oracle_scores(quickstart, tmp_path):
     results, runs = run(grpo_rewards, "grpo_rewards", quickstart, tmp_path, "--seeds", "0")
     same_evaluation(results["variants"]["grpo_rm"]["runs"][0], quickstart[1]["methods"]["grpo"])
@@ -162,6 +169,7 @@ def test_grpo_with_the_oracle_reward_trains_on_oracle_scores(quickstart, tmp_pat
     assert scores and all(0.0 <= s <= 1.0 for s in scores)  # the oracle's range; a reward model's is not
 
 
+@pytest.mark.stage
 def test_grpo_rewards_trains_the_chosen_arms_for_the_given_iterations(quickstart, tmp_path):
     results, runs = run(grpo_rewards, "grpo_rewards", quickstart, tmp_path, "--seeds", "0", "--arms", "grpo_oracle",
                         "--steps", "3")
@@ -170,6 +178,7 @@ def test_grpo_rewards_trains_the_chosen_arms_for_the_given_iterations(quickstart
     assert stage_config(runs / "grpo_oracle_3_seed0", "grpo")["reward"]["source"] == "function"
 
 
+@pytest.mark.stage
 def test_judge_size_retrains_the_judge_chain_from_the_quickstart_pretraining(quickstart, tmp_path):
     results, runs = run(judge_size, "judge_size", quickstart, tmp_path, "--seeds", "0")
     steps = results["quickstart_judge_steps"]
@@ -187,6 +196,7 @@ def test_judge_size_retrains_the_judge_chain_from_the_quickstart_pretraining(qui
     assert 0.0 <= results["judges"]["1"]["position_flip_rate"]["mean"] <= 1.0
 
 
+@pytest.mark.stage
 def test_seeds_summary_is_the_mean_and_spread_over_seeds(quickstart, tmp_path):
     # Seed 1 as if it had run: the quickstart's results with every oracle reward shifted.
     fake = json.loads(json.dumps(quickstart[1]))
@@ -218,6 +228,7 @@ def test_seeds_summary_is_the_mean_and_spread_over_seeds(quickstart, tmp_path):
     assert "Accuracy per task" in (tmp_path / "out" / "table.md").read_text()
 
 
+@pytest.mark.stage
 def test_a_variant_names_only_quickstart_stages(quickstart, tmp_path):
     qs = common.load_quickstart(quickstart[0], tiny=True)
     with pytest.raises(ValueError, match="no quickstart stage"):

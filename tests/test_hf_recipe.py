@@ -21,6 +21,9 @@ from ptx.model import ModelConfig, Transformer
 from chat_dirs import FAMILIES, write_dir
 from conftest import write_jsonl
 
+# Every test here runs a stage end to end (see pyproject.toml's markers).
+pytestmark = pytest.mark.stage
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 

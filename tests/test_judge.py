@@ -172,6 +172,7 @@ def test_label_pairs_drops_unsure_pairs_picks_the_preferred_side_and_round_trips
         judge.label_pairs(fair, prompts, a, b, threshold=0.4)
 
 
+@pytest.mark.stage
 def test_ai_feedback_stage_labels_samples_of_a_tiny_sft_checkpoint(setup, tmp_path):
     c = sft_config.get_config("tiny")
     c.data.train = setup["files"]["sft"]

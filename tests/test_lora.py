@@ -313,6 +313,7 @@ def test_adapters_shard_like_their_weights_on_a_2x2x2_mesh(base, trained):
     assert new.params["layers"]["gate"]["kernel"]["b"].sharding.spec == P(None, None, "tensor")
 
 
+@pytest.mark.stage
 def test_lora_stages_train_adapters_only_and_their_checkpoints_load_merged(tmp_path):
     """SFT, reward and DPO stages with lora.rank > 0 end to end through the supervised stage."""
     c = sft_config.get_config("tiny")
@@ -447,6 +448,7 @@ def rl_lora_config(kind, sft_dir, base_dtype="float32"):
     return c
 
 
+@pytest.mark.stage
 @pytest.mark.parametrize("kind,base_dtype", [("ppo", "float32"), ("grpo", "float32"), ("ppo", "bfloat16")])
 def test_rl_lora_first_minibatch_ratio_is_one_and_kl_is_zero_against_the_base(sft_dir, kind, base_dtype):
     c = rl_lora_config(kind, sft_dir, base_dtype)
@@ -485,6 +487,7 @@ def test_rl_lora_first_minibatch_ratio_is_one_and_kl_is_zero_against_the_base(sf
         np.testing.assert_allclose(metrics["loss/kl"], 0.0, atol=1e-7)
 
 
+@pytest.mark.stage
 def test_rl_lora_iteration_trains_adapters_and_value_head_only_and_loads_merged(sft_dir, tmp_path):
     c = rl_lora_config("ppo", sft_dir)
     c.optim.lr = 1e-2
@@ -522,6 +525,7 @@ def test_rl_lora_iteration_trains_adapters_and_value_head_only_and_loads_merged(
                            policy.params, loaded)
 
 
+@pytest.mark.stage
 def test_merge_command_writes_a_full_checkpoint_whose_logits_equal_the_adapter_model(sft_dir, tmp_path):
     c = sft_config.get_config("tiny")
     c.init.checkpoint, c.lora.rank, c.optim.lr = sft_dir, 4, 1e-2

@@ -14,6 +14,9 @@ import pytest
 
 from ptx import checkpoint
 
+# Every test here runs a stage end to end (see pyproject.toml's markers).
+pytestmark = pytest.mark.stage
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240
 

@@ -30,6 +30,7 @@ def test_bad_online_dpo_configs_are_errors_before_the_workdir_is_written(tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.stage
 def test_online_dpo_samples_each_iteration_from_the_current_policy(sft_dir, tmp_path, monkeypatch):
     calls = []
     original = inference.Sampler.__call__

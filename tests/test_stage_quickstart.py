@@ -14,6 +14,7 @@ from ptx.stages import quickstart as quickstart_stage
 from ptx.stages import sample as sample_stage
 
 
+@pytest.mark.stage
 def test_shortened_quickstart_runs_end_to_end_and_writes_its_report(quickstart):
     workdir, on_disk = quickstart
     for method in ("base", "sft", "dpo", "ppo", "grpo", "rlaif", "best_of_2", "best_of_4", "online_dpo", "kto",
@@ -36,6 +37,7 @@ def test_shortened_quickstart_runs_end_to_end_and_writes_its_report(quickstart):
     assert os.path.exists(os.path.join(workdir, "oracle_reward.png"))
 
 
+@pytest.mark.stage
 def test_sample_and_best_of_n_commands_write_their_files(quickstart, tmp_path):
     workdir, _ = quickstart
     c = sample_config.get_config("tiny")

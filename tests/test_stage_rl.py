@@ -12,6 +12,9 @@ from ptx.stages import common, rl
 from conftest import assert_rl_metrics_close, assert_trees_close, host_params, read_metrics, rl_cfg
 from reward_fns import letter_share
 
+# Every test here runs a stage end to end (see pyproject.toml's markers).
+pytestmark = pytest.mark.stage
+
 
 def rollout_at_the_reference(kind, sft_dir, old_logprobs, kl_coef=0.1, no_reference=False):
     """One prepared rollout of 2 prompts x 4 completions from the SFT policy: (config, params,

@@ -49,6 +49,7 @@ def sft(files, **overrides):
     return c
 
 
+@pytest.mark.stage
 def test_sft_loss_goes_down_on_a_memorisable_batch(files, tmp_path):
     c = sft(files, **{"train.steps": 40, "train.batch_size": 8, "optim.lr": 3e-3,
                       "optim.warmup_steps": 0, "optim.schedule": "constant", "train.ckpt_every": 0})
@@ -63,6 +64,7 @@ def read_and_run(c, workdir):
     return read_metrics(workdir)
 
 
+@pytest.mark.stage
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_a_killed_run_resumes_to_the_same_parameters_and_logs(files, tmp_path, resumes_like_straight, stage):
     # Checkpoints every 3 steps, logs every 2: a checkpoint in mid-window carries the window.
@@ -77,12 +79,14 @@ def test_a_killed_run_resumes_to_the_same_parameters_and_logs(files, tmp_path, r
     resumes_like_straight(supervised.run, c, [("log", 10, 9), ("checkpoint", 6, 3), ("checkpoint", 3, None)])
 
 
+@pytest.mark.stage
 def test_gradient_accumulation_equals_one_big_batch(files, tmp_path):
     supervised.run(sft(files, **{"train.steps": 3}), str(tmp_path / "big"))
     supervised.run(sft(files, **{"train.steps": 3, "optim.accum_steps": 4}), str(tmp_path / "accum"))
     assert_trees_close(host_params(tmp_path / "big"), host_params(tmp_path / "accum"), atol=2e-6)
 
 
+@pytest.mark.stage
 def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(files, tmp_path):
     c = sft(files, **{"train.steps": 12, "train.ckpt_every": 4})
     supervised.run(c, str(tmp_path))
@@ -99,6 +103,7 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(files, 
         supervised.run(c, str(tmp_path / "fresh"))
 
 
+@pytest.mark.stage
 @pytest.mark.parametrize("stage", ["sft", "reward", "dpo"])
 def test_eight_devices_give_the_same_loss_and_parameters_as_one(files, tmp_path, stage):
     def config(mesh):
@@ -121,6 +126,7 @@ def test_eight_devices_give_the_same_loss_and_parameters_as_one(files, tmp_path,
         assert_trees_close(host_params(tmp_path / name), ref_params, atol=2e-5)
 
 
+@pytest.mark.stage
 def test_reward_model_and_dpo_learn_a_learnable_preference(files, tmp_path):
     c = sft(files, **{"train.steps": 30})
     supervised.run(c, str(tmp_path / "sft"))
@@ -139,6 +145,7 @@ def test_reward_model_and_dpo_learn_a_learnable_preference(files, tmp_path):
     assert evals[-1]["eval/rewards/margins"] > 0.5 and evals[-1]["eval/rewards/accuracies"] > 0.9
 
 
+@pytest.mark.stage
 def test_dpo_first_step_loss_is_log2_with_and_without_precomputed_reference_and_shared_prefix(files, tmp_path):
     """The first step's loss is log 2 in every layout, the second equal with and without shared prefixes."""
     c = sft(files, **{"train.steps": 4})
@@ -165,6 +172,7 @@ def test_bad_data_row_error_names_file_row_and_field(tmp_path):
         supervised.run(c, str(tmp_path / "run"))
 
 
+@pytest.mark.stage
 def test_skipped_rows_are_counted_their_reasons_logged_and_listed_in_the_workdir(files, tmp_path, caplog):
     path = tmp_path / "some_bad.jsonl"
     with open(files["sft"]) as f:
@@ -182,6 +190,7 @@ def test_skipped_rows_are_counted_their_reasons_logged_and_listed_in_the_workdir
     assert read_metrics(tmp_path / "run")[0]["data/skipped"] == 2
 
 
+@pytest.mark.stage
 def test_unknown_config_override_is_an_error(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "ptx.main", "--config=configs/sft.py:tiny", f"--workdir={tmp_path}",
@@ -199,6 +208,7 @@ def preference_stage(module, files, init, **overrides):
     return c
 
 
+@pytest.mark.stage
 def test_kto_starts_at_the_reference_point_and_kto_and_orpo_learn_a_learnable_preference(files, tmp_path):
     supervised.run(sft(files, **{"train.steps": 30}), str(tmp_path / "sft"))
     rows = read_and_run(preference_stage(kto_config, files, str(tmp_path / "sft"), **{"train.steps": 20}),
@@ -219,6 +229,7 @@ def test_kto_starts_at_the_reference_point_and_kto_and_orpo_learn_a_learnable_pr
     assert evals[-1]["eval/nll_loss"] < rows[1]["nll_loss"]
 
 
+@pytest.mark.stage
 @pytest.mark.parametrize("stage", ["orpo", "dpo"])
 def test_orpo_holds_no_second_copy_of_the_weights(files, tmp_path, monkeypatch, stage):
     supervised.run(sft(files, **{"train.steps": 1}), str(tmp_path / "sft"))
@@ -264,6 +275,7 @@ def test_kto_rows_score_like_sft_rows_and_its_mismatched_pairs_shift_completions
         np.testing.assert_allclose(want, ref, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.stage
 def test_with_ckpt_every_0_metrics_reach_the_host_only_at_log_steps(tmp_path, monkeypatch):
     calls = []
     original = metrics.mean_metrics
@@ -292,6 +304,7 @@ def world_and_hf_base(tmp_path):
     return files, params
 
 
+@pytest.mark.stage
 def test_sft_stage_starts_from_an_hf_dir(tmp_path):
     """init.hf_dir: the stage reads architecture, weights and tokenizer from the directory."""
     files, params = world_and_hf_base(tmp_path)
@@ -306,6 +319,7 @@ def test_sft_stage_starts_from_an_hf_dir(tmp_path):
     assert_same_params(jax.device_get(loaded), jax.device_get(params))
 
 
+@pytest.mark.stage
 def test_lora_reward_stage_on_an_hf_base_trains_and_its_checkpoint_loads_merged(tmp_path):
     """Adapters on an HF trunk with a fresh full scalar head; loading merges into that HF base."""
     files, params = world_and_hf_base(tmp_path)

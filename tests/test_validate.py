@@ -129,6 +129,7 @@ def test_a_field_the_typed_section_lacks_is_named():
     assert field_of(c) == "rl.kl_coeff"
 
 
+@pytest.mark.stage
 def test_paths_are_read_last_and_name_their_field(tmp_path, sft_dir):
     assert field_of(config("sample", checkpoint=str(tmp_path))) == "checkpoint"
     assert field_of(config("sample", checkpoint=sft_dir, prompts=str(tmp_path / "p.jsonl"), prompt="")) == "prompts"
