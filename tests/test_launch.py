@@ -1,4 +1,5 @@
-"""launch.sh: the Cloud TPU and SLURM commands it prints or submits, and the local commands."""
+"""launch.sh: the Cloud TPU and SLURM commands it prints or submits, the local commands, and `test`'s ruff
+then pytest (--fast: without the stage runs)."""
 import os
 import shlex
 import shutil
@@ -80,3 +81,36 @@ def test_local_commands_are_unchanged_and_dry_run_needs_a_cluster():
     out = subprocess.run(["bash", os.path.join(ROOT, "launch.sh"), "--dry-run", "configs/sft.py"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "--tpu or --slurm" in out.stderr
+
+
+def stub_root(tmp_path, python_body: str):
+    """launch.sh in a scratch root whose venv (up to date, so setup installs nothing) has a python
+    stub running `python_body`."""
+    shutil.copy(os.path.join(ROOT, "launch.sh"), tmp_path / "launch.sh")
+    for name in ("requirements.txt", "requirements-test.txt"):
+        (tmp_path / name).write_text("")
+        os.utime(tmp_path / name, (0, 0))
+    exe = tmp_path / ".venv/bin/python"
+    exe.parent.mkdir(parents=True)
+    exe.write_text(f"#!/bin/bash\n{python_body}\n")
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    (tmp_path / ".venv/.installed").touch()
+    (tmp_path / ".venv/.installed-test").touch()
+    return tmp_path
+
+
+def test_test_runs_ruff_then_pytest_and_fast_leaves_out_the_stage_runs(tmp_path):
+    root = stub_root(tmp_path, f'echo "$@" >> {tmp_path}/calls')
+    launch("test", "--fast", "-k", "sampler", root=str(root))
+    launch("test", "-x", root=str(root))
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        "-m ruff check ptx configs tests bench experiments", "-m pytest -q tests -m not stage -k sampler",
+        "-m ruff check ptx configs tests bench experiments", "-m pytest -q tests -x"]
+
+
+def test_a_ruff_finding_fails_the_test_command_before_pytest(tmp_path):
+    root = stub_root(tmp_path, f'echo "$@" >> {tmp_path}/calls; [ "$2" != ruff ]')
+    out = subprocess.run(["bash", str(root / "launch.sh"), "test", "--fast"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode != 0
+    assert (tmp_path / "calls").read_text().splitlines() == ["-m ruff check ptx configs tests bench experiments"]
