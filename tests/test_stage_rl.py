@@ -145,7 +145,7 @@ def constant_reward(prompt: str, completion: str) -> float:
 
 def test_dynamic_sampling_draws_fresh_prompts_while_groups_tie_up_to_its_cap(sft_dir, tmp_path):
     c = rl_cfg("dapo", sft_dir)
-    c.reward.function = "test_rl:constant_reward"
+    c.reward.function = "test_stage_rl:constant_reward"
     c.rl.dynamic_max_retries, c.rl.overlong_buffer = 2, 0
     PROMPTS_SEEN.clear()
     row = read_metrics_after(c, tmp_path)[-1]
@@ -167,7 +167,7 @@ def recorded_letter_share(prompt: str, completion: str) -> float:
 
 def test_dynamic_sampling_keeps_a_batch_with_signal_and_overlong_shaping_is_added_to_the_reward(sft_dir, tmp_path):
     c = rl_cfg("dapo", sft_dir)
-    c.reward.function = "test_rl:recorded_letter_share"
+    c.reward.function = "test_stage_rl:recorded_letter_share"
     c.rl.overlong_buffer = c.rl.max_new_tokens  # the penalty is -length / max_new_tokens
     LETTER_SCORES.clear()
     row = read_metrics_after(c, tmp_path)[-1]
