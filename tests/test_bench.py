@@ -35,6 +35,7 @@ def positive_finite(x):
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.stage
 def test_tiny_suite_reports_every_benchmark_with_positive_finite_numbers(tiny_run):
     _, data, returned = tiny_run
     names = [*bench.TRAIN, "prefill", "decode_b2", "grpo_iteration", "ppo_iteration"]
@@ -55,6 +56,7 @@ def test_tiny_suite_reports_every_benchmark_with_positive_finite_numbers(tiny_ru
     assert set(names) <= set(returned)
 
 
+@pytest.mark.stage
 def test_mfu_is_achieved_flops_over_the_peak_and_flops_are_analytic(tiny_run):
     _, data, _ = tiny_run
     if data["platform"] == "cpu":
@@ -92,6 +94,7 @@ def test_mfu_is_achieved_flops_over_the_peak_and_flops_are_analytic(tiny_run):
     assert e["update_tokens_per_s"] == pytest.approx(4 * 4 * t / e["update_s"], rel=1e-9)
 
 
+@pytest.mark.stage
 def test_training_entries_report_the_memory_of_what_they_train(tiny_run):
     _, data, _ = tiny_run
     cfg = ModelConfig(**{k: v for k, v in data["config"].items() if k in ModelConfig.__dataclass_fields__})
@@ -116,6 +119,7 @@ def test_training_entries_report_the_memory_of_what_they_train(tiny_run):
         assert e["param_mb"] + e["opt_state_mb"] < 0.25 * (full["param_mb"] + full["opt_state_mb"])
 
 
+@pytest.mark.stage
 def test_compare_prints_new_over_old_ratios(tiny_run, tmp_path, capsys):
     old_path, old, _ = tiny_run
     capsys.readouterr()
@@ -158,6 +162,7 @@ MEMORY_TINY = ["--memory_only", "--d_model", "64", "--n_layers", "2", "--vocab",
                "--backend_opt_level", "0"]
 
 
+@pytest.mark.stage
 def test_memory_only_compiles_every_training_step_and_reports_xla_memory_analysis(tmp_path):
     out = tmp_path / "mem.json"
     returned = bench.main(MEMORY_TINY + ["--out", str(out)])
@@ -200,6 +205,7 @@ def test_qwen3_0_6b_preset_and_shape_flags():
     assert (cfg.head_size, cfg.remat, cfg.attention, cfg.loss_chunk, cfg.dtype) == (64, "dots", "xla", 512, "float32")
 
 
+@pytest.mark.stage
 def test_accelerator_run_refuses_the_cpu_and_tiny_checks_its_three_runs(tmp_path):
     with pytest.raises(SystemExit, match="no GPU or TPU"):
         accelerator.main(["--out_dir", str(tmp_path)])

@@ -26,6 +26,7 @@ def positive_finite(x):
     return isinstance(x, float) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.stage
 def test_trl_peer_times_a_dpo_step_and_a_grpo_iteration_with_positive_finite_tokens_per_s():
     args = bench.parse_args(TINY + ["--dpo_prompt_len", "16", "--dpo_response_len", "8"])
     cfg = bench.model_config(args)
