@@ -14,13 +14,17 @@ import numpy as np
 
 from bench.peer import compile_timed, dpo_lengths, entry, mb, median_time, memory_entry
 from configs import common
-from configs import dpo as dpo_configs
 from configs import grpo as grpo_configs
 from configs import ppo as ppo_configs
-from configs import reward as reward_configs
-from ptx import data, lora, optim, rollout, sampler, sharding, steps
+from ptx import data, lora, methods, optim, rl_training, rollout, sampler, sharding, steps
+from ptx.losses import DPOConfig, RewardConfig
 from ptx.model import ModelConfig, Transformer, abstract_params, flops_per_token, init_params, unstack_layers
-from ptx.stages import common as stage_common
+
+
+def rl_config(module) -> rl_training.RLConfig:
+    """The `rl` section of a stage config module (configs/ppo.py, configs/grpo.py) as the loop builds it."""
+    return rl_training.RLConfig(**module.get_config().rl)
+
 
 # ---------------------------------------------------------------- inputs
 
@@ -73,7 +77,7 @@ def dpo_rows(rng, b, prompt, response, vocab, shared_prefix=False):
 
 
 def rl_rows(rng, b, width, n, vocab):
-    """What `rollout.prepare` hands the update: prompt width `width`, n completion tokens."""
+    """What `rl_training.prepare` hands the update: prompt width `width`, n completion tokens."""
     tok = rng.integers(1, vocab, (b, width + n)).astype(np.int32)
     f = lambda: rng.normal(size=(b, n)).astype(np.float32)
     return {"tokens": tok, "positions": np.tile(np.arange(width + n, dtype=np.int32), (b, 1)),
@@ -89,7 +93,7 @@ class Suite:
         self.args, self.cfg, self.peak = args, cfg, peak
         self.memory_only = bool(getattr(args, "memory_only", False))
         devices = jax.local_devices()[:args.devices] if args.devices else jax.local_devices()
-        self.mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
+        self.mesh = sharding.make_mesh(sharding.MeshConfig(), devices)
         self.rng = np.random.default_rng(0)
         self.width = args.prompt_len or args.seq // 2
         self.new = args.new_tokens or max(args.seq - self.width, 2)
@@ -105,7 +109,8 @@ class Suite:
             # step); an accelerator's scheduler minds its memory, and so does this one.
             options["xla_cpu_scheduler_type"] = "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
         self.compile = functools.partial(compile_timed, options=options or None)
-        self.tx, self.lr_fn = optim.make_optimizer(common.base_config("bench").optim, total_steps=1000)
+        self.tx, self.lr_fn = optim.make_optimizer(optim.OptimConfig(**common.base_config("bench").optim),
+                                                   total_steps=1000)
 
     def time(self, run, repeats=None) -> float:
         return median_time(run, repeats or self.args.repeats, budget_s=self.args.budget_s)
@@ -117,9 +122,8 @@ class Suite:
         return self._params
 
     def _shardings(self, tree, cfg=None):
-        """Parameter shardings; on the bench's data-parallel mesh every rule replicates (adapters too)."""
-        rules = sharding.param_rules((cfg or self.cfg).replace(scalar_head=True))  # a superset: unused rules are fine
-        return sharding.named(self.mesh, sharding.tree_specs(tree, rules, self.mesh, strict=False))
+        """Parameter shardings of any tree of them (adapters, a policy and its critic)."""
+        return sharding.named(self.mesh, sharding.tree_specs(tree, self._rules(cfg), self.mesh, strict=False))
 
     def weights(self, cfg: ModelConfig, seed: int):
         """A parameter tree of `cfg`: random host arrays, or with memory_only its shapes."""
@@ -136,30 +140,30 @@ class Suite:
         """fn(tree), or with memory_only its shapes on the mesh."""
         return self.put(jax.eval_shape(fn, tree)) if self.memory_only else fn(tree)
 
-    def _step(self, loss_fn, state_sh, frozen_sh):
-        return steps.compile_step(
-            lambda s, b, f: steps.train_step(s, b, f, loss_fn=loss_fn, tx=self.tx, lr_fn=self.lr_fn, accum_steps=1),
-            in_shardings=(state_sh, sharding.batch_sharding(self.mesh), frozen_sh),
-            out_shardings=(state_sh, sharding.replicated(self.mesh)), donate_state=True)
+    def _rules(self, cfg=None):
+        """Parameter rules; on the bench's data-parallel mesh every rule replicates (adapters too)."""
+        return sharding.param_rules((cfg or self.cfg).replace(scalar_head=True))  # a superset: unused rules are fine
+
+    def _trainer(self, loss_fn, params, frozen, cfg=None) -> steps.Trainer:
+        return steps.setup(loss_fn, self.tx, self.lr_fn, params, self._rules(cfg), self.mesh,
+                           jax.tree_util.tree_map(lambda x: x.sharding, frozen), strict_params=False)
 
     def train(self, loss_fn, params, batch: dict, flops: float, frozen=None, tokens=None):
         """Times one `steps.train_step` from `params` (host arrays, the trained tree); frozen: device
         arrays the step reads but does not train. param_mb / opt_state_mb / frozen_mb: their sizes."""
-        abstract = jax.eval_shape(lambda p: steps.init_state(p, self.tx), params)
-        state_sh = self._shardings(abstract)
-        frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
+        trainer = self._trainer(loss_fn, params, frozen)
+        abstract, state_sh = trainer.abstract_state, trainer.state_shardings
         sizes = {f"{k}_mb": mb(t) for k, t in (("param", abstract.params), ("opt_state", abstract.opt_state),
                                                   ("frozen", frozen))}
-        step = self._step(loss_fn, state_sh, frozen_sh)
         if self.memory_only:
             spec = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
             batch_sh = sharding.batch_sharding(self.mesh)
-            compiled, compile_s = self.compile(step, jax.tree_util.tree_map(spec, abstract, state_sh),
+            compiled, compile_s = self.compile(trainer.train_step, jax.tree_util.tree_map(spec, abstract, state_sh),
                                                {k: spec(v, batch_sh) for k, v in batch.items()}, frozen)
             return memory_entry(compiled, compile_s, **sizes)
-        state = jax.device_put(steps.init_state(jax.device_put(params, state_sh.params), self.tx), state_sh)
+        state = trainer.init(jax.device_put(params, state_sh.params))
         batch = sharding.put_global(batch, self.mesh)
-        compiled, compile_s = self.compile(step, state, batch, frozen)
+        compiled, compile_s = self.compile(trainer.train_step, state, batch, frozen)
         box = [state]
 
         def run():
@@ -172,14 +176,13 @@ class Suite:
 
     def sft_step(self):
         a, cfg = self.args, self.cfg
-        loss_fn = steps.make_loss_fn("sft", Transformer(cfg))
+        loss_fn = methods.get("sft").make_loss(Transformer(cfg), None)
         return self.train(loss_fn, self.weights(cfg, 0), lm_rows(self.rng, a.batch, a.seq, cfg.vocab_size),
                           3 * self.fwd * a.batch * a.seq)
 
     def reward_step(self):
         a, cfg = self.args, self.cfg.replace(scalar_head=True)
-        loss_fn = steps.make_loss_fn("reward", Transformer(cfg),
-                                     center_coef=reward_configs.get_config().reward.center_coef)
+        loss_fn = methods.get("reward").make_loss(Transformer(cfg), RewardConfig())
         return self.train(loss_fn, self.weights(cfg, 0), pair_rows(self.rng, a.batch, a.seq, cfg.vocab_size),
                           3 * (self.fwd - self.head) * 2 * a.batch * a.seq)
 
@@ -189,7 +192,7 @@ class Suite:
         for the shared-prefix rows too (the same work), so that the two entries compare."""
         a, cfg = self.args, self.cfg
         n = self.dpo_prompt + self.dpo_response
-        loss_fn = steps.make_loss_fn("dpo", Transformer(cfg), dpo=stage_common.dpo_config(dpo_configs.get_config()))
+        loss_fn = methods.get("dpo").make_loss(Transformer(cfg), DPOConfig())
         batch = dpo_rows(self.rng, a.batch, self.dpo_prompt, self.dpo_response, cfg.vocab_size, shared_prefix)
         flops = (3 + 1) * flops_per_token(cfg, n) * 2 * a.batch * n
         return self.train(loss_fn, self.weights(cfg, 0), batch, flops, frozen=self.put(self.weights(cfg, 1)),
@@ -201,7 +204,7 @@ class Suite:
 
     def dpo_step_precomputed_ref(self):
         a, cfg = self.args, self.cfg
-        loss_fn = steps.make_loss_fn("dpo", Transformer(cfg), dpo=stage_common.dpo_config(dpo_configs.get_config()))
+        loss_fn = methods.get("dpo").make_loss(Transformer(cfg), DPOConfig())
         return self.train(loss_fn, self.weights(cfg, 0), pair_rows(self.rng, a.batch, a.seq, cfg.vocab_size, True),
                           3 * self.fwd * 2 * a.batch * a.seq)
 
@@ -210,8 +213,7 @@ class Suite:
         DPO reference is that base, adapters off. The base's weight gradient is still formed (the
         adapters merge into it), so the FLOPs are full finetuning's: LoRA saves memory, not compute."""
         lcfg, base, adapters = self._lora_trees()
-        dpo = stage_common.dpo_config(dpo_configs.get_config()) if stage == "dpo" else None
-        loss_fn = lora.loss_fn(steps.make_loss_fn(stage, Transformer(self.cfg), dpo=dpo), lcfg)
+        loss_fn = lora.loss_fn(methods.get(stage).make_loss(Transformer(self.cfg), DPOConfig()), lcfg)
         frozen = {"base": base, "ref": base if stage == "dpo" else None}
         return self.train(loss_fn, adapters, batch, flops, frozen=frozen)
 
@@ -237,7 +239,7 @@ class Suite:
         a, cfg = self.args, self.cfg
         critic_cfg = cfg.replace(scalar_head=True)
         width = min(self.width, a.seq - 1)
-        loss_fn = lambda p, b, f: rollout.rl_loss_fn(
+        loss_fn = lambda p, b, f: rl_training.rl_loss_fn(
             p, b, f, policy_model=Transformer(cfg), critic_model=Transformer(critic_cfg) if critic else None,
             width=width, rl_cfg=rl, lora_cfg=lora_cfg)
         batch = rl_rows(self.rng, a.batch, width, a.seq - width, cfg.vocab_size)
@@ -249,14 +251,14 @@ class Suite:
 
     def ppo_update(self):
         """PPO's update as configs/ppo.py runs it: the critic a second trunk."""
-        return self._rl_update(stage_common.rl_config(ppo_configs.get_config()), critic=True)
+        return self._rl_update(rl_config(ppo_configs), critic=True)
 
     def ppo_update_value_head(self):
         """PPO's update with `rl.critic=policy`: the value head on the policy's trunk, one set of gradients."""
         a, cfg = self.args, self.cfg.replace(scalar_head=True)
-        rl = dataclasses.replace(stage_common.rl_config(ppo_configs.get_config()), critic="policy")
+        rl = dataclasses.replace(rl_config(ppo_configs), critic="policy")
         width = min(self.width, a.seq - 1)
-        loss_fn = lambda p, b, f: rollout.rl_loss_fn(p, b, f, policy_model=Transformer(cfg), critic_model=None,
+        loss_fn = lambda p, b, f: rl_training.rl_loss_fn(p, b, f, policy_model=Transformer(cfg), critic_model=None,
                                                      width=width, rl_cfg=rl)
         batch = rl_rows(self.rng, a.batch, width, a.seq - width, cfg.vocab_size)
         return self.train(loss_fn, {"policy": self.weights(cfg, 0)}, batch, 3 * self.fwd * a.batch * a.seq,
@@ -265,12 +267,12 @@ class Suite:
     def grpo_update(self):
         """GRPO's update as configs/grpo.py runs it: no critic, the KL to the reference in the loss, each
         group of rl.group_size rows one shared-prefix row (FLOPs of the rows: an effective MFU)."""
-        return self._rl_update(stage_common.rl_config(grpo_configs.get_config()), critic=False)
+        return self._rl_update(rl_config(grpo_configs), critic=False)
 
     def lora_ppo_update(self):
         """`ppo_update` over adapters on a frozen base (the reference); the critic trains in full."""
         lcfg, base, adapters = self._lora_trees()
-        return self._rl_update(stage_common.rl_config(ppo_configs.get_config()), critic=True, lora_cfg=lcfg,
+        return self._rl_update(rl_config(ppo_configs), critic=True, lora_cfg=lcfg,
                                adapters=adapters, base=base)
 
     # ------------------------------------------------------------ sampling
@@ -369,7 +371,7 @@ class Suite:
         scores = jnp.asarray(self.rng.normal(size=a.batch), jnp.float32)
         gen = sampler.make_generate_fn(cfg, max_new_tokens=n, eos_id=-1, group_size=rl.group_size)
         build = jax.jit(lambda t, lens, out: rollout.build_sequences(t, lens, out, pad_id=0))
-        prep = jax.jit(lambda p, r, seq, s, k: rollout.prepare(
+        prep = jax.jit(lambda p, r, seq, s, k: rl_training.prepare(
             p, r, seq, s, k, policy_model=model, critic_model=critic_model, width=width, rl_cfg=rl))
         g, gen_compile_s = self.compile(gen, params["policy"], tokens, lens, keys, *settings)
         seq = build(tokens, lens, g(params["policy"], tokens, lens, keys, *settings))
@@ -381,7 +383,7 @@ class Suite:
 
         rollout_s = self.time(roll)
         batch = jax.device_get(roll())
-        loss_fn = lambda q, b, f: rollout.rl_loss_fn(q, b, f, policy_model=model, critic_model=critic_model,
+        loss_fn = lambda q, b, f: rl_training.rl_loss_fn(q, b, f, policy_model=model, critic_model=critic_model,
                                                      width=width, rl_cfg=rl)
         trained = {"policy": random_params(cfg, 0), **({"critic": random_params(critic_cfg, 1)} if critic else {})}
         t = width + n
@@ -398,23 +400,22 @@ class Suite:
 
     def grpo_iteration(self):
         """A GRPO iteration: no critic, one update on the whole rollout batch."""
-        return self._rl_iteration(stage_common.rl_config(grpo_configs.get_config()), False, self.args.batch, 1)
+        return self._rl_iteration(rl_config(grpo_configs), False, self.args.batch, 1)
 
     def ppo_iteration(self):
         """A PPO iteration with a critic (a second trunk with a scalar head): rl.num_epochs passes of
         rl.minibatch_size updates, as configs/ppo.py runs them."""
-        rl = stage_common.rl_config(ppo_configs.get_config())
+        rl = rl_config(ppo_configs)
         minibatch = math.gcd(self.args.batch, rl.minibatch_size)
         return self._rl_iteration(rl, True, minibatch, rl.num_epochs * (self.args.batch // minibatch))
 
     def compile_at_depth(self, n_layers: int) -> float:
         """Seconds to lower and compile the SFT step at `n_layers` (abstract inputs: nothing allocated)."""
         a, cfg = self.args, self.cfg.replace(n_layers=n_layers)
-        abstract = jax.eval_shape(lambda: steps.init_state(init_params(cfg, jax.random.PRNGKey(0)), self.tx))
-        state_sh = self._shardings(abstract, cfg)
+        loss_fn = methods.get("sft").make_loss(Transformer(cfg), None)
+        trainer = self._trainer(loss_fn, abstract_params(cfg), None, cfg)
         spec = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-        state = jax.tree_util.tree_map(spec, abstract, state_sh)
+        state = jax.tree_util.tree_map(spec, trainer.abstract_state, trainer.state_shardings)
         batch_sh = sharding.batch_sharding(self.mesh)
         batch = {k: spec(v, batch_sh) for k, v in lm_rows(self.rng, a.batch, a.seq, cfg.vocab_size).items()}
-        loss_fn = steps.make_loss_fn("sft", Transformer(cfg))
-        return self.compile(self._step(loss_fn, state_sh, None), state, batch, None)[1]
+        return self.compile(trainer.train_step, state, batch, None)[1]

@@ -48,7 +48,24 @@ def world_sizes() -> ml_collections.ConfigDict:
                                       if f.name.startswith("n_")})
 
 
+def section(cls, *, exclude=(), **overrides) -> ml_collections.ConfigDict:
+    """Every field of the frozen dataclass `cls` (where each is declared, with its comment) at
+    its default, then `overrides`; `exclude`: fields a stage fills in, not the user."""
+    values = {f.name: f.default for f in dataclasses.fields(cls) if f.name not in exclude}
+    unknown = set(overrides) - set(values)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no fields {sorted(unknown)}")
+    return ml_collections.ConfigDict(values | overrides)
+
+
 def base_config(stage: str, arg=None) -> ml_collections.ConfigDict:
+    from ptx.data import DataConfig
+    from ptx.distributed import DistributedConfig
+    from ptx.lora import LoraConfig
+    from ptx.optim import OptimConfig
+    from ptx.sharding import MeshConfig
+    from ptx.steps import TrainConfig
+
     args = parse_arg(arg)
     tiny = bool(args.get("tiny"))
     c = ml_collections.ConfigDict()
@@ -65,64 +82,20 @@ def base_config(stage: str, arg=None) -> ml_collections.ConfigDict:
     c.tokenizer.user_prefix = "\n\nHuman: "  # prompt template (Anthropic HH format)
     c.tokenizer.assistant_prefix = "\n\nAssistant:"
 
-    c.data = ml_collections.ConfigDict()
-    c.data.train = ""  # local json / jsonl / parquet / csv file, or a hub data set name
-    c.data.eval = ""  # held-out file of the same kind; '' = no eval
-    c.data.kind = "sft"  # sft | text | preference | prompt
-    c.data.max_len = 64 if tiny else 128  # tokens per training row (after the shift)
-    c.data.max_prompt_len = 48 if tiny else 96  # prompts keep their last tokens
-    c.data.pack = False  # pack several documents into one row (segment ids keep them apart)
-    c.data.loss_on_prompt = False  # SFT loss on response tokens only
-    c.data.on_bad_row = "error"  # error | skip (skipped rows are counted in the log)
-
-    c.optim = ml_collections.ConfigDict()
-    c.optim.lr = 1e-3 if tiny else 3e-4  # peak learning rate
-    c.optim.schedule = "cosine"  # cosine | linear | constant, after the warm-up
-    c.optim.warmup_steps = 5 if tiny else 100
-    c.optim.end_lr_ratio = 0.1  # final lr as a share of the peak
-    c.optim.weight_decay = 0.0  # AdamW decay, on matrices only
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.95
-    c.optim.eps = 1e-8
-    c.optim.grad_clip = 1.0  # global-norm clip; 0 = off
-    c.optim.accum_steps = 1  # micro-batches summed into one update
-
-    c.train = ml_collections.ConfigDict()
-    c.train.steps = 20 if tiny else 1000
-    c.train.batch_size = 8 if tiny else 32  # global batch, split over the data axes
-    c.train.log_every = 5 if tiny else 20
-    c.train.eval_every = 10 if tiny else 200  # 0 = only at the end
-    c.train.eval_batches = 2 if tiny else 10
-    c.train.ckpt_every = 10 if tiny else 200
-    c.train.keep_ckpts = 2
-
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # -1 = all devices not used by the other axes
-    c.mesh.fsdp = 1
-    c.mesh.tensor = 1
-
+    # The typed sections: every field declared (with its comment) in its ptx dataclass.
+    c.data = section(DataConfig, **(dict(max_len=64, max_prompt_len=48) if tiny else {}))
+    c.optim = section(OptimConfig, **(dict(lr=1e-3, warmup_steps=5) if tiny else {}))
+    c.train = section(TrainConfig, **(dict(steps=20, batch_size=8, log_every=5, eval_every=10, eval_batches=2,
+                                           ckpt_every=10) if tiny else {}))
+    c.mesh = section(MeshConfig)
     # Several processes (one per host) as one device set; see ptx/distributed.py.
-    c.distributed = ml_collections.ConfigDict()
-    c.distributed.auto = False  # True: coordinator and ids from the environment (Cloud TPU VM, SLURM)
-    c.distributed.coordinator = ""  # "host:port" of process 0, when not auto
-    c.distributed.num_processes = 1  # 1 = single process, no jax.distributed
-    c.distributed.process_id = 0  # this process, 0 .. num_processes - 1
-    c.distributed.local_device_ids = ""  # e.g. "0,1": this process's devices; '' = all local ones
+    c.distributed = section(DistributedConfig)
 
     c.world = ml_collections.ConfigDict()
     c.world.seed = 0  # the embedded world used when data.train is empty
     c.world.sizes = world_sizes()  # rows of each of its data sets
 
-    c.lora = ml_collections.ConfigDict()
-    c.lora.rank = 0  # 0 = full finetuning; > 0 = rank-r adapters on a frozen base (ptx/lora.py)
-    c.lora.alpha = 16.0  # the adapter update is scaled by alpha / rank
-    c.lora.dropout = 0.0  # must be 0: adapters are merged into the weights inside the step
-    c.lora.targets = (r"layers/attn/(q|k|v|o)/kernel", r"layers/(gate|up|down)/kernel")  # kernel path regexes
-    # The frozen base (and so the reference of DPO / PPO / GRPO, adapters off): 'bfloat16' halves
-    # its memory and rounds each base weight once (relative error <= 2^-9); adapters, their
-    # update and the merged kernels stay float32, and the merge folds them into the same
-    # rounded base. A base already narrower is never widened.
-    c.lora.base_dtype = "float32"  # float32 | bfloat16
+    c.lora = section(LoraConfig, exclude=("full",))  # rank 0 = full finetuning; see ptx/lora.py
 
     c.init = ml_collections.ConfigDict()
     c.init.checkpoint = ""  # a ptx workdir or checkpoint dir to start from

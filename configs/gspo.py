@@ -15,3 +15,9 @@ def get_config(arg=None):
     c.rl.clip_eps_high = 4e-4
     c.rl.aggregation = "seq_mean_token_mean"  # with sequence ratios: GSPO's mean over sequences
     return c
+
+
+def quickstart(tiny: bool) -> dict:
+    """Its quickstart row: steps, batch, lr and overrides (configs/quickstart.py)."""
+    return dict(steps=20, batch=0, lr=5e-5, **{"rl.max_new_tokens": 24, "rl.num_epochs": 2,
+                                          **({"rl.rollout_batch": 2, "rl.minibatch_size": 8} if tiny else {})})

@@ -7,14 +7,17 @@ preference file, each pair giving one desirable and one undesirable row; without
 the world's comparisons.
 """
 from configs import common
+from ptx.losses import KTOConfig
 
 
 def get_config(arg=None):
     c = common.base_config("kto", arg)
     c.data.kind = "unpaired"
     c.optim.lr = 1e-4 if "tiny" not in common.parse_arg(arg) else 5e-4
-    c.kto = common.ml_collections.ConfigDict()
-    c.kto.beta = 0.1  # strength of the implicit KL to the reference
-    c.kto.desirable_weight = 1.0  # λ_D: weight of desirable rows (raise it when they are rarer)
-    c.kto.undesirable_weight = 1.0  # λ_U: weight of undesirable rows
+    c.kto = common.section(KTOConfig)
     return c
+
+
+def quickstart(tiny: bool) -> dict:
+    """Its quickstart row: steps, batch, lr and overrides (configs/quickstart.py)."""
+    return dict(steps=150, batch=64, lr=5e-5, **{"optim.warmup_steps": 10, "data.max_len": 64, "kto.beta": 0.3})

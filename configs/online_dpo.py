@@ -5,7 +5,10 @@ each prompt's group, and DPO steps on those fresh pairs against the fixed SFT re
 python -m ptx.main --config=configs/online_dpo.py:tiny --workdir=runs/odpo \
     --config.init.checkpoint=runs/sft --config.reward.checkpoint=runs/rm
 """
-from configs import common, dpo, ppo
+from configs import common
+from ptx.losses import DPOConfig
+from ptx.online import OnlineConfig
+from ptx.rewards import SourceConfig
 
 
 def get_config(arg=None):
@@ -18,17 +21,16 @@ def get_config(arg=None):
     c.train.steps = 100 if not tiny else 4  # iterations: sample, label, then DPO steps
     c.train.log_every = 1
     c.train.ckpt_every = 20 if not tiny else 2
-    c.dpo = dpo.get_config(arg).dpo  # the DPO loss (precompute_ref, soft_labels and shared_prefix do not apply)
-    c.reward = ppo.rl_config(arg).reward  # the reward source, as RL reads it
-    c.online = common.ml_collections.ConfigDict()
-    c.online.rollout_batch = 64 if not tiny else 8  # prompts sampled per iteration
-    c.online.group_size = 2  # completions per prompt; the best and the worst form its pair
-    c.online.max_new_tokens = 48 if not tiny else 16
-    c.online.temperature = 1.0  # sampling settings
-    c.online.top_k = 0
-    c.online.top_p = 1.0
-    c.online.num_epochs = 1  # passes over each iteration's pairs
-    c.online.minibatch_size = 16 if not tiny else 8  # pairs per update
-    c.online.missing_eos_penalty = 0.0  # subtracted from the score of a completion without EOS
-    c.online.max_retries = 3  # extra prompt batches drawn to replace groups whose scores all tie
+    c.dpo = common.section(DPOConfig)  # the DPO loss (precompute_ref, soft_labels and shared_prefix do not apply)
+    c.reward = common.section(SourceConfig)  # the reward source, as RL reads it
+    c.online = common.section(OnlineConfig, **(dict(rollout_batch=8, max_new_tokens=16, minibatch_size=8)
+                                               if tiny else {}))
     return c
+
+
+def quickstart(tiny: bool) -> dict:
+    """Its quickstart row: steps, batch, lr and overrides (configs/quickstart.py)."""
+    return dict(steps=30, batch=0, lr=5e-5, **{
+        "dpo.beta": 0.3, "online.max_new_tokens": 24, "online.num_epochs": 2,
+        **({"online.rollout_batch": 8, "online.minibatch_size": 8} if tiny else
+           {"online.rollout_batch": 32, "online.group_size": 4, "online.minibatch_size": 16})})

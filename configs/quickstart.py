@@ -1,15 +1,18 @@
 """The embedded default, end to end on one CPU in minutes: world -> tokenizer +
 pre-training -> SFT -> reward model -> DPO / PPO / GRPO -> best-of-N -> evaluation;
 RLAIF: pre-training -> judge (tuned on review text) -> AI labels of SFT samples -> DPO;
-then online DPO, KTO, ORPO and GSPO from SFT (`methods.<name>=False` skips one).
+then the extra methods from SFT: each `ptx.methods` row with a quickstart kind, set up by its
+config file's `quickstart(tiny)` (`methods.<name>=False` skips one).
 
 ./launch.sh quickstart        (= python -m ptx.main --config=configs/quickstart.py --workdir=runs/quickstart)
 Each stage's config sits under its name and is overridable: --config.ppo.rl.kl_coef=0.1
 `quickstart.py:tiny` shrinks every stage to a few steps (the test suite runs it);
 `quickstart.py:seed=1` reseeds every stage and the evaluation samples (the world stays).
 """
-from configs import ai_feedback, common, dpo, grpo, gspo, kto, online_dpo, orpo, ppo, pretrain, reward, sft
+import importlib
 
+from configs import ai_feedback, common, dpo, grpo, ppo, pretrain, reward, sft
+from ptx import methods
 
 # Sized so the whole recipe trains in minutes on a 2-core CPU.
 QUICK_MODEL = dict(vocab_size=768, d_model=96, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=256)
@@ -29,7 +32,9 @@ def get_config(arg=None):
         s.seed = c.seed
         if not tiny:
             s.model.update(QUICK_MODEL)
-        s.train.steps, s.train.batch_size, s.optim.lr = (2, 8, lr) if tiny else (steps, batch, lr)
+        s.train.steps, s.optim.lr = (2, lr) if tiny else (steps, lr)
+        if batch or tiny:  # batch 0: an RL stage, which samples rl.rollout_batch prompts instead
+            s.train.batch_size = 8 if tiny else batch
         s.train.log_every = 1 if tiny else max(steps // 20, 1)
         s.train.eval_every = 0
         s.train.ckpt_every = 0 if not tiny else 1
@@ -70,17 +75,14 @@ def get_config(arg=None):
     c.rlaif = stage(dpo, 150, 32, 5e-5, **{"optim.warmup_steps": 10, "data.max_len": 64, "dpo.beta": 0.3,
                                           "dpo.soft_labels": True})
     # The methods after the recipe: each trains from SFT after every stage above has run, so the
-    # rows above do not change with them. Online DPO and GSPO use the reward model as PPO / GRPO do;
-    # KTO and ORPO learn from DPO's comparisons (each pair one desirable and one undesirable row).
-    c.methods = common.ml_collections.ConfigDict({name: True for name in ("online_dpo", "kto", "orpo", "gspo")})
-    c.online_dpo = stage(online_dpo, 30, 0, 5e-5, **{
-        "dpo.beta": 0.3, "online.max_new_tokens": 24, "online.num_epochs": 2,
-        **({"online.rollout_batch": 8, "online.minibatch_size": 8} if tiny else
-           {"online.rollout_batch": 32, "online.group_size": 4, "online.minibatch_size": 16})})
-    c.kto = stage(kto, 150, 64, 5e-5, **{"optim.warmup_steps": 10, "data.max_len": 64, "kto.beta": 0.3})
-    c.orpo = stage(orpo, 150, 32, 5e-5, **{"optim.warmup_steps": 10, "data.max_len": 64})
-    c.gspo = stage(gspo, 20, 0, 5e-5, **{"rl.max_new_tokens": 24, "rl.num_epochs": 2,
-                                        **({"rl.rollout_batch": 2, "rl.minibatch_size": 8} if tiny else {})})
+    # rows above do not change with them. Those on prompts use the reward model as PPO / GRPO do;
+    # those on comparisons learn from DPO's (each pair one desirable and one undesirable row).
+    extra = [m.name for m in methods.METHODS if m.quickstart]
+    c.methods = common.ml_collections.ConfigDict({name: True for name in extra})
+    for name in extra:
+        module = importlib.import_module(f"configs.{name}")
+        row = module.quickstart(tiny)
+        c[name] = stage(module, row.pop("steps"), row.pop("batch"), row.pop("lr"), **row)
     c.eval = common.ml_collections.ConfigDict()
     c.eval.batch_size = 64 if not tiny else 8  # sampler rows per call
     c.eval.max_new_tokens = 24 if not tiny else 12

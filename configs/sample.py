@@ -4,19 +4,11 @@ python -m ptx.main --config=configs/sample.py --workdir=runs/sample \
     --config.checkpoint=runs/sft --config.prompt="What is 2 + 3?"
 """
 from configs import common
+from ptx.sampler import SamplingConfig
 
 
 def sampling_config(tiny=False):
-    c = common.ml_collections.ConfigDict()
-    c.temperature = 1.0  # 0 = greedy
-    c.top_k = 0  # 0 = off
-    c.top_p = 1.0  # 1.0 = off
-    c.min_p = 0.0  # 0 = off
-    c.max_new_tokens = 32 if tiny else 64
-    c.stop = ("\n\nHuman:",)  # stop strings (each one or more tokens); a tuple, so flags can set it
-    c.keep_stop = False  # keep the matched stop sequence in the output
-    c.num_samples = 1  # completions per prompt
-    return c
+    return common.section(SamplingConfig, **(dict(max_new_tokens=32) if tiny else {}))
 
 
 def get_config(arg=None):

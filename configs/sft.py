@@ -8,5 +8,4 @@ from configs import common
 
 def get_config(arg=None):
     c = common.base_config("sft", arg)
-    c.data.kind = "sft"
     return c

@@ -162,7 +162,7 @@ class Evaluator(evaluate.Evaluation):
     kinds: the task of each held-out prompt."""
 
     def __init__(self, qs: Quickstart):
-        mesh = sharding.make_mesh(qs.config.mesh)
+        mesh = sharding.make_mesh(sharding.MeshConfig(**qs.config.mesh))
         super().__init__(**quickstart.evaluation_args(qs.config, qs.files, qs.stage("sft"), mesh))
         self.rm = rewards.ModelReward(qs.stage("reward"), mesh)
         self.kinds = [self.oracle.kind_of(p) for p in self.prompts]

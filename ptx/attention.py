@@ -190,7 +190,7 @@ def _flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, q_br, k_br, window, bq, bk):
             mask = visible(qp, _block(k_pos, j, bk), qs, _block(k_seg, j, bk), window, qb, _block(k_br, j, bk))
 
             def update(carry):
-                m, l, acc = carry  # running max, sum of exp, output sum: [b, kvh, g, bq(, hd)] f32
+                m, total, acc = carry  # running max, sum of exp, output sum: [b, kvh, g, bq(, hd)] f32
                 scores = jnp.einsum("bqkgd,bskd->bkgqs", qi, kj, preferred_element_type=jnp.float32) * scale
                 m_new = jnp.maximum(m, jnp.max(jnp.where(mask[:, None, None], scores, -jnp.inf), axis=-1))
                 # A row with no visible key so far keeps m = -inf: shift it by 0 instead.
@@ -199,16 +199,16 @@ def _flash_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, q_br, k_br, window, bq, bk):
                 alpha = jnp.exp(m - m_safe)
                 acc = alpha[..., None] * acc + jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), vj,
                                                           preferred_element_type=jnp.float32)
-                return m_new, alpha * l + jnp.sum(p, axis=-1), acc
+                return m_new, alpha * total + jnp.sum(p, axis=-1), acc
 
             return jax.lax.cond(jnp.any(mask), update, lambda c: c, carry), None
 
         init = (jnp.full((b, kvh, g, bq), -jnp.inf, jnp.float32), jnp.zeros((b, kvh, g, bq), jnp.float32),
                 jnp.zeros((b, kvh, g, bq, hd), jnp.float32))
-        (m, l, acc), _ = jax.lax.scan(k_step, init, jnp.arange(k.shape[1] // bk))
-        seen = l > 0
-        out = acc / jnp.where(seen, l, 1.0)[..., None]
-        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+        (m, total, acc), _ = jax.lax.scan(k_step, init, jnp.arange(k.shape[1] // bk))
+        seen = total > 0
+        out = acc / jnp.where(seen, total, 1.0)[..., None]
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, total, 1.0)), 0.0)
         return out.transpose(0, 3, 1, 2, 4).astype(q.dtype), lse
 
     outs, lses = jax.lax.map(q_block, jnp.arange(t // bq))  # [nq, b, bq, kvh, g, hd], [nq, b, kvh, g, bq]

@@ -29,16 +29,40 @@ the whole sequence then keeps its first `max_len + 1` ids.
 `BatchIterator.batch(step)` is a pure function of the step, so a resumed run
 sees the same data order as an uninterrupted one.
 """
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
 
+from ptx import fields
 from ptx.schemas import load_rows, write_skipped
 from ptx.sources import DataError
 from ptx.tokenizer import HFTokenizer, Tokenizer
 
-__all__ = ["load_rows", "write_skipped", "DataError", "encode_sft", "encode_text", "encode_preference",
-           "pair_arrays", "encode_prompts", "prompt_text", "BatchIterator"]
+__all__ = ["DataConfig", "KINDS", "load_rows", "write_skipped", "DataError", "encode_sft", "encode_text",
+           "encode_preference", "encode_unpaired", "pair_arrays", "encode_prompts", "prompt_text", "BatchIterator"]
+
+
+KINDS = ("sft", "text", "preference", "prompt", "unpaired")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The `data` section: what a stage reads and how rows become arrays."""
+
+    train: str = ""  # local json / jsonl / parquet / csv file, or a hub data set name; '' = the embedded world's
+    eval: str = ""  # held-out file of the same kind; '' = no eval
+    kind: str = "sft"  # sft | text | preference | prompt | unpaired
+    max_len: int = 128  # tokens per training row (after the shift)
+    max_prompt_len: int = 96  # prompts keep their last tokens
+    pack: bool = False  # pack several documents into one row (segment ids keep them apart)
+    loss_on_prompt: bool = False  # SFT loss on response tokens only
+    on_bad_row: str = "error"  # error | skip (skipped rows are counted in the log and listed in the workdir)
+
+    def __post_init__(self):
+        fields.check(self, "data", kind=fields.one_of(*KINDS), max_len=fields.POSITIVE,
+                     max_prompt_len=fields.POSITIVE, pack=fields.BOOL, loss_on_prompt=fields.BOOL,
+                     on_bad_row=fields.one_of("error", "skip"))
 
 
 def _check_lens(max_len: int, max_prompt_len: int):
@@ -229,7 +253,7 @@ def pair_arrays(chosen: Sequence[tuple[list[int], list[int]]], rejected: Sequenc
     sequence batches ('chosen_inputs', ..., 'rejected_loss_mask'), or with shared_prefix one
     row per pair (`_shared_rows`). Inputs, positions and segment ids are [N, max_len];
     targets and loss masks [N, max_len - s], the last columns: the s before are prompt
-    in every row of both sides, and the LM head never reads them (`steps.pair_logps`)."""
+    in every row of both sides, and the LM head never reads them (`logprobs.pair_logps`)."""
     if shared_prefix:
         return _shared_rows(chosen, rejected, pad_id)
     out = {f"{side}_{k}": v for side, docs in (("chosen", chosen), ("rejected", rejected))
@@ -329,7 +353,7 @@ def _prompt_and_completion(tok, prompt, completion) -> tuple[list[int], list[int
 def encode_unpaired(rows: Sequence[dict], tok: Tokenizer | HFTokenizer, *, max_len: int, max_prompt_len: int
                     ) -> tuple[dict[str, np.ndarray], dict]:
     """Unpaired feedback rows -> prompts and completions apart, so that a step can join any
-    prompt to any completion (KTO's mismatched pairs; see `steps.join_prompt_completion`).
+    prompt to any completion (KTO's mismatched pairs; see `logprobs.join_prompt_completion`).
 
     rows: `load_rows(kind='unpaired')`: {prompt, completion, label} (template strings, or a
     chat's {messages, train_from, label}) or preference rows, each giving two examples:

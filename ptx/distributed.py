@@ -4,10 +4,32 @@
 `jax.devices()` lists every process's devices, `jax.process_index()` says
 which host this is, and the mesh in `ptx/sharding.py` spans them all.
 """
+import dataclasses
+
 import jax
 
+from ptx import fields
 
-def initialize(dist_cfg) -> None:
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """The `distributed` section: several processes (one per host) as one device set."""
+
+    auto: bool = False  # True: coordinator and ids from the environment (Cloud TPU VM, SLURM)
+    coordinator: str = ""  # "host:port" of process 0, when not auto
+    num_processes: int = 1  # 1 = single process, no jax.distributed
+    process_id: int = 0  # this process, 0 .. num_processes - 1
+    local_device_ids: str = ""  # e.g. "0,1": this process's devices; '' = all local ones
+
+    def __post_init__(self):
+        fields.check(self, "distributed", auto=fields.BOOL, num_processes=fields.POSITIVE,
+                     process_id=fields.COUNT)
+        if self.process_id >= self.num_processes:
+            raise ValueError(f"distributed.process_id: {self.process_id} is not below distributed.num_processes="
+                             f"{self.num_processes}")
+
+
+def initialize(dist_cfg: DistributedConfig) -> None:
     """Join the processes named by `dist_cfg` (a config's `distributed` section).
 
     auto: the cluster environment (Cloud TPU VM metadata, SLURM variables)

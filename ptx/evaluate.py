@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptx import best_of_n, data, inference, rollout, sharding
+from ptx import best_of_n, data, inference, rl_training, sharding
 from ptx.model import Transformer
 from ptx.oracle import Oracle
 from ptx.tokenizer import PromptTemplate
@@ -55,8 +55,8 @@ def make_kl_fn(cfg, width: int, mesh=None):
     model = Transformer(cfg.replace(scalar_head=False))
 
     def fn(params, ref_params, seq):
-        logps, _, _ = rollout.response_forward(model, params, seq, width, entropy=False)
-        ref, _, _ = rollout.response_forward(model, ref_params, seq, width, entropy=False)
+        logps, _, _ = rl_training.response_forward(model, params, seq, width, entropy=False)
+        ref, _, _ = rl_training.response_forward(model, ref_params, seq, width, entropy=False)
         return jnp.sum((logps - ref) * seq["mask"], axis=1)
 
     return jax.jit(fn, out_shardings=None if mesh is None else sharding.replicated(mesh))

@@ -31,7 +31,8 @@ from safetensors.numpy import save_file
 from ptx.hf_config import CONFIG, config_from_hf, family_of, read_config, to_hf_config
 from ptx.model import ModelConfig, Output, Transformer, init_params
 from ptx.sources import DataError
-from ptx.tokenizer import SPM_MODEL, TOKENIZER_JSON, HFTokenizer, Tokenizer, load_tokenizer as _load_tokenizer
+from ptx.tokenizer import SPM_MODEL, TOKENIZER_JSON, HFTokenizer, Tokenizer
+from ptx.tokenizer import load_tokenizer as _load_tokenizer
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -202,8 +203,8 @@ def save_params(params, cfg: ModelConfig, path: str, *, dtype: str | None = None
     dtype: tensor dtype name ("float32", "bfloat16", "float16"); None = cfg.param_dtype.
     tokenizer: gives bos / eos / pad ids in config.json, and its files are copied
     (`save`: tokenizer.model, or tokenizer.json with its config, chat template and
-    generation_config.json). The architecture is `hf_config.family_of(cfg)`. Tensors go to `model.safetensors`, or to numbered shards of
-    at most max_shard_bytes with an index; old model*.safetensors files in
+    generation_config.json). The architecture is `hf_config.family_of(cfg)`. Tensors go to
+    `model.safetensors`, or to numbered shards of at most max_shard_bytes with an index; old model*.safetensors files in
     `path` are removed. Every process must call it (leaves are gathered across
     hosts); process 0 writes.
     """

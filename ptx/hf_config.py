@@ -193,7 +193,8 @@ def family_of(cfg: ModelConfig) -> str:
                              "norms, a scaled embedding, GeGLU and q / k norms, all of them, and no qkv bias")
         return "Gemma3"
     if cfg.rope_local_theta and cfg.mixed_layers:
-        raise ValueError(f"no transformers architecture computes {cfg}: a separate sliding-layer rope base is Gemma 3's")
+        raise ValueError(f"no transformers architecture computes {cfg}: a separate sliding-layer rope base is "
+                         "Gemma 3's")
     if cfg.qk_norm:
         if cfg.qkv_bias:
             raise ValueError(f"no transformers architecture computes {cfg}: q / k norms with qkv biases")

@@ -80,4 +80,4 @@ class Sampler:
         return chunks
 
     def texts(self, chunks) -> list[str]:
-        return [self.policy.tok.decode(t[:l]) for c in chunks for t, l in zip(c["tokens"], c["lengths"])]
+        return [self.policy.tok.decode(t[:n]) for c in chunks for t, n in zip(c["tokens"], c["lengths"])]

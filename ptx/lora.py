@@ -61,12 +61,16 @@ BASE_DTYPES = ("float32", "bfloat16")
 class LoraConfig:
     """The `lora` config section; hashable, so it can be a static jit argument."""
 
-    rank: int = 0  # 0 = LoRA off (full fine-tuning)
-    alpha: float = 16.0  # the update is scaled by alpha / rank
-    dropout: float = 0.0  # must be 0: not supported with merged weights
+    rank: int = 0  # 0 = full finetuning; > 0 = rank-r adapters on a frozen base
+    alpha: float = 16.0  # the adapter update is scaled by alpha / rank
+    dropout: float = 0.0  # must be 0: adapters are merged into the weights inside the step
     targets: tuple = DEFAULT_TARGETS  # regexes over 'a/b/c' kernel paths
-    full: tuple = ()  # regexes over base leaves trained in full beside the adapters (a fresh head)
-    base_dtype: str = "float32"  # the frozen base is stored in at most this precision
+    full: tuple = ()  # regexes over base leaves trained in full beside the adapters (a fresh head); set by a stage
+    # The frozen base (and so the reference of DPO / PPO / GRPO, adapters off): 'bfloat16' halves
+    # its memory and rounds each base weight once (relative error <= 2^-9); adapters, their
+    # update and the merged kernels stay float32, and the merge folds them into the same
+    # rounded base. A base already narrower is never widened.
+    base_dtype: str = "float32"  # float32 | bfloat16
 
     @property
     def enabled(self) -> bool:
@@ -259,18 +263,18 @@ merge = jax.jit(apply, static_argnums=(2,), static_argnames=("dtype",))
 def loss_fn(base_loss_fn, lora_cfg: LoraConfig):
     """A stage's `loss_fn(params, batch, frozen)` over adapters.
 
-    Returns `fn(adapters, batch, frozen)` with frozen = {'base': base params,
+    Returns `fn(adapters, batch, frozen, **kw)` with frozen = {'base': base params,
     'ref': what the stage's loss reads as `frozen` (the DPO reference: the
-    base tree itself, no copy) or None}.
+    base tree itself, no copy) or None}; `kw` (a method's carry) passes through.
     """
-    def fn(adapters, batch, frozen):
+    def fn(adapters, batch, frozen, **kw):
         wide = sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(frozen["base"]) if _narrows(x, lora_cfg)})
         if wide:
             # Merging into a wider base would train one model and export another (apply rounds it).
             raise ValueError(f"lora.base_dtype={lora_cfg.base_dtype!r} but the frozen base reached the step "
                              f"in {wide}: store it with lora.frozen_base")
         # Float32 merged kernels: a bfloat16 base must not round the adapter update away.
-        return base_loss_fn(apply(frozen["base"], adapters, lora_cfg, dtype=jnp.float32), batch, frozen["ref"])
+        return base_loss_fn(apply(frozen["base"], adapters, lora_cfg, dtype=jnp.float32), batch, frozen["ref"], **kw)
 
     return fn
 

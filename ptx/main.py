@@ -79,7 +79,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     try:
         # Before any device is touched, so that jax.devices() spans every process.
-        distributed.initialize(flags.FLAGS.config.distributed)
+        distributed.initialize(distributed.DistributedConfig(**flags.FLAGS.config.distributed))
         stages.run(flags.FLAGS.config, flags.FLAGS.workdir)
     except USER_ERRORS as e:
         if flags.FLAGS.verbose:

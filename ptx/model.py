@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from ptx import attention, lookup, remat, sharding
+from ptx import attention, fields, lookup, remat, sharding
 from ptx.layers import ACTIVATIONS, ROPE_TYPES, Dense, RMSNorm, rope, rope_tables, split_layers
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -94,6 +94,10 @@ class ModelConfig:
         return len({self.is_local(i) for i in range(self.n_layers)}) > 1
 
     def __post_init__(self):
+        p = fields.POSITIVE
+        fields.check(self, "model", vocab_size=p, d_model=p, n_layers=p, n_heads=p, n_kv_heads=p, d_ff=p,
+                     head_dim=fields.COUNT, scan_unroll=p, rope_theta=fields.POSITIVE_NUMBER,
+                     norm_eps=fields.POSITIVE_NUMBER)
         # A config read back from JSON (checkpoint meta) holds a list: keep it hashable.
         object.__setattr__(self, "global_layers", tuple(int(i) for i in self.global_layers))
         if any(not 0 <= i < self.n_layers for i in self.global_layers):

@@ -46,7 +46,7 @@ def sequence_batch(seq: dict, rows) -> dict:
     """Rollout rows `rows` of the host batch `seq` (tokens / positions / segment_ids [b, P + N],
     completion / mask [b, N]) as a DPO sequence batch: inputs / positions / segment_ids
     [n, P + N - 1] int32, and the completion's columns (the last N): targets [n, N] int32 and
-    loss_mask [n, N] float32 (`steps.pair_logps`)."""
+    loss_mask [n, N] float32 (`logprobs.pair_logps`)."""
     tokens = seq["tokens"][rows]
     return {"inputs": tokens[:, :-1], "targets": seq["completion"][rows], "positions": seq["positions"][rows, :-1],
             "segment_ids": seq["segment_ids"][rows, :-1], "loss_mask": seq["mask"][rows]}

@@ -1,13 +1,39 @@
 """The optimiser a config asks for: global-norm clipping and AdamW in one pass, with
 warm-up and decay, skipping non-finite steps."""
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from ptx import fields
 
-def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """The `optim` section: AdamW with global-norm clipping, warm-up and decay."""
+
+    lr: float = 3e-4  # peak learning rate
+    schedule: str = "cosine"  # cosine | linear | constant, after the warm-up
+    warmup_steps: int = 100
+    end_lr_ratio: float = 0.1  # final lr as a share of the peak
+    weight_decay: float = 0.0  # AdamW decay, on matrices only
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global-norm clip; 0 = off
+    accum_steps: int = 1  # micro-batches summed into one update
+
+    def __post_init__(self):
+        fields.check(self, "optim", lr=fields.POSITIVE_NUMBER, schedule=fields.one_of(*SCHEDULES),
+                     warmup_steps=fields.COUNT, end_lr_ratio=fields.PROBABILITY, weight_decay=fields.NON_NEGATIVE,
+                     b1=fields.DECAY, b2=fields.DECAY, eps=fields.POSITIVE_NUMBER, grad_clip=fields.NON_NEGATIVE,
+                     accum_steps=fields.POSITIVE)
+
+def schedule(optim_cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     """Linear warm-up to `lr`, then cosine / linear decay to `lr * end_lr_ratio`, or constant."""
     lr, warmup = optim_cfg.lr, int(optim_cfg.warmup_steps)
     end = lr * optim_cfg.end_lr_ratio
@@ -16,10 +42,8 @@ def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
         after = optax.cosine_decay_schedule(lr, decay_steps, alpha=optim_cfg.end_lr_ratio)
     elif optim_cfg.schedule == "linear":
         after = optax.linear_schedule(lr, end, decay_steps)
-    elif optim_cfg.schedule == "constant":
-        after = optax.constant_schedule(lr)
     else:
-        raise ValueError(f"optim.schedule={optim_cfg.schedule!r}; expected cosine, linear or constant")
+        after = optax.constant_schedule(lr)
     if warmup == 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
@@ -101,7 +125,7 @@ def skip_nonfinite(tx: optax.GradientTransformation) -> SkipsNonfinite:
     return SkipsNonfinite(tx.init, update)
 
 
-def make_optimizer(optim_cfg, total_steps: int) -> tuple[SkipsNonfinite, optax.Schedule]:
+def make_optimizer(optim_cfg: OptimConfig, total_steps: int) -> tuple[SkipsNonfinite, optax.Schedule]:
     lr = schedule(optim_cfg, total_steps)
     return clipped_adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
                          weight_decay=optim_cfg.weight_decay, decay_mask=_decay_mask,

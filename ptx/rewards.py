@@ -20,10 +20,9 @@ import re
 import threading
 from typing import Callable
 
-import math_verify
-
 import jax
 import jax.numpy as jnp
+import math_verify
 import numpy as np
 
 from ptx import checkpoint, inference, judge, sharding
@@ -36,11 +35,13 @@ SOURCES = ("model", "function", "judge")
 class SourceConfig:
     """Where rewards come from (the `reward` section of the RL and best-of-N stages)."""
 
-    source: str = "model"  # model | function | judge
+    source: str = "model"  # model (reward.checkpoint) | function (reward.function) | judge (d-RLAIF)
     checkpoint: str = ""  # model: a reward-stage workdir; judge: any language-model workdir
-    function: str = "ptx.world:oracle_reward"  # function: 'module:fn', fn(prompt, completion, **fields) -> float
+    # 'module:fn' with fn(prompt, completion, **fields of the data row it names) -> float; verifiers:
+    # ptx.rewards:math_reward (the row's answer / solution), format_reward, length_penalty
+    function: str = "ptx.world:oracle_reward"
     principles: tuple = ()  # judge: plain lines above the rating prompt
-    judge_batch_size: int = 16  # judge: prompts per forward
+    judge_batch_size: int = 16  # judge: prompts per forward (a multiple of the data-parallel devices)
 
     def __post_init__(self):
         object.__setattr__(self, "principles", tuple(self.principles))

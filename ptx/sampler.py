@@ -6,6 +6,7 @@ Transformer's KV cache into it after a single prefill forward. Row r's token
 at step i is drawn with `fold_in(keys[r], i)`, so a row sampled in a batch
 gets the same tokens as the row sampled alone with the same key.
 """
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -13,12 +14,32 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from ptx import fields
 from ptx.losses import argmax
 from ptx.model import ModelConfig, Transformer, init_cache, unstack_cache, unstack_layers
 
 FINISH_EOS = 0
 FINISH_STOP = 1
 FINISH_LENGTH = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """The `sampling` section of the stages that sample a checkpoint (sample, best-of-N, AI feedback)."""
+
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    min_p: float = 0.0  # 0 = off
+    max_new_tokens: int = 64
+    stop: tuple = ("\n\nHuman:",)  # stop strings (each one or more tokens); a tuple, so flags can set it
+    keep_stop: bool = False  # keep the matched stop sequence in the output
+    num_samples: int = 1  # completions per prompt
+
+    def __post_init__(self):
+        fields.check(self, "sampling", temperature=fields.NON_NEGATIVE, top_k=fields.COUNT, top_p=fields.TOP_P,
+                     min_p=fields.PROBABILITY, max_new_tokens=fields.POSITIVE, stop=fields.STOPS,
+                     keep_stop=fields.BOOL, num_samples=fields.POSITIVE)
 
 
 @flax.struct.dataclass

@@ -4,12 +4,16 @@ Axes: `data` (pure data parallel), `fsdp` (data parallel with parameters
 sharded over the embedding dimension) and `tensor` (heads and MLP hidden
 units). Batches are split over ('data', 'fsdp').
 """
+import dataclasses
 import re
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ptx import fields
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")
@@ -19,10 +23,22 @@ EMBED_LOOKUP = P("tensor", None)  # [vocab, d_model] as the token lookup reads i
 KV_CACHE = P(None, BATCH, "tensor", None, None)  # [layers, batch, kv_heads, length, head_dim]
 
 
-def make_mesh(mesh_cfg, devices=None) -> Mesh:
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The `mesh` section: devices per axis."""
+
+    data: int = -1  # -1 = all devices not used by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        fields.check(self, "mesh", **{axis: fields.AXIS for axis in AXES})
+
+
+def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
     """A (data, fsdp, tensor) mesh over all devices of all processes; -1 takes the rest."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [int(mesh_cfg[a]) for a in AXES]
+    sizes = [int(getattr(mesh_cfg, a)) for a in AXES]
     known = int(np.prod([s for s in sizes if s != -1]))
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh {dict(zip(AXES, sizes))}: at most one axis may be -1")
@@ -160,6 +176,12 @@ def put_global(batch: dict, mesh: Mesh) -> dict:
         return jax.device_put(batch, sharding)
     return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
             for k, v in batch.items()}
+
+
+def put_replicated(x, mesh: Mesh) -> jax.Array:
+    """A host value (the same on every process) as a global array replicated over the mesh."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, replicated(mesh), lambda index: x[index])
 
 
 def chunks(arrays: dict, batch_size: int, mesh: Mesh, *, limit: int = None):

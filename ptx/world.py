@@ -29,7 +29,7 @@ import os
 import random
 import uuid
 
-from ptx.oracle import KINDS, FACTS, PROBLEMS, WORDS, Oracle, request_text
+from ptx.oracle import FACTS, KINDS, PROBLEMS, WORDS, Oracle, request_text
 
 JUDGE_TEMPLATE = "Request: {prompt}\nAnswer A: {a}\nAnswer B: {b}\nBetter answer:"
 JUDGE_OPTIONS = ("A", "B")

@@ -220,7 +220,7 @@ def test_splash_kernel_under_a_mesh_runs_on_each_devices_rows():
     q, k, v = (jnp.concatenate([x, -x]) for x in qkv)  # 4 rows over data x fsdp = 4
     ids = {n: jnp.concatenate([x, x]) for n, x in ids.items()}
     ref = attention.attend(q, k, v, **ids)
-    with jax.set_mesh(sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})):
+    with jax.set_mesh(sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))):
         run = jax.jit(lambda q, k, v, ids: attention.splash_attention(q, k, v, **ids, interpret=True))
         assert "shard_map" in str(jax.make_jaxpr(run)(q, k, v, ids))
         out = run(q, k, v, ids)

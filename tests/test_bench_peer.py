@@ -15,9 +15,9 @@ from bench import main as bench  # noqa: E402
 from bench import peer_trl  # noqa: E402
 from bench.peer import llama_config  # noqa: E402
 from configs import dpo as dpo_configs  # noqa: E402
-from ptx import hf, steps  # noqa: E402
+from ptx import hf, methods  # noqa: E402
+from ptx.losses import DPOConfig  # noqa: E402
 from ptx.model import Transformer  # noqa: E402
-from ptx.stages import common as stage_common  # noqa: E402
 
 TINY = ["--d_model", "32", "--n_layers", "2", "--vocab", "256", "--batch", "4", "--seq", "24", "--repeats", "1"]
 
@@ -64,8 +64,7 @@ def test_dpo_peer_loss_equals_ptx_dpo_loss_and_is_log_2_at_the_reference(tmp_pat
     rows = peer_trl.dpo_rows(np.random.default_rng(0), 4, 12, 8, cfg.vocab_size)
     policy, _ = hf.load_params(str(tmp_path / "policy"), cfg)
     ref, _ = hf.load_params(str(tmp_path / "ref"), cfg)
-    loss_fn = jax.jit(steps.make_loss_fn("dpo", Transformer(cfg),
-                                         dpo=stage_common.dpo_config(dpo_configs.get_config())))
+    loss_fn = jax.jit(methods.get("dpo").make_loss(Transformer(cfg), DPOConfig(**dpo_configs.get_config().dpo)))
 
     def losses(ref_model, ptx_ref):
         """(TRL's loss, ptx's loss) on TRL's first batch; ref_model None = TRL's copy of the policy."""

@@ -34,7 +34,7 @@ def test_checkpoint_from_a_2x2x2_mesh_restores_and_resumes_on_8x1x1_and_on_one_d
     cfg = ModelConfig(**checkpoint.read_meta(str(saved))["model"])
     ref = host_params(saved)  # onto the first device
     for mesh, devices in [((8, 1, 1), None), ((2, 2, 2), None), ((1, 1, 1), jax.devices()[:1])]:
-        on = sharding.make_mesh(dict(zip(sharding.AXES, mesh)), devices)
+        on = sharding.make_mesh(sharding.MeshConfig(*mesh), devices)
         shardings = sharding.param_shardings(abstract_params(cfg), cfg, on)
         params, _ = checkpoint.load_params(str(saved), on)
         for p, s in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(shardings)):

@@ -181,7 +181,7 @@ def test_loads_onto_fsdp_tensor_mesh_with_same_logits_and_exports(llama, tmp_pat
     model, path = llama
     with open(os.path.join(path, "config.json")) as f:
         cfg = hf.config_from_hf(json.load(f))
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=2, tensor=4))
     abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
     shardings = sharding.named(mesh, sharding.tree_specs(abstract, sharding.param_rules(cfg), mesh, strict=True))
     params, _ = hf.load_params(path, shardings=shardings)

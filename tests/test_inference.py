@@ -20,7 +20,7 @@ def test_sampler_chunks_with_group_prefill_are_those_of_prefilling_every_copy(pa
     """inference.Sampler over 4 prompts x 3 samples in chunks of 6 rows (the last padded): with
     group_size 3 each chunk prefills 2 prompts; 4 does not divide the chunk, so it prefills all."""
     tok = types.SimpleNamespace(eos_ids=(EOS,), pad_id=PAD, vocab_size=CFG.vocab_size)
-    policy = inference.Policy(CFG, params, tok, sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1), jax.devices()[:1]))
+    policy = inference.Policy(CFG, params, tok, sharding.make_mesh(sharding.MeshConfig(), jax.devices()[:1]))
     rows = np.repeat(np.arange(len(PROMPT_LENS)), 3)
     each, grouped = (inference.Sampler(policy, batch_size=6, max_new_tokens=MAX_NEW, group_size=g)
                      for g in (1, group_size))

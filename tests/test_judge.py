@@ -41,7 +41,7 @@ def setup(tmp_path_factory):
 def policy(setup):
     """A tiny random model, its weights scaled up so that its verdicts are confident and position-biased."""
     cfg = ModelConfig(vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
-    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=-1, fsdp=1, tensor=1))
     scaled = lambda rng: jax.tree_util.tree_map_with_path(
         lambda path, x: x if sharding.path_str(path).endswith("scale") else x * 25.0, init_params(cfg, rng))
     params = jax.jit(scaled, out_shardings=sharding.param_shardings(abstract_params(cfg), cfg, mesh))(

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ptx import evaluate, logprobs, losses, rollout, steps
+from ptx import evaluate, logprobs, losses, methods, rl_training
 from ptx.model import ModelConfig, Transformer, init_params
 
 CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
@@ -59,7 +59,7 @@ def test_a_batch_within_one_chunk_is_the_plain_forward_bit_for_bit():
         out = model.apply({"params": p}, b["inputs"], b["positions"], b["segment_ids"])
         return losses.sft_loss(out.logits, b["targets"], b["loss_mask"])
 
-    (loss, metrics), grads = value_and_grad(steps.make_loss_fn("sft", model), params, batch)
+    (loss, metrics), grads = value_and_grad(methods.get("sft").make_loss(model, None), params, batch)
     (ref_loss, ref_metrics), ref_grads = value_and_grad(old, params, batch)
     jax.tree.map(np.testing.assert_array_equal, (loss, metrics, grads), (ref_loss, ref_metrics, ref_grads))
 
@@ -71,13 +71,13 @@ def test_chunked_sft_and_dpo_losses_equal_the_unchunked_in_values_and_gradients(
     ref = init_params(cfg, jax.random.PRNGKey(2))
     sft, pairs = lm_batch(3), {**lm_batch(4, prefix="chosen_"), **lm_batch(5, prefix="rejected_"),
                                "prob_chosen": np.ones((2,), np.float32)}
-    dpo = steps.DPOConfig()
+    dpo = losses.DPOConfig()
     out = {}
     for chunk in (WHOLE, CHUNKED):
         model = Transformer(cfg.replace(loss_chunk=chunk))
-        out[chunk] = (value_and_grad(steps.make_loss_fn("sft", model), params, sft),
-                      value_and_grad(steps.make_loss_fn("dpo", model, dpo=dpo), params, pairs, ref),
-                      jax.jit(lambda p, b: steps.pair_logps(model, p, b))(ref, pairs))
+        out[chunk] = (value_and_grad(methods.get("sft").make_loss(model, None), params, sft),
+                      value_and_grad(methods.get("dpo").make_loss(model, dpo), params, pairs, ref),
+                      jax.jit(lambda p, b: logprobs.pair_logps(model, p, b))(ref, pairs))
     assert_close(out[CHUNKED], out[WHOLE])
     # The accuracy metric counts argmax hits chunk by chunk as the full logits do.
     assert float(out[CHUNKED][0][0][1]["accuracy"]) == float(out[WHOLE][0][0][1]["accuracy"])
@@ -88,7 +88,7 @@ def test_chunked_rl_log_probs_entropy_and_kl_equal_the_unchunked(critic):
     """The RL update (entropy bonus, KL in the loss, a value head on the policy), the rollout's
     `prepare` and the evaluation's KL read only the completion's columns, chunked or not."""
     cfg = CFG.replace(scalar_head=critic == "policy")
-    rl = rollout.RLConfig(rollout_batch=4, group_size=2, minibatch_size=4, ent_coef=0.01, kl_in_loss=True,
+    rl = rl_training.RLConfig(rollout_batch=4, group_size=2, minibatch_size=4, ent_coef=0.01, kl_in_loss=True,
                           advantage="gae" if critic == "policy" else "grpo", critic=critic,
                           old_logprobs="forward")  # prepare's own policy forward, chunked or not
     params = {"policy": init_params(cfg, jax.random.PRNGKey(3))}
@@ -97,31 +97,31 @@ def test_chunked_rl_log_probs_entropy_and_kl_equal_the_unchunked(critic):
     out = {}
     for chunk in (WHOLE, CHUNKED):
         model = Transformer(cfg.replace(loss_chunk=chunk))
-        loss_fn = lambda p, b: rollout.rl_loss_fn(p, b, policy_model=model, critic_model=None, width=width,
+        loss_fn = lambda p, b: rl_training.rl_loss_fn(p, b, policy_model=model, critic_model=None, width=width,
                                                   rl_cfg=rl)
-        prep = jax.jit(lambda p, r, s: rollout.prepare(p, r, s, jnp.linspace(0, 1, 4), 0.1, policy_model=model,
+        prep = jax.jit(lambda p, r, s: rl_training.prepare(p, r, s, jnp.linspace(0, 1, 4), 0.1, policy_model=model,
                                                        critic_model=None, width=width, rl_cfg=rl))
         seq = dict(batch, finish_reason=np.zeros((4,), np.int32))
         kl = evaluate.make_kl_fn(cfg.replace(loss_chunk=chunk), width)(params["policy"], ref, batch)
         out[chunk] = value_and_grad(loss_fn, params, batch), prep(params, ref, seq), kl
     assert_close(out[CHUNKED], out[WHOLE])
     model = Transformer(cfg.replace(loss_chunk=CHUNKED))
-    logps, entropy, values = rollout.response_forward(model, params["policy"], batch, width)
+    logps, entropy, values = rl_training.response_forward(model, params["policy"], batch, width)
     full = Transformer(cfg).apply({"params": params["policy"]}, batch["tokens"], batch["positions"],
                                   batch["segment_ids"])
     logits = full.logits[:, width - 1:-1]
     assert_close((logps, entropy), (losses.token_logprobs(logits, batch["completion"]),
                                     losses.token_entropy(logits)))
-    assert rollout.response_forward(model, params["policy"], batch, width, entropy=False)[1] is None
+    assert rl_training.response_forward(model, params["policy"], batch, width, entropy=False)[1] is None
 
 
 def test_chunked_bfloat16_losses_equal_the_unchunked_within_bfloat16_rounding():
     cfg = CFG.replace(dtype="bfloat16")
     params = init_params(cfg, jax.random.PRNGKey(7))
     batch = lm_batch(8)
-    (whole, _), _ = value_and_grad(steps.make_loss_fn("sft", Transformer(cfg.replace(loss_chunk=WHOLE))),
-                                   params, batch)
-    (chunked, _), _ = value_and_grad(steps.make_loss_fn("sft", Transformer(cfg.replace(loss_chunk=CHUNKED))),
+    sft = methods.get("sft")
+    (whole, _), _ = value_and_grad(sft.make_loss(Transformer(cfg.replace(loss_chunk=WHOLE)), None), params, batch)
+    (chunked, _), _ = value_and_grad(sft.make_loss(Transformer(cfg.replace(loss_chunk=CHUNKED)), None),
                                      params, batch)
     assert chunked.dtype == jnp.float32
     np.testing.assert_allclose(chunked, whole, rtol=1e-2)
@@ -134,7 +134,7 @@ def test_chunked_sft_step_keeps_no_vocabulary_sized_buffer():
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in lm_batch(0, b=8, t=128).items()}
 
     def temp_bytes(chunk):
-        fn = jax.grad(lambda p, b: steps.sft_loss_fn(Transformer(cfg.replace(loss_chunk=chunk)), p, b)[0])
+        fn = jax.grad(lambda p, b: methods.sft_loss_fn(Transformer(cfg.replace(loss_chunk=chunk)), p, b)[0])
         return jax.jit(fn).lower(params, batch).compile().memory_analysis().temp_size_in_bytes
 
     logits_bytes = 8 * 128 * 32768 * 4
@@ -149,7 +149,7 @@ def test_the_lm_head_reads_only_the_completion_columns():
     b, width, n = 8, 120, 8
     ids = lambda t: jax.ShapeDtypeStruct((b, t), jnp.int32)
     seq = {"tokens": ids(width + n), "positions": ids(width + n), "segment_ids": ids(width + n), "completion": ids(n)}
-    fn = jax.grad(lambda p, s: rollout.response_forward(Transformer(cfg), p, s, width)[0].sum())
+    fn = jax.grad(lambda p, s: rl_training.response_forward(Transformer(cfg), p, s, width)[0].sum())
     temp = jax.jit(fn).lower(params, seq).compile().memory_analysis().temp_size_in_bytes
     all_logits = b * (width + n) * cfg.vocab_size * 4
     assert temp < all_logits / 4

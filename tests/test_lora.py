@@ -23,7 +23,21 @@ from configs import merge as merge_config
 from configs import ppo as ppo_config
 from configs import reward as reward_config
 from configs import sft as sft_config
-from ptx import checkpoint, hf, inference, lora, rollout, sampler, sharding, stages, steps
+from ptx import (
+    checkpoint,
+    hf,
+    inference,
+    logprobs,
+    lora,
+    losses,
+    methods,
+    rl_training,
+    rollout,
+    sampler,
+    sharding,
+    stages,
+    steps,
+)
 from ptx.model import Dense, ModelConfig, Transformer, count_params, init_params
 from ptx.stages import common, rl, supervised
 
@@ -32,7 +46,7 @@ CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2
 # Every kernel: the stacked attention / MLP ones and the unstacked 2-D LM head.
 LORA = lora.LoraConfig(rank=4, alpha=8.0, targets=lora.DEFAULT_TARGETS + (r"lm_head/kernel",))
 MODEL = Transformer(CFG)
-DPO = steps.DPOConfig(beta=0.1)
+DPO = losses.DPOConfig(beta=0.1)
 STEPS = 8
 
 
@@ -77,7 +91,7 @@ def trained(base):
     base_before = host(base)
     adapters0 = lora.init(base, LORA, jax.random.PRNGKey(1))
     tx = optax.adamw(1e-2)
-    step = make_step(lora.loss_fn(functools.partial(steps.sft_loss_fn, MODEL), LORA), tx)
+    step = make_step(lora.loss_fn(functools.partial(methods.sft_loss_fn, MODEL), LORA), tx)
     state = steps.init_state(adapters0, tx)
     frozen = {"base": base, "ref": None}
     batch = sft_batch(0)
@@ -203,12 +217,12 @@ def test_dpo_reference_is_the_base_and_step_zero_loss_is_log_2(base):
     # The reference a DPO step reads: the base tree itself, adapters disabled.
     ref = lora.apply(frozen["ref"], None, LORA)
     assert ref is base
-    pair_logps = jax.jit(lambda p, b: steps.pair_logps(MODEL, p, b)[0])
+    pair_logps = jax.jit(lambda p, b: logprobs.pair_logps(MODEL, p, b)[0])
     ref_logps, base_logps = pair_logps(ref, batch), pair_logps(base, batch)
     for r, b in zip(ref_logps, base_logps):
         np.testing.assert_array_equal(np.asarray(r), np.asarray(b))
 
-    loss_fn = lora.loss_fn(functools.partial(steps.dpo_loss_fn, MODEL, dpo_cfg=DPO), LORA)
+    loss_fn = lora.loss_fn(functools.partial(methods.dpo_loss_fn, MODEL, dpo_cfg=DPO), LORA)
     evaluate = jax.jit(functools.partial(steps.eval_step, loss_fn=loss_fn))
     # Step 0: the merged policy is bit-identical to the reference, so every
     # log-ratio is exactly 0 and the sigmoid loss exactly log 2.
@@ -279,7 +293,7 @@ def test_param_counts(base):
 
 
 def test_adapters_shard_like_their_weights_on_a_2x2x2_mesh(base, trained):
-    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
     base_rules = sharding.param_rules(CFG)
     abstract = jax.eval_shape(lambda: lora.init(base, LORA, jax.random.PRNGKey(1)))
     rules = lora.sharding_rules(base_rules, abstract)
@@ -301,7 +315,7 @@ def test_adapters_shard_like_their_weights_on_a_2x2x2_mesh(base, trained):
     state = jax.jit(lambda p: steps.init_state(p, tx), out_shardings=state_sh)(trained["state"].params)
     frozen = {"base": jax.device_put(base, base_sh), "ref": None}
     frozen_sh = {"base": base_sh, "ref": None}
-    loss_fn = lora.loss_fn(functools.partial(steps.sft_loss_fn, MODEL), LORA)
+    loss_fn = lora.loss_fn(functools.partial(methods.sft_loss_fn, MODEL), LORA)
     fn = steps.compile_step(
         lambda s, b, f: steps.train_step(s, b, f, loss_fn=loss_fn, tx=tx, lr_fn=lambda _: 0.0, accum_steps=1),
         in_shardings=(state_sh, sharding.batch_sharding(mesh), frozen_sh),
@@ -378,7 +392,7 @@ def test_full_leaves_train_beside_the_adapters(base):
     headless = {k: v for k, v in base.items() if k != "lm_head"}
     np.testing.assert_array_equal(lora.apply(headless, trained, cfg)["lm_head"]["kernel"], head + 1.0)
     specs = sharding.tree_specs(adapters, lora.sharding_rules(sharding.param_rules(CFG), adapters),
-                                sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), strict=True)
+                                sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2)), strict=True)
     assert specs["lm_head"]["kernel"] == P("fsdp", "tensor")  # the base rule itself
     with pytest.raises(ValueError, match="both adapted and trained in full"):
         lora.init(base, lora.LoraConfig(rank=2, targets=(r"lm_head/kernel",), full=(r"lm_head/kernel",)),
@@ -398,7 +412,7 @@ def test_bfloat16_base_halves_its_memory_trains_and_merges_into_the_model_it_tra
     assert lora.param_counts(stored, adapters0)["frozen_bytes"] * 2 == full_bytes
 
     tx = optax.adamw(1e-2)
-    step = make_step(lora.loss_fn(functools.partial(steps.sft_loss_fn, MODEL), cfg), tx)
+    step = make_step(lora.loss_fn(functools.partial(methods.sft_loss_fn, MODEL), cfg), tx)
     state, batch, history = steps.init_state(adapters0, tx), sft_batch(0), []
     for _ in range(4):
         state, m = step(state, batch, {"base": stored, "ref": None})
@@ -407,8 +421,8 @@ def test_bfloat16_base_halves_its_memory_trains_and_merges_into_the_model_it_tra
     # The step at step 0 sees the bfloat16-rounded base exactly, in float32.
     rounded = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), stored)
     evaluate = jax.jit(functools.partial(steps.eval_step, loss_fn=lora.loss_fn(
-        functools.partial(steps.sft_loss_fn, MODEL), cfg)))
-    plain = jax.jit(lambda p, b: steps.sft_loss_fn(MODEL, p, b)[0])
+        functools.partial(methods.sft_loss_fn, MODEL), cfg)))
+    plain = jax.jit(lambda p, b: methods.sft_loss_fn(MODEL, p, b)[0])
     ref, unrounded = float(plain(rounded, batch)), float(plain(base, batch))
     got = float(evaluate(adapters0, batch, {"base": stored, "ref": None})["loss"])
     assert abs(got - ref) < 1e-6 < 1e-5 < abs(ref - unrounded), (got, ref, unrounded)
@@ -453,9 +467,10 @@ def rl_lora_config(kind, sft_dir, base_dtype="float32"):
 def test_rl_lora_first_minibatch_ratio_is_one_and_kl_is_zero_against_the_base(sft_dir, kind, base_dtype):
     c = rl_lora_config(kind, sft_dir, base_dtype)
     c.rl.old_logprobs = "forward"  # the update's own program, so the ratio is exactly 1
-    mesh = sharding.make_mesh(c.mesh)
-    policy_cfg, _, params, ref = rl.build_models(c, mesh)
-    lcfg, rl_cfg = rl.lora_config(c), common.rl_config(c)
+    mesh = sharding.make_mesh(sharding.MeshConfig(**c.mesh))
+    t = common.training(c)
+    policy_cfg, _, params, ref = rl.build_models(c, mesh, t, common.init_source(c))
+    lcfg, rl_cfg = rl.lora_config(t, t.sections["rl"]), t.sections["rl"]
     # The trainable tree: adapters (+ the value head of PPO, in full); the reference: the SFT weights.
     flat = flax.traverse_util.flatten_dict(params["policy"], sep="/")
     assert all(p.endswith(("/a", "/b")) for p in flat if not p.startswith("scalar_head"))
@@ -465,7 +480,7 @@ def test_rl_lora_first_minibatch_ratio_is_one_and_kl_is_zero_against_the_base(sf
         np.asarray(r, np.float32), np.asarray(jnp.asarray(s).astype(base_dtype), np.float32)), ref, sft)
     assert {x.dtype for x in jax.tree_util.tree_leaves(ref)} == {jnp.dtype(base_dtype)}
 
-    policy = jax.jit(lambda p, f: rollout.policy_params(p, f, lcfg))(params, ref)
+    policy = jax.jit(lambda p, f: rl_training.policy_params(p, f, lcfg))(params, ref)
     model = Transformer(policy_cfg)
     prompts = np.array([[2, 40, 41, 42], [2, 43, 44, 0]], np.int32).repeat(4, axis=0)
     lens = np.array([4, 3], np.int32).repeat(4)
@@ -473,12 +488,12 @@ def test_rl_lora_first_minibatch_ratio_is_one_and_kl_is_zero_against_the_base(sf
         policy, prompts, lens, jax.random.split(jax.random.PRNGKey(0), 8))
     seq = rollout.build_sequences(prompts, lens, out, pad_id=0)
     scores = np.linspace(0, 1, 8).astype(np.float32)
-    batch, m = rollout.prepare(dict(params, policy=policy), ref, seq, scores, 0.1, policy_model=model,
+    batch, m = rl_training.prepare(dict(params, policy=policy), ref, seq, scores, 0.1, policy_model=model,
                                critic_model=None, width=4, rl_cfg=rl_cfg)
     assert float(m["objective/kl"]) == 0.0
     np.testing.assert_array_equal(batch["ref_logps"], batch["old_logps"])
     first = jax.tree_util.tree_map(lambda x: x[:4], batch)
-    loss_fn = jax.jit(lambda p, b, f: rollout.rl_loss_fn(p, b, f, policy_model=model, critic_model=None, width=4,
+    loss_fn = jax.jit(lambda p, b, f: rl_training.rl_loss_fn(p, b, f, policy_model=model, critic_model=None, width=4,
                                                          rl_cfg=rl_cfg, lora_cfg=lcfg))
     _, metrics = loss_fn(params, first, ref)
     np.testing.assert_allclose(metrics["val/ratio"], 1.0, atol=1e-6)
@@ -520,7 +535,7 @@ def test_rl_lora_iteration_trains_adapters_and_value_head_only_and_loads_merged(
             np.testing.assert_array_equal(got, np.asarray(w))  # not adapted: the base's, unchanged
     np.testing.assert_array_equal(loaded["scalar_head"]["kernel"], flat["scalar_head/kernel"])
     # Sampling and evaluation load the same merged weights.
-    policy = inference.load_policy(str(tmp_path), sharding.make_mesh(c.mesh))
+    policy = inference.load_policy(str(tmp_path), sharding.make_mesh(sharding.MeshConfig(**c.mesh)))
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
                            policy.params, loaded)
 
@@ -553,7 +568,7 @@ def test_merge_command_writes_a_full_checkpoint_whose_logits_equal_the_adapter_m
     # Any stage reads it as init.checkpoint; the Hugging Face export holds the same weights.
     c2 = sft_config.get_config("tiny")
     c2.init.checkpoint = out
-    again = common.init_source(c2).load(sharding.make_mesh(c2.mesh))
+    again = common.init_source(c2).load(sharding.make_mesh(sharding.MeshConfig(**c2.mesh)))
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), again, merged)
     exported, hf_cfg = hf.load_params(str(tmp_path / "hf"))
     assert hf_cfg.n_layers == cfg.n_layers and not hf_cfg.scalar_head

@@ -851,3 +851,16 @@ def test_overlong_penalty_is_dapos_soft_punishment():
     np.testing.assert_allclose(got, want, **TOL)
     with pytest.raises(ValueError):
         losses.overlong_penalty(lengths, max_len=16, buffer=0)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"soft_labels": True, "label_smoothing": 0.1}, "set one"),
+    ({"loss_type": "ipo", "label_smoothing": 0.1}, "takes no label_smoothing"),
+    ({"gamma": 0.5}, "SimPO margin"),
+    ({"loss_type": "simpo", "precompute_ref": True}, "no reference to precompute"),
+    ({"beta": 0.0}, "must be positive"),
+    ({"loss_type": "kto"}, "dpo.loss_type='kto'"),
+])
+def test_bad_dpo_configs_are_errors(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        losses.DPOConfig(**overrides)

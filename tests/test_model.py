@@ -235,7 +235,7 @@ def test_mixed_sliding_and_global_layers_agree_in_loop_scan_and_cached_decode():
     out = Transformer(cfg).apply({"params": p}, packed, pos, seg).logits
     np.testing.assert_allclose(out[0, :4], Transformer(cfg).apply({"params": p}, doc1).logits[0], atol=1e-5)
     np.testing.assert_allclose(out[0, 4:], Transformer(cfg).apply({"params": p}, doc2).logits[0], atol=1e-5)
-    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
     sharding.tree_specs(p, sharding.param_rules(cfg), mesh, strict=True)  # one rule per parameter
 
 

@@ -38,7 +38,7 @@ def test_clipped_adamw_equals_optax_clip_and_adamw(max_norm, weight_decay):
 
 @pytest.mark.parametrize("first", [True, False])
 def test_a_nonfinite_step_changes_nothing_bit_for_bit(first):
-    tx, _ = optim.make_optimizer(common.base_config("sft").optim, total_steps=10)
+    tx, _ = optim.make_optimizer(optim.OptimConfig(**common.base_config("sft").optim), total_steps=10)
     params = tree(0)
     state = tx.init(params)
     if not first:  # a step already taken: the moments and the count are not zero
@@ -68,7 +68,7 @@ def test_train_step_keeps_no_second_copy_of_the_gradients():
     """Compiled only: 8 x 1M float32 parameters (32 MiB; gradients 32 MiB). optax's clip
     wrote a clipped copy of every gradient and a conditional around the update kept all
     updates alive at once; the step's temporaries stay under gradients + one leaf."""
-    tx, lr = optim.make_optimizer(common.base_config("sft").optim, total_steps=10)
+    tx, lr = optim.make_optimizer(optim.OptimConfig(**common.base_config("sft").optim), total_steps=10)
     params = {f"w{i}": jax.ShapeDtypeStruct((1024, 1024), jnp.float32) for i in range(8)}
     state = jax.eval_shape(lambda p: steps.init_state(p, tx), params)
     batch = {"x": jax.ShapeDtypeStruct((1024,), jnp.float32)}

@@ -1,15 +1,11 @@
-"""ptx.rollout: DAPO's group refill, shared-prefix groups and minibatches, and when a shared prefix pays."""
-import dataclasses
+"""ptx.rollout: the collector (prompt batches, retries, keys, penalties) that RL and online DPO share, and
+DAPO's group refill."""
 
 import jax
 import numpy as np
-import pytest
 
-from configs import grpo as grpo_config
-from configs import ppo as ppo_config
-from ptx import rollout, steps
-from ptx.model import ModelConfig, Transformer, init_params
-from ptx.stages import common
+from ptx import data, losses, rollout, sampler, sharding
+from ptx.model import ModelConfig, init_params
 
 
 def test_fill_groups_replaces_groups_of_equal_rewards_and_fills_with_them_when_draws_run_out():
@@ -29,79 +25,55 @@ def test_fill_groups_replaces_groups_of_equal_rewards_and_fills_with_them_when_d
     np.testing.assert_array_equal(out["x"], [2, 3, 0, 1, 100, 101])
 
 
-def grouped_rollout(seed=0, groups=3, g=4, width=6, n=5, vocab=97):
-    """Rollout-layout rows (`steps.join_prompt_completion`): `groups` prompts of different lengths,
-    each repeated over its g consecutive completions, some ended early (padding after them)."""
-    rng = np.random.default_rng(seed)
-    lens = np.repeat(np.array([width, 2, 4][:groups], np.int32), g)
-    prompts = np.repeat(rng.integers(1, vocab, (groups, width)).astype(np.int32), g, axis=0)
-    prompts[np.arange(width)[None, :] >= lens[:, None]] = 0
-    completion = rng.integers(1, vocab, (groups * g, n)).astype(np.int32)
-    completion_lens = rng.integers(1, n + 1, groups * g).astype(np.int32)
-    completion[np.arange(n)[None, :] >= completion_lens[:, None]] = 0
-    seq = steps.join_prompt_completion(prompts, lens, completion, completion_lens)
-    return {k: np.asarray(v) for k, v in seq.items()}
+class Tok:
+    """Just what the collector reads of a tokenizer."""
+
+    eos_ids, pad_id, vocab_size = (1,), 0, 64
+
+    def decode(self, ids):
+        return " ".join(str(int(i)) for i in ids)
 
 
-@pytest.mark.parametrize("model", [dict(), dict(attention="blockwise", attention_block_q=8, attention_block_k=8),
-                                   dict(loss_chunk=7, tie_embeddings=False)], ids=["xla", "blockwise", "chunked"])
-def test_a_group_as_one_shared_prefix_row_gives_each_row_s_log_probs_entropy_values_and_gradients(model):
-    """response_forward with group_size (one row per group, the prompt read once) against one row
-    per completion, on the live tokens; and the GRPO loss's gradients with rl.shared_prefix."""
-    cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, scalar_head=True,
-                      **model)
-    m = Transformer(cfg)
+def test_the_collector_draws_each_attempts_prompt_batch_and_keys_and_adds_the_penalties():
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
     params = init_params(cfg, jax.random.PRNGKey(0))
-    seq, width = grouped_rollout(), 6
-    rows = rollout.group_rows(seq, width, 4)
-    assert rows["tokens"].shape == (3, width - 1 + 4 * 5)
-    mask = seq["mask"]
-    shared = jax.jit(lambda p, s: rollout.response_forward(m, p, s, width, group_size=4))(params, seq)
-    plain = jax.jit(lambda p, s: rollout.response_forward(m, p, s, width))(params, seq)
-    for a, b in zip(shared, plain):
-        np.testing.assert_allclose(np.asarray(a) * mask, np.asarray(b) * mask, atol=2e-5)
-    # Rows that are not whole groups (a benchmark's single row) run one forward row each.
-    part = {k: v[:2] for k, v in seq.items()}
-    np.testing.assert_array_equal(rollout.response_forward(m, params, part, width, group_size=4)[0],
-                                  rollout.response_forward(m, params, part, width)[0])
-    rng = np.random.default_rng(1)
-    batch = dict(seq, old_logps=np.asarray(plain[0]) - 0.05 * rng.random(mask.shape, np.float32),
-                 ref_logps=np.asarray(plain[0]) + 0.05 * rng.random(mask.shape, np.float32),
-                 advantages=rng.normal(size=mask.shape).astype(np.float32) * mask,
-                 kl_coef=np.full((12,), 0.04, np.float32))
-    grpo = common.rl_config(grpo_config.get_config("tiny"))
-    grads = {}
-    for on in ("on", "off"):
-        rl_cfg = dataclasses.replace(grpo, shared_prefix=on, ent_coef=0.01)
-        loss = lambda p: rollout.rl_loss_fn({"policy": p}, batch, policy_model=m, critic_model=None, width=width,
-                                            rl_cfg=rl_cfg)[0]
-        grads[on] = jax.jit(jax.value_and_grad(loss))(params)
-    np.testing.assert_allclose(grads["on"][0], grads["off"][0], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6), grads["on"][1], grads["off"][1])
+    rng = np.random.default_rng(0)
+    prompts = {"prompt_tokens": rng.integers(2, 64, (10, 5)).astype(np.int32),
+               "prompt_lens": rng.integers(2, 6, 10).astype(np.int32)}
+    rows = [{"i": i} for i in range(10)]
+    seen = []
 
+    def reward(seq, texts, completions, rows):
+        seen.append([r["i"] for r in rows])
+        return np.arange(len(texts), dtype=np.float32)
 
-def test_shared_prefix_minibatches_hold_whole_groups_and_bad_settings_are_named():
-    grpo = common.rl_config(grpo_config.get_config("tiny"))
-    assert grpo.shared_prefix == "auto" and grpo.shared_group == grpo.group_size == 4
-    order = rollout.update_order(24, grpo, np.random.default_rng(0))
-    assert sorted(order) == list(range(24))
-    blocks = order.reshape(-1, 4)
-    assert (blocks[:, 0] % 4 == 0).all() and (np.diff(blocks, axis=1) == 1).all()
-    plain = dataclasses.replace(grpo, shared_prefix="off")
-    np.testing.assert_array_equal(rollout.update_order(24, plain, np.random.default_rng(0)),
-                                  np.random.default_rng(0).permutation(24))
-    with pytest.raises(ValueError, match="shared_prefix"):
-        dataclasses.replace(grpo, rollout_batch=3, minibatch_size=6)  # 12 rows, minibatches of 1.5 groups
-    with pytest.raises(ValueError, match="shared_prefix"):
-        dataclasses.replace(common.rl_config(ppo_config.get_config("tiny")), shared_prefix="on")
-    with pytest.raises(ValueError, match="shared_prefix"):
-        dataclasses.replace(grpo, shared_prefix="yes")
-
-
-def test_auto_shares_a_prefix_where_it_costs_less():
-    """The bench model (d_model 512, 8 layers): one row per group of 4 paid at a 64-token prompt and
-    64-token completions (1.36x faster) and lost at 256-token ones (1.7x slower) on the 2-core CPU."""
-    cfg = ModelConfig(vocab_size=8192, d_model=512, n_layers=8, n_heads=4, n_kv_heads=4, d_ff=1536)
-    assert rollout.shared_prefix_pays(cfg, 64, 64, 4) and not rollout.shared_prefix_pays(cfg, 64, 256, 4)
-    assert rollout.shared_prefix_pays(cfg, 512, 64, 8)  # a long prompt: its copies dominate
-    assert not rollout.shared_prefix_pays(cfg, 1, 64, 4)  # nothing to share
+    spec = rollout.Sampling(prompts=4, group_size=2, max_new_tokens=6, temperature=1.0, max_retries=2,
+                            no_eos_penalty=-1.0, overlong_buffer=2, overlong_penalty=0.5)
+    mesh = sharding.make_mesh(sharding.MeshConfig())
+    collect = rollout.Collector(cfg, Tok(), mesh, reward, rows, prompts, spec, seed=3, steps=5)
+    batches = data.BatchIterator(prompts, 4, seed=3)
+    generate = sampler.make_generate_fn(cfg, max_new_tokens=6, eos_id=(1,), pad_id=0, n_tokens=64)
+    sampled = []
+    draws = list(collect.draws(params, 1, sampled))
+    assert len(draws) == 3 and len(sampled) == 3
+    for attempt, draw in enumerate(draws):
+        # Retry a of iteration 1 reads prompt batch steps + 1 * max_retries + a - 1, never trained otherwise.
+        idx = batches.indices(1 if attempt == 0 else 5 + 2 + attempt - 1)
+        assert seen[attempt] == [int(i) for i in idx for _ in range(2)]
+        key = jax.random.fold_in(jax.random.PRNGKey(3), 1)
+        key = jax.random.fold_in(key, attempt) if attempt else key
+        tokens, lens = (np.repeat(prompts[k][idx], 2, axis=0) for k in ("prompt_tokens", "prompt_lens"))
+        out = jax.device_get(generate(params, tokens, lens, jax.random.split(key, 8), 1.0, 0, 1.0))
+        live = np.arange(6)[None] < out.lengths[:, None]
+        np.testing.assert_array_equal(draw["completion"], np.where(live, out.tokens, 0))
+        np.testing.assert_array_equal(draw["seq.completion"], draw["completion"])
+        penalty = -1.0 * (out.finish_reason != sampler.FINISH_EOS) + np.asarray(
+            losses.overlong_penalty(out.lengths, max_len=6, buffer=2, factor=0.5))
+        np.testing.assert_allclose(draw["scores"], np.arange(8) + penalty, rtol=1e-6)
+        assert sampled[attempt] == float(out.lengths.sum())
+        assert draw["completions"][0] == Tok().decode(draw["completion"][0][:out.lengths[0]])
+    assert not np.array_equal(draws[0]["completion"], draws[1]["completion"])
+    # Attempt 0 alone is the draw without retries, device sequence batch and all.
+    seq, host = collect(params, 1)
+    np.testing.assert_array_equal(host["completion"], draws[0]["completion"])
+    np.testing.assert_array_equal(np.asarray(seq["tokens"]), draws[0]["seq.tokens"])

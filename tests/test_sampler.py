@@ -436,7 +436,7 @@ def test_generate_on_batch_sharded_mesh_equals_unsharded(params, prompts, keys, 
 def test_generate_under_a_tensor_parallel_mesh_equals_unsharded(params, prompts, generate_fn, shape):
     # As the run loops sample: parameters laid out by the rules, rows split over the data
     # axes, and the mesh set so the model constrains its activations and KV cache.
-    mesh = sharding.make_mesh(dict(zip(sharding.AXES, shape)))
+    mesh = sharding.make_mesh(sharding.MeshConfig(*shape))
     rows = np.arange(8) % len(PROMPT_LENS)
     batch = {"t": prompts[rows], "n": PROMPT_LENS[rows], "k": jax.random.split(jax.random.key(7), 8),
              **{k: v[rows] for k, v in MIXED.items()}}
@@ -466,7 +466,7 @@ def test_group_prefill_samples_as_prefilling_every_copy(params, prompts, shape):
     if shape is None:
         out = grouped(params, batch["t"], batch["n"], batch["k"], **settings(batch))
     else:
-        mesh = sharding.make_mesh(dict(zip(sharding.AXES, shape)))
+        mesh = sharding.make_mesh(sharding.MeshConfig(*shape))
         with jax.set_mesh(mesh):
             placed = sharding.put_global(batch, mesh)
             out = grouped(jax.device_put(params, sharding.param_shardings(params, CFG, mesh)), placed["t"],

@@ -16,7 +16,7 @@ CFG, params = test_model.CFG, test_model.params
 
 
 def test_every_parameter_matches_exactly_one_sharding_rule(params):
-    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
     specs = sharding.tree_specs(params, sharding.param_rules(CFG), mesh, strict=True)
     assert specs["layers"]["attn"]["q"]["kernel"] == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     assert specs["layers"]["down"]["kernel"] == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
@@ -25,7 +25,7 @@ def test_every_parameter_matches_exactly_one_sharding_rule(params):
 
 
 def test_a_rule_without_parameter_or_a_parameter_without_rule_is_an_error(params):
-    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=-1, fsdp=1, tensor=1))
     rules = sharding.param_rules(CFG)
     with pytest.raises(ValueError, match="match no parameter"):
         sharding.tree_specs(params, rules + [(r"nothing/here", jax.sharding.PartitionSpec())], mesh,
@@ -35,10 +35,10 @@ def test_a_rule_without_parameter_or_a_parameter_without_rule_is_an_error(params
 
 
 def test_mesh_from_config_fills_the_rest_and_rejects_bad_sizes():
-    assert dict(sharding.make_mesh({"data": -1, "fsdp": 2, "tensor": 1}).shape) == {
+    assert dict(sharding.make_mesh(sharding.MeshConfig(data=-1, fsdp=2, tensor=1)).shape) == {
         "data": 4, "fsdp": 2, "tensor": 1}
     with pytest.raises(ValueError, match="needs 16 devices"):
-        sharding.make_mesh({"data": 4, "fsdp": 4, "tensor": 1})
+        sharding.make_mesh(sharding.MeshConfig(data=4, fsdp=4, tensor=1))
 
 
 def constraints(jaxpr) -> list:
@@ -64,7 +64,7 @@ def test_the_model_constrains_activations_and_kv_cache_under_a_mesh_and_not_with
     assert found() == []
     batch = ("data", "fsdp")
     for mesh, kv_heads in [((2, 2, 2), "tensor"), ((1, 2, 4), None)]:  # 2 kv heads do not split 4 ways
-        with jax.set_mesh(sharding.make_mesh(dict(zip(sharding.AXES, mesh)))):
+        with jax.set_mesh(sharding.make_mesh(sharding.MeshConfig(*mesh))):
             expected = [((512, 64), P("tensor", None)),  # the embedding table, FSDP-gathered for the lookup
                         ((8, 4, 64), P(batch, None, None)),  # the looked-up rows
                         ((8, 4, 64), P(batch, None, None)),  # the residual stream after each (scanned) block
@@ -78,11 +78,11 @@ def test_parameter_and_optimizer_state_shardings_follow_the_rules_on_a_2x2x2_mes
     c = sft_config.get_config("tiny")
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
     cfg = ModelConfig(**dict(c.model))
-    mesh = sharding.make_mesh(c.mesh)
+    mesh = sharding.make_mesh(sharding.MeshConfig(**c.mesh))
     rules = sharding.param_rules(cfg)
     abstract_params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
     param_shardings = sharding.named(mesh, sharding.tree_specs(abstract_params, rules, mesh, strict=True))
-    tx, _ = optim.make_optimizer(c.optim, c.train.steps)
+    tx, _ = optim.make_optimizer(optim.OptimConfig(**c.optim), c.train.steps)
     abstract_state = jax.eval_shape(lambda p: steps.init_state(p, tx), abstract_params)
     state_shardings = sharding.named(mesh, sharding.tree_specs(abstract_state, rules, mesh, strict=False))
     state_shardings = state_shardings.replace(params=param_shardings)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import online_dpo as online_dpo_config
-from ptx import checkpoint, inference, stages
+from ptx import checkpoint, rollout, stages
 from ptx.stages import online_dpo
 
 
@@ -33,15 +33,15 @@ def test_bad_online_dpo_configs_are_errors_before_the_workdir_is_written(tmp_pat
 @pytest.mark.stage
 def test_online_dpo_samples_each_iteration_from_the_current_policy(sft_dir, tmp_path, monkeypatch):
     calls = []
-    original = inference.Sampler.__call__
+    original = rollout.Collector.__call__
 
-    def record(self, prompt_tokens, prompt_lens, seed, *, params=None, **settings):
-        chunks = original(self, prompt_tokens, prompt_lens, seed, params=params, **settings)
-        calls.append(dict(params=jax.device_get(params), tokens=prompt_tokens, lens=prompt_lens, seed=seed,
-                          settings=settings, out=chunks[0]["tokens"], sampler=self))
-        return chunks
+    def record(self, params, it, attempt=0):
+        seq, host = original(self, params, it, attempt)
+        calls.append(dict(params=jax.device_get(params), it=it, attempt=attempt, out=host["completion"],
+                          collector=self))
+        return seq, host
 
-    monkeypatch.setattr(inference.Sampler, "__call__", record)
+    monkeypatch.setattr(rollout.Collector, "__call__", record)
     c = online_dpo_config.get_config("tiny")
     c.init.checkpoint = sft_dir
     c.reward.source, c.reward.function = "function", "reward_fns:letter_share"
@@ -56,7 +56,7 @@ def test_online_dpo_samples_each_iteration_from_the_current_policy(sft_dir, tmp_
     np.testing.assert_allclose(rows[0]["loss"], np.log(2), rtol=1e-5)
     assert abs(rows[0]["objective/kl"]) < 1e-3 and rows[1]["rewards/margins"] != 0
     assert len(calls) == 2  # a continuous reward never ties a group: one draw per iteration
-    mesh = calls[1]["sampler"].policy.mesh
+    mesh = calls[1]["collector"].mesh
     sft_params, _ = checkpoint.load_params(sft_dir, mesh)
     after_one, _ = checkpoint.load_params(os.path.join(workdir, "checkpoints", "1"), mesh)
     same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a),
@@ -66,7 +66,6 @@ def test_online_dpo_samples_each_iteration_from_the_current_policy(sft_dir, tmp_
     # Iteration 2's completions are the updated policy's: the same prompts and keys under the SFT
     # weights sample other completions, under the weights after iteration 1 the very same ones.
     second = calls[1]
-    resample = lambda p: original(second["sampler"], second["tokens"], second["lens"], second["seed"], params=p,
-                                  **second["settings"])[0]["tokens"]
+    resample = lambda p: original(second["collector"], p, second["it"], second["attempt"])[1]["completion"]
     np.testing.assert_array_equal(resample(after_one), second["out"])
     assert not np.array_equal(resample(sft_params), second["out"])

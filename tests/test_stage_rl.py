@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import ppo as ppo_config
-from ptx import losses, rollout, sampler, sharding
+from ptx import losses, rl_training, rollout, sampler, sharding
 from ptx.model import Transformer
 from ptx.stages import common, rl
 
@@ -24,8 +24,8 @@ def rollout_at_the_reference(kind, sft_dir, old_logprobs, kl_coef=0.1, no_refere
     c.rl.old_logprobs = old_logprobs
     if no_reference:
         c.rl.kl_coef = 0.0
-    mesh = sharding.make_mesh(c.mesh)
-    policy_cfg, critic_cfg, params, ref = rl.build_models(c, mesh)
+    mesh = sharding.make_mesh(sharding.MeshConfig(**c.mesh))
+    policy_cfg, critic_cfg, params, ref = rl.build_models(c, mesh, common.training(c), common.init_source(c))
     policy_model = Transformer(policy_cfg)
     prompts = np.array([[2, 40, 41, 42], [2, 43, 44, 0]], np.int32).repeat(4, axis=0)
     lens = np.array([4, 3], np.int32).repeat(4)
@@ -33,15 +33,16 @@ def rollout_at_the_reference(kind, sft_dir, old_logprobs, kl_coef=0.1, no_refere
     out = gen(params["policy"], prompts, lens, jax.random.split(jax.random.PRNGKey(0), 8))
     seq = rollout.build_sequences(prompts, lens, out, pad_id=0)
     scores = np.linspace(0, 1, 8).astype(np.float32)
-    batch, m = rollout.prepare(params, None if no_reference else ref, seq, scores, kl_coef, policy_model=policy_model,
-                               critic_model=None, width=4, rl_cfg=common.rl_config(c))
+    batch, m = rl_training.prepare(params, None if no_reference else ref, seq, scores, kl_coef,
+                                   policy_model=policy_model, critic_model=None, width=4,
+                                   rl_cfg=rl_training.RLConfig(**c.rl))
     return c, params, policy_model, out, batch, m
 
 
 def first_minibatch_metrics(c, params, policy_model, batch):
     first = jax.tree_util.tree_map(lambda x: x[:4], batch)
-    return rollout.rl_loss_fn(params, first, policy_model=policy_model, critic_model=None, width=4,
-                              rl_cfg=common.rl_config(c))[1]
+    return rl_training.rl_loss_fn(params, first, policy_model=policy_model, critic_model=None, width=4,
+                              rl_cfg=rl_training.RLConfig(**c.rl))[1]
 
 
 @pytest.mark.parametrize("kind", ["ppo", "grpo", "gspo"])
@@ -82,9 +83,9 @@ def test_without_a_kl_term_the_reference_is_not_read_and_the_update_is_unchanged
     assert set(with_ref) - set(batch) == {"ref_logps"} and set(m_ref) - set(m) == {"objective/kl"}
     for k in batch:
         np.testing.assert_array_equal(batch[k], with_ref[k], err_msg=k)
-    loss = lambda cfg, b: rollout.rl_loss_fn(params, jax.tree_util.tree_map(lambda x: x[:4], b),
+    loss = lambda cfg, b: rl_training.rl_loss_fn(params, jax.tree_util.tree_map(lambda x: x[:4], b),
                                              policy_model=policy_model, critic_model=None, width=4,
-                                             rl_cfg=common.rl_config(cfg))[0]
+                                             rl_cfg=rl_training.RLConfig(**cfg.rl))[0]
     np.testing.assert_allclose(loss(c, batch), loss(c_ref, with_ref), rtol=1e-6)
 
 

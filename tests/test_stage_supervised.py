@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from configs import dpo as dpo_config
@@ -14,7 +15,7 @@ from configs import kto as kto_config
 from configs import orpo as orpo_config
 from configs import reward as reward_config
 from configs import sft as sft_config
-from ptx import checkpoint, data, hf, metrics, steps, world
+from ptx import checkpoint, data, hf, logprobs, methods, metrics, optim, world
 from ptx.losses import sequence_logps, token_logprobs
 from ptx.model import ModelConfig, Transformer, init_params
 from ptx.stages import common, supervised
@@ -87,18 +88,19 @@ def test_gradient_accumulation_equals_one_big_batch(files, tmp_path):
 
 
 @pytest.mark.stage
-def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(files, tmp_path):
+def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(files, tmp_path, monkeypatch):
     c = sft(files, **{"train.steps": 12, "train.ckpt_every": 4})
     supervised.run(c, str(tmp_path))
     good = host_params(tmp_path)
     c.train.steps = 20
-    c.optim.lr = float("nan")
+    # A NaN learning rate reaches the step (OptimConfig refuses it as a setting): the next loss is NaN.
+    monkeypatch.setattr(optim, "schedule", lambda cfg, steps: optax.constant_schedule(float("nan")))
     with pytest.raises(metrics.NonFiniteError, match=r"the last good checkpoint \(step 12\) is intact"):
         supervised.run(c, str(tmp_path))
     assert checkpoint.resolve(str(tmp_path))[1] == 12
     assert_trees_close(host_params(tmp_path), good, rtol=0, atol=0)
     # Before the first checkpoint there is none to keep, and the error says so.
-    c = sft(files, **{"train.steps": 4, "train.ckpt_every": 0, "optim.lr": float("nan")})
+    c = sft(files, **{"train.steps": 4, "train.ckpt_every": 0})
     with pytest.raises(metrics.NonFiniteError, match="no checkpoint of this run was written yet"):
         supervised.run(c, str(tmp_path / "fresh"))
 
@@ -256,12 +258,12 @@ def test_kto_rows_score_like_sft_rows_and_its_mismatched_pairs_shift_completions
     tok = common.train_workdir_tokenizer(c, str(tmp_path), rows)
     rows = rows[:4]
     arrays, _ = data.encode_unpaired(rows, tok, max_len=40, max_prompt_len=24)
-    model = Transformer(supervised.model_config(c, tok, None))
+    model = Transformer(supervised.model_config(c, methods.get("kto"), tok, None))
     params = init_params(model.cfg, jax.random.PRNGKey(1))
-    join = jax.jit(steps.join_prompt_completion)
-    got = steps.completion_logps(model, params, join(arrays["prompt_tokens"], arrays["prompt_lens"],
+    join = jax.jit(logprobs.join_prompt_completion)
+    got = logprobs.completion_logps(model, params, join(arrays["prompt_tokens"], arrays["prompt_lens"],
                                                      arrays["completion"], arrays["completion_lens"]))
-    shifted = steps.completion_logps(model, params, join(
+    shifted = logprobs.completion_logps(model, params, join(
         arrays["prompt_tokens"], arrays["prompt_lens"], np.roll(arrays["completion"], 1, 0),
         np.roll(arrays["completion_lens"], 1, 0)))
     # The same (prompt, completion) texts in SFT's right-padded layout, scored as DPO scores them.
@@ -305,13 +307,14 @@ def world_and_hf_base(tmp_path):
 
 
 @pytest.mark.stage
-def test_sft_stage_starts_from_an_hf_dir(tmp_path):
+def test_sft_stage_starts_from_an_hf_dir(tmp_path, monkeypatch):
     """init.hf_dir: the stage reads architecture, weights and tokenizer from the directory."""
     files, params = world_and_hf_base(tmp_path)
     c = sft_config.get_config("tiny")
     c.data.train = files["sft"]
     c.init.hf_dir = str(tmp_path / "hf")
-    c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 0.0, 0, "constant"
+    # A learning rate of 0 reaches the step (OptimConfig refuses it as a setting): the weights stay.
+    monkeypatch.setattr(optim, "schedule", lambda cfg, steps: optax.constant_schedule(0.0))
     c.train.steps, c.train.eval_every = 1, 0
     supervised.run(c, str(tmp_path / "run"))
     loaded, meta = checkpoint.load_params(str(tmp_path / "run"))

@@ -17,7 +17,7 @@ from configs import ppo as ppo_config
 from configs import quickstart as quickstart_config
 from configs import sample as sample_config
 from configs import sft as sft_config
-from ptx import rewards, rollout, stages, steps
+from ptx import losses, rewards, rl_training, stages
 from ptx.stages import common
 
 
@@ -73,22 +73,28 @@ def test_bad_rl_configs_are_errors_before_the_workdir_is_written(tmp_path, overr
 
 
 def test_typed_configs_take_every_field_of_their_section():
-    rl = common.rl_config(grpo_config.get_config("tiny"))
-    assert isinstance(rl, rollout.RLConfig) and rl.critic_kind == "none" and rl.group_size == 4 and hash(rl)
-    assert common.rl_config(ppo_config.get_config("tiny")).critic_kind == "reward"
-    assert isinstance(common.dpo_config(dpo_config.get_config("tiny")), steps.DPOConfig)
-    assert common.kto_config(kto_config.get_config("tiny")) == steps.KTOConfig()
-    assert common.orpo_config(orpo_config.get_config("tiny")) == steps.ORPOConfig()
-    assert common.online_config(online_dpo_config.get_config()).rollout_batch == 64
-    assert common.rl_config(gspo_config.get_config("tiny")).ratio_level == "sequence"
+    def training(module, arg="tiny"):
+        c = module.get_config(arg)
+        if "reward" in c and "source" in c.reward:
+            c.reward.source = "function"  # a reward model's source needs its checkpoint
+        return common.training(c)
+
+    rl = training(grpo_config).sections["rl"]
+    assert isinstance(rl, rl_training.RLConfig) and rl.critic_kind == "none" and rl.group_size == 4 and hash(rl)
+    assert training(ppo_config).own.critic_kind == "reward"
+    assert isinstance(training(dpo_config).own, losses.DPOConfig)
+    assert training(kto_config).own == losses.KTOConfig()
+    assert training(orpo_config).own == losses.ORPOConfig()
+    assert training(online_dpo_config, None).sections["online"].rollout_batch == 64
+    assert training(gspo_config).own.ratio_level == "sequence"
     c = ppo_config.get_config("tiny")
     c.reward.source, c.reward.principles = "function", ["Be brief."]
-    src = common.reward_source(c)
+    src = common.training(c).sections["reward"]
     assert isinstance(src, rewards.SourceConfig) and src.principles == ("Be brief.",)
     # A field the dataclass lacks (a typo in a config file) is an error, not ignored.
     c.rl.kl_coeff = 0.1
     with pytest.raises(TypeError, match="kl_coeff"):
-        common.rl_config(c)
+        rl_training.RLConfig(**c.rl)
 
 
 def test_every_stage_reads_the_world_of_its_config_section(tmp_path):

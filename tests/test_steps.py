@@ -1,4 +1,5 @@
-"""ptx.steps: train_step's finite / non-finite updates, pair log-probs and the shared-prefix paths, DPOConfig."""
+"""ptx.steps: train_step's finite / non-finite updates and carry, the trainer setup (shardings, transfer guard),
+TrainConfig."""
 import functools
 
 import jax
@@ -6,11 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
-from ptx import data, steps
-from ptx.model import ModelConfig, Transformer, init_params
-
-from conftest import assert_trees_close
+from ptx import sharding, steps
 
 
 def test_train_step_applies_a_finite_update_and_skips_a_nonfinite_one():
@@ -29,92 +28,73 @@ def test_train_step_applies_a_finite_update_and_skips_a_nonfinite_one():
     assert int(bad.step) == 1 and float(m["nonfinite"]) == 1 and float(m["update_norm"]) == 0
 
 
-def two_row_and_shared_pairs():
-    """Pairs of different prompt and response lengths (a one-id prompt among them), right-padded,
-    as two rows each and as one shared-prefix row."""
-    rng = np.random.default_rng(0)
-    docs = {"chosen": [], "rejected": []}
-    for prompt, n_chosen, n_rejected in ((5, 4, 9), (1, 6, 2), (9, 3, 3), (3, 11, 7)):
-        head = [int(i) for i in rng.integers(3, 200, prompt)]
-        for side, n in (("chosen", n_chosen), ("rejected", n_rejected)):
-            docs[side].append((head + [int(i) for i in rng.integers(3, 200, n)], [0] * prompt + [1] * n))
-    two, shared = (data.pair_arrays(docs["chosen"], docs["rejected"], max_len=24, pad_id=0, shared_prefix=on)
-                   for on in (False, True))
-    assert shared["inputs"].shape[1] < 2 * 24  # one row, shorter than the two it stands for
-    for batch in (two, shared):
-        batch["prob_chosen"] = np.ones(4, np.float32)
-    return two, shared
+def quadratic_loss(params, batch, frozen=None, carry=None):
+    """sum((w - target)^2) per row; with a carry, the running mean of the batch's mean target."""
+    loss = jnp.mean(jnp.sum((params["w"][None] - batch["target"]) ** 2, axis=-1))
+    metrics = {}
+    if carry is not None:
+        x = jnp.mean(batch["target"])
+        metrics["carry"] = {"mean": carry["mean"] + (x - carry["mean"]) / (carry["count"] + 1),
+                            "count": carry["count"] + 1}
+    return loss, metrics
 
 
-def test_two_row_pairs_drop_the_prompt_columns_of_every_row_and_keep_the_log_probs():
-    """Targets and loss masks start at the first column any row trains on (a 3-id prompt: column
-    2); the summed log-probs equal the plain forward's log-softmax at each side's trained targets."""
-    rng = np.random.default_rng(1)
-    docs = {"chosen": [], "rejected": []}
-    for prompt, n_chosen, n_rejected in ((5, 4, 9), (3, 6, 2), (9, 3, 3)):
-        head = [int(i) for i in rng.integers(3, 200, prompt)]
-        for side, n in (("chosen", n_chosen), ("rejected", n_rejected)):
-            docs[side].append((head + [int(i) for i in rng.integers(3, 200, n)], [0] * prompt + [1] * n))
-    two = data.pair_arrays(docs["chosen"], docs["rejected"], max_len=24, pad_id=0)
-    assert two["chosen_inputs"].shape == (3, 24)
-    for key in ("chosen_targets", "chosen_loss_mask", "rejected_targets", "rejected_loss_mask"):
-        assert two[key].shape == (3, 22), key
-    cfg = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
-    m = Transformer(cfg)
-    params = init_params(cfg, jax.random.PRNGKey(0))
-    (got_chosen, got_rejected), lengths = jax.jit(functools.partial(steps.pair_logps, m))(params, two)
-    for side, got, n in (("chosen", got_chosen, lengths[0]), ("rejected", got_rejected, lengths[1])):
-        for r, (seq, trained) in enumerate(docs[side]):
-            logp = np.asarray(jax.nn.log_softmax(m.apply({"params": params}, np.asarray([seq[:-1]])).logits[0]))
-            want = sum(logp[j, seq[j + 1]] for j in range(len(seq) - 1) if trained[j + 1])
-            np.testing.assert_allclose(got[r], want, rtol=1e-5)
-            assert n[r] == sum(trained[1:])
+def test_setup_lays_the_state_out_by_the_rules_and_its_step_equals_train_step():
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4))
+    rules = [(r"w", P("fsdp"))]
+    tx = optax.sgd(0.1)
+    trainer = steps.setup(quadratic_loss, tx, lambda _: 0.1, {"w": jnp.zeros(8)}, rules, mesh)
+    state = trainer.init({"w": jnp.arange(8.0)})
+    assert state.params["w"].sharding.spec == P("fsdp") and trainer.state_shardings.params["w"].spec == P("fsdp")
+    assert trainer.abstract_state.params["w"].shape == (8,) and state.carry == {}
+    batch = {"target": np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)}
+    new, m = trainer.train_step(state, sharding.put_global(batch, mesh), None)
+    plain = functools.partial(steps.train_step, loss_fn=quadratic_loss, tx=tx, lr_fn=lambda _: 0.1, accum_steps=1)
+    want, want_m = jax.jit(plain)(steps.init_state({"w": jnp.arange(8.0)}, tx), batch, None)
+    np.testing.assert_allclose(new.params["w"], want.params["w"], rtol=1e-6)
+    np.testing.assert_allclose(m["loss"], want_m["loss"], rtol=1e-6)
+    ev = trainer.eval_step(new, sharding.put_global(batch, mesh), None)
+    np.testing.assert_allclose(ev["loss"], quadratic_loss(jax.device_get(new.params), batch)[0], rtol=1e-6)
 
 
-@pytest.mark.parametrize("model", [dict(attention="xla"), dict(attention="blockwise", attention_block_q=8,
-                                                                 attention_block_k=16, remat="full"),
-                                   dict(sliding_window=4)], ids=["xla", "blockwise", "window"])
-def test_shared_prefix_dpo_loss_and_gradients_equal_the_two_row_path(model):
-    """Equal log-probs, loss and gradients (float32) of `two_row_and_shared_pairs`."""
-    two, shared = two_row_and_shared_pairs()
-    cfg = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, **model)
-    m = Transformer(cfg)
-    params, ref = init_params(cfg, jax.random.PRNGKey(0)), init_params(cfg, jax.random.PRNGKey(1))
-    loss_fn = steps.make_loss_fn("dpo", m, dpo=steps.DPOConfig(beta=0.5))
-    grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
-    ((loss_two, metrics_two), grads_two), ((loss, metrics), grads) = (grad(params, b, ref) for b in (two, shared))
-    logps = jax.jit(functools.partial(steps.pair_logps, m))
-    (logps_two, lengths_two), (logps_shared, lengths_shared) = logps(params, two), logps(params, shared)
-    np.testing.assert_allclose(logps_shared, logps_two, rtol=1e-5)
-    np.testing.assert_array_equal(lengths_shared, lengths_two)
-    np.testing.assert_allclose(loss, loss_two, rtol=1e-5)
-    assert_trees_close(metrics, metrics_two, rtol=1e-5, atol=1e-6)
-    assert_trees_close(grads, grads_two, rtol=1e-4, atol=1e-7)
-    orpo = jax.jit(steps.make_loss_fn("orpo", m, orpo=steps.ORPOConfig()))  # ORPO reads the same log-probs
-    np.testing.assert_allclose(orpo(params, shared)[0], orpo(params, two)[0], rtol=1e-5)
+def test_a_step_refuses_a_batch_that_was_not_placed_on_the_devices():
+    mesh = sharding.make_mesh(sharding.MeshConfig())
+    trainer = steps.setup(quadratic_loss, optax.sgd(0.1), lambda _: 0.1, {"w": jnp.zeros(4)}, [(r"w", P())], mesh)
+    state = trainer.init({"w": jnp.zeros(4)})
+    batch = {"target": np.ones((8, 4), np.float32)}
+    with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
+        trainer.train_step(state, batch, None)  # a numpy batch: an implicit transfer inside the step
+    state, _ = trainer.train_step(state, sharding.put_global(batch, mesh), None)
+    assert int(jax.device_get(state.step)) == 1
 
 
-def test_shared_prefix_reward_loss_and_gradients_equal_the_two_row_path():
-    two, shared = two_row_and_shared_pairs()
-    cfg = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, scalar_head=True)
-    params = init_params(cfg, jax.random.PRNGKey(0))
-    # A random head instead of the zero init, so that the trunk has gradients too.
-    params["scalar_head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(1), params["scalar_head"]["kernel"].shape)
-    grad = jax.jit(jax.value_and_grad(steps.make_loss_fn("reward", Transformer(cfg)), has_aux=True))
-    ((loss_two, metrics_two), grads_two), ((loss, metrics), grads) = (grad(params, b) for b in (two, shared))
-    np.testing.assert_allclose(loss, loss_two, rtol=1e-5)
-    assert_trees_close(metrics, metrics_two, rtol=1e-5, atol=1e-6)
-    assert_trees_close(grads, grads_two, rtol=1e-4, atol=1e-6)  # float32 sums in another order
+def test_a_carry_is_updated_by_the_loss_kept_on_a_nonfinite_step_and_averaged_over_micro_batches():
+    mesh = sharding.make_mesh(sharding.MeshConfig())
+    batch = {"target": np.arange(32, dtype=np.float32).reshape(8, 4)}
+    carry = {"mean": 0.5, "count": 1.0}
+    out = {}
+    for accum in (1, 2):
+        trainer = steps.setup(quadratic_loss, optax.sgd(0.1), lambda _: 0.1, {"w": jnp.zeros(4)}, [(r"w", P())],
+                              mesh, accum_steps=accum, carry=carry)
+        state = trainer.init({"w": jnp.zeros(4)})
+        assert set(state.carry) == {"mean", "count"} and state.carry["mean"].dtype == jnp.float32
+        state, m = trainer.train_step(state, sharding.put_global(batch, mesh), None)
+        assert "carry" not in m
+        out[accum] = jax.device_get(state.carry)
+        # A non-finite step keeps the carry as it was, like the parameters.
+        bad = {"target": np.full((8, 4), np.nan, np.float32)}
+        kept, m = trainer.train_step(state, sharding.put_global(bad, mesh), None)
+        assert float(m["nonfinite"]) == 1 and jax.device_get(kept.carry) == out[accum]
+    # Mean of the batch means 15.5 joined to a running mean of 0.5 over one batch: (0.5 + 15.5) / 2.
+    np.testing.assert_allclose([out[1]["mean"], out[1]["count"]], [8.0, 2.0], rtol=1e-6)
+    np.testing.assert_allclose([out[2]["mean"], out[2]["count"]], [8.0, 2.0], rtol=1e-6)
 
 
 @pytest.mark.parametrize("overrides,match", [
-    ({"soft_labels": True, "label_smoothing": 0.1}, "set one"),
-    ({"loss_type": "ipo", "label_smoothing": 0.1}, "takes no label_smoothing"),
-    ({"gamma": 0.5}, "SimPO margin"),
-    ({"loss_type": "simpo", "precompute_ref": True}, "no reference to precompute"),
-    ({"beta": 0.0}, "must be positive"),
-    ({"loss_type": "kto"}, "dpo.loss_type='kto'"),
+    ({"steps": 0}, "train.steps: needs a positive integer, got 0"),
+    ({"eval_every": 7, "log_every": 5}, "not a multiple of train.log_every"),
+    ({"ckpt_every": -1}, "train.ckpt_every: needs an integer >= 0, got -1"),
 ])
-def test_bad_dpo_configs_are_errors(overrides, match):
+def test_bad_train_configs_are_errors(overrides, match):
     with pytest.raises(ValueError, match=match):
-        steps.DPOConfig(**overrides)
+        steps.TrainConfig(**overrides)

@@ -19,7 +19,7 @@ from configs import quickstart as quickstart_config
 from configs import reward as reward_config
 from configs import sample as sample_config
 from configs import sft as sft_config
-from ptx import stages
+from ptx import methods, stages
 from ptx.stages import validate
 
 MODULES = {"sft": sft_config, "pretrain": pretrain_config, "reward": reward_config, "dpo": dpo_config,
@@ -51,8 +51,10 @@ def field_of(c) -> str:
 
 
 def test_every_stage_has_rules():
-    assert set(validate.FIELDS) == set(stages.RUNNERS)
-    assert set(validate.REQUIRED) | set(validate.BATCHES) | set(validate.SECTIONS) <= set(stages.RUNNERS)
+    assert set(validate.FIELDS) | {m.name for m in methods.METHODS} == set(stages.RUNNERS)
+    assert set(validate.REQUIRED) | set(validate.BATCHES) | set(validate.STAGE_SECTIONS) <= set(stages.RUNNERS)
+    # A method's required fields, batches and sections are its row's: every stage has sections.
+    assert all(validate.sections_of(stage) for stage in stages.RUNNERS)
 
 
 @pytest.mark.parametrize("name", list(MODULES))

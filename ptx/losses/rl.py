@@ -5,6 +5,9 @@ import jax.numpy as jnp
 
 from ptx.losses.tokens import _check, _float, masked_mean, masked_sum
 
+__all__ = ["AGGREGATIONS", "GROUP_ADVANTAGE_KINDS", "KL_KINDS", "RATIO_LEVELS", "adaptive_kl_update", "aggregate",
+           "gae", "group_advantages", "kl_penalty", "overlong_penalty", "ppo_policy_loss", "ppo_value_loss"]
+
 KL_KINDS = ("k1", "k2", "k3")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 GROUP_ADVANTAGE_KINDS = ("grpo", "dr_grpo", "rloo")

@@ -1,4 +1,7 @@
-"""Supervised losses: SFT cross-entropy, the pairwise reward-model loss, the DPO family, KTO, ORPO."""
+"""Supervised losses: SFT cross-entropy, the pairwise reward-model loss, the DPO family, KTO, ORPO,
+and beside each method its config section (a frozen dataclass: hashable, so a loss closes over it
+inside a jit; its defaults and comments are the only declaration of the section's fields)."""
+import dataclasses
 import math
 
 import jax
@@ -7,6 +10,85 @@ import jax.numpy as jnp
 from ptx.losses.tokens import _check, _float, argmax, masked_mean, token_logprobs
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo")
+
+__all__ = ["DPO_LOSS_TYPES", "DPOConfig", "KTOConfig", "ORPOConfig", "RewardConfig", "dpo_loss", "dpo_metrics",
+           "kto_loss", "kto_metrics", "orpo_loss", "orpo_metrics", "pairwise_reward_loss", "sft_loss",
+           "sft_loss_of_logprobs"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """The `reward` section of the reward-model stage."""
+
+    center_coef: float = 0.0  # coef * (r_chosen + r_rejected)^2 keeps rewards centred
+    shared_prefix: bool = False  # one row per pair, [prompt | chosen | rejected], as dpo.shared_prefix
+
+    def __post_init__(self):
+        if not (math.isfinite(self.center_coef) and self.center_coef >= 0):
+            raise ValueError(f"reward.center_coef={self.center_coef} must be a finite number >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """The `dpo` section: DPO and its variants (IPO, hinge, SimPO, conservative, soft labels)."""
+
+    beta: float = 0.1  # strength of the implicit KL to the reference
+    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | simpo
+    label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped labels
+    reference_free: bool = False  # drop the reference terms (simpo is always reference-free)
+    gamma: float = 0.0  # SimPO target margin
+    soft_labels: bool = False  # use the data's prob_chosen (AI-judge labels) as soft targets
+    precompute_ref: bool = False  # reference log-probs once over the data; steps run the policy only
+    # One row per pair, [prompt | chosen | rejected]: the prompt's keys and values computed once, each
+    # response masked to see the prompt and itself; the same losses and gradients as two rows.
+    shared_prefix: bool = False
+
+    def __post_init__(self):
+        if self.loss_type not in DPO_LOSS_TYPES:
+            raise ValueError(f"dpo.loss_type={self.loss_type!r}; expected one of {DPO_LOSS_TYPES}")
+        if self.beta <= 0:
+            raise ValueError(f"dpo.beta={self.beta} must be positive")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"dpo.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        if self.soft_labels and self.label_smoothing:
+            raise ValueError("dpo.soft_labels and dpo.label_smoothing both soften the labels; set one")
+        if self.loss_type in ("ipo", "hinge") and (self.soft_labels or self.label_smoothing):
+            raise ValueError(f"dpo.loss_type={self.loss_type!r} takes no label_smoothing or soft_labels")
+        if self.gamma and self.loss_type != "simpo":
+            raise ValueError(f"dpo.gamma={self.gamma} is the SimPO margin; it needs dpo.loss_type='simpo'")
+        if self.precompute_ref and self.uses_reference is False:
+            raise ValueError(f"dpo.precompute_ref with a reference-free loss ({self.loss_type}, "
+                             f"reference_free={self.reference_free}) has no reference to precompute")
+
+    @property
+    def uses_reference(self) -> bool:
+        return not (self.reference_free or self.loss_type == "simpo")
+
+
+@dataclasses.dataclass(frozen=True)
+class KTOConfig:
+    """The `kto` section (Ethayarajh et al. 2024; TRL's KTOConfig names)."""
+
+    beta: float = 0.1  # strength of the implicit KL to the reference
+    desirable_weight: float = 1.0  # λ_D: weight of desirable rows (raise it when they are rarer)
+    undesirable_weight: float = 1.0  # λ_U: weight of undesirable rows
+
+    def __post_init__(self):
+        if self.beta <= 0 or self.desirable_weight <= 0 or self.undesirable_weight <= 0:
+            raise ValueError(f"kto.beta={self.beta}, kto.desirable_weight={self.desirable_weight} and "
+                             f"kto.undesirable_weight={self.undesirable_weight} must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class ORPOConfig:
+    """The `orpo` section (Hong et al. 2024): no reference model."""
+
+    lam: float = 0.1  # λ, the weight of the odds-ratio term (TRL's ORPOConfig.beta)
+    shared_prefix: bool = False  # one row per pair, [prompt | chosen | rejected], as dpo.shared_prefix
+
+    def __post_init__(self):
+        if self.lam < 0:
+            raise ValueError(f"orpo.lam={self.lam} must be >= 0")
 
 
 # Supervised fine-tuning and reward modelling.

@@ -5,6 +5,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+__all__ = ["argmax", "chunked_token_logprobs", "masked_mean", "masked_sum", "masked_whiten", "sequence_logps",
+           "token_entropy", "token_logprobs"]
+
 
 def _float(x):
     """Casts to float32, or keeps float64: bf16 logits lose too much in a sum."""

@@ -2,26 +2,18 @@
 config, builds the library's pieces, runs its loop and writes its workdir.
 
 Imports run one way: `ptx.stages` -> the library (`ptx/*.py`), never back, and
-the library never imports `configs`. A new stage is a module here with its
-`run`, an entry in `RUNNERS` and a file in `configs/`; a new loss is a pure
-function in `ptx/losses.py` with its step in `ptx/steps.py` (see README, Design).
+the library never imports `configs`. A training method is a row of `ptx.methods`
+(its loop from `loops.LOOPS`) and a file in `configs/`; any other stage is a module
+here with its `run`, an entry in `RUNNERS` and a file in `configs/` (see README, Design).
 """
-from ptx.stages import ai_feedback, best_of_n, export, online_dpo, quickstart, rl, sample, supervised, validate
+from ptx import methods
+from ptx.stages import ai_feedback, best_of_n, export, loops, quickstart, sample, validate
 
-# config.stage -> the function that runs it. Every stage runs in one process or in
-# several (`distributed.*`): each process holds every host row and places on the mesh
-# only the rows its own devices hold; process 0 writes the files.
-RUNNERS = {
-    "sft": supervised.run,
-    "reward": supervised.run,
-    "dpo": supervised.run,
-    "kto": supervised.run,
-    "orpo": supervised.run,
-    "ppo": rl.run,
-    "grpo": rl.run,
-    "gspo": rl.run,
-    "dapo": rl.run,
-    "online_dpo": online_dpo.run,
+# config.stage -> the function that runs it: every training method's loop, then the other
+# stages. Every stage runs in one process or in several (`distributed.*`): each process
+# holds every host row and places on the mesh only the rows its own devices hold;
+# process 0 writes the files.
+RUNNERS = {m.name: loops.LOOPS[m.loop] for m in methods.METHODS} | {
     "sample": sample.run,
     "best_of_n": best_of_n.run,
     "ai_feedback": ai_feedback.run,

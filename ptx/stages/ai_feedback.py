@@ -12,14 +12,13 @@ import os
 import jax
 import numpy as np
 
-from ptx import data, inference, judge, sharding
+from ptx import data, inference, judge, sampler, sharding
 from ptx.stages import common
 from ptx.tokenizer import PromptTemplate
 
 
 def run(config, workdir: str) -> dict:
-    common.require(config, "policy_checkpoint", "judge_checkpoint")
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(common.typed(config, "mesh", sharding.MeshConfig))
     sharding.check_batch(mesh, config.batch_size, "batch_size")
     sharding.check_batch(mesh, config.judge.batch_size, "judge.batch_size")
     workdir = os.path.abspath(workdir)
@@ -42,7 +41,7 @@ def run(config, workdir: str) -> dict:
     template = common.template(config)
     arrays, _ = data.encode_prompts([{"prompt": template.format_prompt(p)} for p in prompts], policy.tok,
                                     max_prompt_len=config.data.max_prompt_len)
-    s = config.sampling
+    s = common.typed(config, "sampling", sampler.SamplingConfig)
     smp = inference.Sampler(policy, batch_size=config.batch_size, max_new_tokens=s.max_new_tokens,
                             stops=list(s.stop), keep_stop=s.keep_stop, group_size=2)
     chunks = smp(np.repeat(arrays["prompt_tokens"], 2, axis=0), np.repeat(arrays["prompt_lens"], 2, axis=0),

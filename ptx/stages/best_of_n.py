@@ -10,14 +10,13 @@ import os
 
 import jax
 
-from ptx import best_of_n, data, inference, rewards, sharding
+from ptx import best_of_n, data, inference, rewards, sampler, sharding
 from ptx.stages import common
 
 
 def run(config, workdir: str) -> dict:
-    common.require(config, "checkpoint")
-    reward_cfg = common.reward_source(config)
-    mesh = sharding.make_mesh(config.mesh)
+    reward_cfg = common.typed(config, "reward", rewards.SourceConfig)
+    mesh = sharding.make_mesh(common.typed(config, "mesh", sharding.MeshConfig))
     sharding.check_batch(mesh, config.batch_size, "batch_size")
     workdir = os.path.abspath(workdir)
     common.write_config(config, workdir)
@@ -28,7 +27,7 @@ def run(config, workdir: str) -> dict:
     common.report_skipped(workdir, stats)
     arrays, _ = data.encode_prompts(rows, policy.tok, max_prompt_len=config.data.max_prompt_len)
     source = rewards.make_source(reward_cfg, mesh)
-    s = config.sampling
+    s = common.typed(config, "sampling", sampler.SamplingConfig)
     n_max = max(config.ns)
     smp = inference.Sampler(policy, batch_size=config.batch_size, max_new_tokens=s.max_new_tokens,
                             stops=list(s.stop), keep_stop=s.keep_stop, group_size=n_max)

@@ -1,18 +1,19 @@
 """What the stages share: the boundary where a ConfigDict becomes library arguments.
 
-Only `ptx/stages` reads a ConfigDict. The library gets frozen dataclasses
-(`ModelConfig`, `LoraConfig`, `RLConfig`, `DPOConfig`, `KTOConfig`, `ORPOConfig`, `SourceConfig`) or
-keyword arguments, built here from their config sections and validated on
-construction, before a stage writes anything.
+Only `ptx/stages` reads a ConfigDict. The library gets frozen dataclasses (`ModelConfig`,
+`OptimConfig`, `TrainConfig`, `DataConfig`, `MeshConfig`, `SamplingConfig`, `LoraConfig`
+and each method's sections, `ptx.methods`) or keyword arguments, built here from their
+config sections and validated on construction, before a stage writes anything.
 """
 import dataclasses
 import json
 import os
+from typing import Any
 
 import jax
 from absl import logging
 
-from ptx import checkpoint, data, hf, lora, online, rewards, rollout, sharding, steps, world
+from ptx import checkpoint, data, hf, lora, methods, optim, sharding, steps, world
 from ptx.model import ModelConfig, abstract_params
 from ptx.tokenizer import HFTokenizer, PromptTemplate, Tokenizer, load_tokenizer, train_tokenizer
 
@@ -26,14 +27,33 @@ WORLD_FILES = {"text": ("pretrain", ""), "sft": ("sft", ""),
                "unpaired": ("preference", "preference_heldout")}
 
 
-def require(config, *fields: str):
-    """ValueError naming the first of the stage's required (dotted) fields left empty."""
-    for field in fields:
-        value = config
-        for part in field.split("."):
-            value = value[part]
-        if not value:
-            raise ValueError(f"stage {config.stage!r} needs --config.{field}")
+def typed(config, name: str, cls):
+    """config.<name> as its frozen dataclass `cls` (whose checks run on construction)."""
+    return cls(**config[name].to_dict())
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """A training stage's typed sections, built (and so checked) once."""
+
+    method: methods.Method
+    sections: dict  # the method's own sections by name (`Method.sections`)
+    own: Any  # the method's own section config (its first), or None
+    optim: optim.OptimConfig
+    train: steps.TrainConfig
+    data: data.DataConfig
+    mesh: sharding.MeshConfig
+    lora: lora.LoraConfig
+
+
+def training(config) -> Training:
+    """The typed sections of a training stage (`config.stage` a row of `ptx.methods`)."""
+    method = methods.get(config.stage)
+    sections = method.section_configs(lambda name: config[name].to_dict())
+    return Training(method=method, sections=sections, own=method.own_config(sections),
+                    optim=typed(config, "optim", optim.OptimConfig), train=typed(config, "train", steps.TrainConfig),
+                    data=typed(config, "data", data.DataConfig), mesh=typed(config, "mesh", sharding.MeshConfig),
+                    lora=lora_config(config, targets=method.lora_targets))
 
 
 def write_config(config, workdir: str):
@@ -123,9 +143,8 @@ class InitSource:
 
 
 def init_source(config) -> InitSource | None:
-    """`init.checkpoint` or `init.hf_dir` with its architecture, or None for a fresh model."""
-    if config.init.checkpoint and config.init.hf_dir:
-        raise ValueError("set init.checkpoint or init.hf_dir, not both")
+    """`init.checkpoint` or `init.hf_dir` (validate.check allows one) with its architecture, or None
+    for a fresh model."""
     if config.init.checkpoint:
         meta = checkpoint.read_meta(config.init.checkpoint)
         return InitSource("checkpoint", config.init.checkpoint, ModelConfig(**meta["model"]), meta.get("origin", {}))
@@ -190,27 +209,3 @@ def lora_config(config, *, targets=(), full=()) -> lora.LoraConfig:
     return lora.LoraConfig(rank=int(c.rank), alpha=float(c.alpha), dropout=float(c.dropout),
                            targets=tuple(c.targets) + tuple(targets), full=tuple(full),
                            base_dtype=str(c.base_dtype))
-
-
-def rl_config(config) -> rollout.RLConfig:
-    return rollout.RLConfig(**config.rl.to_dict())
-
-
-def dpo_config(config) -> steps.DPOConfig:
-    return steps.DPOConfig(**config.dpo.to_dict())
-
-
-def online_config(config) -> online.OnlineConfig:
-    return online.OnlineConfig(**config.online.to_dict())
-
-
-def kto_config(config) -> steps.KTOConfig:
-    return steps.KTOConfig(**config.kto.to_dict())
-
-
-def orpo_config(config) -> steps.ORPOConfig:
-    return steps.ORPOConfig(**config.orpo.to_dict())
-
-
-def reward_source(config) -> rewards.SourceConfig:
-    return rewards.SourceConfig(**config.reward.to_dict())

@@ -43,11 +43,10 @@ def export(config, workdir: str) -> str:
     """The newest checkpoint of `config.checkpoint` (full, LoRA merged into its base, an RL policy, a
     reward model) -> a Hugging Face directory at `workdir`; returns its path. The stage's own config
     is not written there: config.json is the model's."""
-    common.require(config, "checkpoint")
     if config.dtype and config.dtype not in hf.DTYPE_NAMES:
         raise ValueError(f"export dtype={config.dtype!r}; expected one of {hf.DTYPE_NAMES} or ''")
     meta = checkpoint.read_meta(config.checkpoint)  # fails before anything is written
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(common.typed(config, "mesh", sharding.MeshConfig))
     params, _ = checkpoint.load_params(config.checkpoint, mesh)
     out = os.path.abspath(workdir)
     write_hf(params, meta, config.checkpoint, out, dtype=config.dtype or None,
@@ -58,11 +57,10 @@ def export(config, workdir: str) -> str:
 def merge(config, workdir: str) -> str:
     """The newest checkpoint of the LoRA workdir `config.checkpoint` -> a full checkpoint (params
     only, its step kept) in `config.out` ('' = workdir); returns the out dir."""
-    common.require(config, "checkpoint")
     meta = checkpoint.read_meta(config.checkpoint)
     if not meta.get("lora"):
         raise ValueError(f"{config.checkpoint} holds full weights already (its meta names no LoRA base)")
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(common.typed(config, "mesh", sharding.MeshConfig))
     workdir = os.path.abspath(workdir)
     common.write_config(config, workdir)
     params, _ = checkpoint.load_params(config.checkpoint, mesh)

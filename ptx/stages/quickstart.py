@@ -10,9 +10,10 @@ Each stage runs its own config (`config.<stage>`, all overridable) in
 so an interrupted quickstart resumes. Evaluation writes results.json,
 report.md and PNG plots into the workdir and prints the table.
 
-After them, the methods of `config.methods` (each on unless its flag is off): online DPO
-and GSPO against the reward model, KTO and ORPO on the human-feedback comparisons. They
-run last and touch nothing the others read, so the rows above stay as they were.
+After them, the methods of `config.methods` (each on unless its flag is off): every row of
+`ptx.methods` with a quickstart kind, trained from SFT: on the human-feedback comparisons
+(KTO, ORPO) or on the RL prompts against the reward model (online DPO, GSPO). They run last
+and touch nothing the others read, so the rows above stay as they were.
 """
 import json
 import os
@@ -21,18 +22,13 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from ptx import checkpoint, evaluate, rewards, sharding, world
-from ptx.stages import ai_feedback, common, online_dpo, rl, supervised
+from ptx import checkpoint, evaluate, methods, rewards, sharding, world
+from ptx.stages import ai_feedback, common, loops
 
 # The methods beyond the recipe, each a stage and a row of its own, behind `config.methods.<name>`.
-EXTRA_METHODS = ("online_dpo", "kto", "orpo", "gspo")
+EXTRA_METHODS = tuple(m.name for m in methods.METHODS if m.quickstart)
 METHODS = ("base", "sft", "best_of_4", "best_of_16", "dpo", "ppo", "grpo", "rlaif") + EXTRA_METHODS
 STAGES = ("pretrain", "sft", "judge", "ai_feedback", "reward", "dpo", "ppo", "grpo", "rlaif") + EXTRA_METHODS
-# The loop that trains each of the quickstart's stages.
-RUNNERS = {"pretrain": supervised.run, "sft": supervised.run, "judge": supervised.run,
-           "ai_feedback": ai_feedback.run, "reward": supervised.run, "dpo": supervised.run, "ppo": rl.run,
-           "grpo": rl.run, "rlaif": supervised.run, "online_dpo": online_dpo.run, "kto": supervised.run,
-           "orpo": supervised.run, "gspo": rl.run}
 
 
 def stages_of(config) -> tuple:
@@ -83,20 +79,23 @@ def run_stages(config, workdir: str, files: dict, train_files: dict | None = Non
               "ai_feedback": ("", ""),
               "reward": (human, files["preference_heldout"]), "dpo": (human, files["preference_heldout"]),
               "ppo": (files["sft"], ""), "grpo": (files["sft"], ""),
-              "rlaif": (os.path.join(dirs["ai_feedback"], "preferences.jsonl"), files["preference_heldout"]),
-              # Online DPO and GSPO sample the RL prompts; KTO and ORPO learn from DPO's comparisons.
-              "online_dpo": (files["sft"], ""), "gspo": (files["sft"], ""),
-              "kto": (human, files["preference_heldout"]), "orpo": (human, files["preference_heldout"])}
-    inputs.update({name: (path, inputs[name][1]) for name, path in (train_files or {}).items()})
+              "rlaif": (os.path.join(dirs["ai_feedback"], "preferences.jsonl"), files["preference_heldout"])}
     parents = {"sft": "pretrain", "judge": "pretrain", "reward": "sft", "dpo": "sft", "ppo": "sft",
-               "grpo": "sft", "rlaif": "sft", "online_dpo": "sft", "kto": "sft", "orpo": "sft", "gspo": "sft"}
+               "grpo": "sft", "rlaif": "sft"}
+    # The extra methods learn from DPO's comparisons or sample the RL prompts, from SFT.
+    extra = {"comparisons": (human, files["preference_heldout"]), "prompts": (files["sft"], "")}
+    for m in methods.METHODS:
+        if m.quickstart:
+            inputs[m.name], parents[m.name] = extra[m.quickstart], "sft"
+    inputs.update({name: (path, inputs[name][1]) for name, path in (train_files or {}).items()})
     for name in stages_of(config):
         c = config[name]
         c.world = config.world  # one world for every stage that reads it
         c.data.train, c.data.eval = inputs[name]
         if name in parents:
             c.init.checkpoint = dirs[parents[name]]
-        if name in ("ppo", "grpo", "online_dpo", "gspo"):
+        method = methods.get(c.stage)
+        if method is not None and method.reads_reward_source:
             c.reward.checkpoint = dirs["reward"]
         if name == "ai_feedback":
             # The judge learned from review text of the web (right `judge_accuracy` of the
@@ -104,7 +103,7 @@ def run_stages(config, workdir: str, files: dict, train_files: dict | None = Non
             c.policy_checkpoint, c.judge_checkpoint = dirs["sft"], dirs["judge"]
         if not _done(dirs[name], None if name == "ai_feedback" else c.train.steps):
             print(f"== {name}")
-            RUNNERS[name](c, dirs[name])
+            (ai_feedback.run if name == "ai_feedback" else loops.runner(c.stage))(c, dirs[name])
         if name == "ai_feedback":
             human_feedback(w, workdir, files, dirs[name], config.seed)
     return dirs
@@ -120,17 +119,17 @@ def evaluation_args(config, files: dict, sft_dir: str, mesh) -> dict:
 
 
 def evaluate_all(config, workdir: str, files: dict, dirs: dict) -> dict:
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(common.typed(config, "mesh", sharding.MeshConfig))
     ev = evaluate.Evaluation(**evaluation_args(config, files, dirs["sft"], mesh))
     w = ev.oracle
-    methods = {}
+    table = {}
     extra = [(name, name) for name in EXTRA_METHODS if config.methods[name]]
     for name, stage in [("base", "pretrain"), ("sft", "sft"), ("dpo", "dpo"), ("ppo", "ppo"), ("grpo", "grpo"),
                         ("rlaif", "rlaif")] + extra:
         print(f"== evaluate {name}")
-        methods[name] = ev.policy(ev.params(None if name == "sft" else dirs[stage]))
+        table[name] = ev.policy(ev.params(None if name == "sft" else dirs[stage]))
     print("== evaluate best-of-N")
-    methods.update(ev.best_of_n(rewards.ModelReward(dirs["reward"], mesh), config.eval.best_of_n))
+    table.update(ev.best_of_n(rewards.ModelReward(dirs["reward"], mesh), config.eval.best_of_n))
     rm_metrics = [json.loads(line) for line in open(os.path.join(dirs["reward"], "metrics.jsonl"))]
     heldout_acc = [m["eval/accuracy"] for m in rm_metrics if "eval/accuracy" in m][-1]
     with open(os.path.join(dirs["ai_feedback"], "stats.json")) as f:
@@ -138,8 +137,8 @@ def evaluate_all(config, workdir: str, files: dict, dirs: dict) -> dict:
     # On the same pairs of SFT samples as the AI labels (ties excluded by both).
     human = [json.loads(line) for line in open(os.path.join(workdir, "human_feedback", "preferences.jsonl"))]
     human_agree = [w.score(r["prompt"], r["chosen"]) > w.score(r["prompt"], r["rejected"]) for r in human]
-    return {"methods": {k: methods[k] for k in METHODS if k in methods} | {
-                k: v for k, v in methods.items() if k not in METHODS},
+    return {"methods": {k: table[k] for k in METHODS if k in table} | {
+                k: v for k, v in table.items() if k not in METHODS},
             "reward_model": {"heldout_accuracy": heldout_acc},
             "ai_feedback": {k: aif.get(k) for k in ("agreement_with_oracle", "position_flip_rate", "n_pairs",
                                                     "n_dropped")} | {

@@ -21,23 +21,21 @@ FINISH_NAMES = {sampler.FINISH_EOS: "eos", sampler.FINISH_STOP: "stop", sampler.
 
 def run(config, workdir: str) -> str:
     """Samples every prompt `sampling.num_samples` times; returns the path of samples.jsonl."""
-    common.require(config, "checkpoint")
-    if not (config.prompt or config.prompts):
-        raise ValueError("stage 'sample' needs --config.prompt or --config.prompts (a jsonl file)")
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(common.typed(config, "mesh", sharding.MeshConfig))
     sharding.check_batch(mesh, config.batch_size, "batch_size")
     workdir = os.path.abspath(workdir)
     common.write_config(config, workdir)
     policy = inference.load_policy(config.checkpoint, mesh)
     template, chat = common.template(config), common.use_chat(config, policy.tok)
     if config.prompt:
-        rows = [{"prompt": [{"role": "user", "content": config.prompt}] if chat else template.format_prompt(config.prompt)}]
+        prompt = [{"role": "user", "content": config.prompt}] if chat else template.format_prompt(config.prompt)
+        rows = [{"prompt": prompt}]
     else:
         rows, stats = data.load_rows(config.prompts, "prompt", template=template, chat=chat,
                                      on_bad_row=config.data.on_bad_row)
         common.report_skipped(workdir, stats)
     arrays, _ = data.encode_prompts(rows, policy.tok, max_prompt_len=config.data.max_prompt_len)
-    s = config.sampling
+    s = common.typed(config, "sampling", sampler.SamplingConfig)
     tokens = np.repeat(arrays["prompt_tokens"], s.num_samples, axis=0)
     lens = np.repeat(arrays["prompt_lens"], s.num_samples, axis=0)
     smp = inference.Sampler(policy, batch_size=config.batch_size, max_new_tokens=s.max_new_tokens,

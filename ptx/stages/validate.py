@@ -2,10 +2,11 @@
 
 `check(config)` runs from `ptx.stages.run` for every stage (the quickstart's
 sub-stages too) and raises a `ConfigError` naming the dotted field and what
-it needs: types and ranges (the tables below, one per stage), the stage's
-required fields, the typed sections' own checks (`ModelConfig`, `LoraConfig`,
-`RLConfig`, `DPOConfig`, `SourceConfig` are built once here), cross-field
-rules, batches against the data-parallel devices, and the paths a run reads
+it needs: the types of the fields outside typed sections (the tables below),
+the stage's required fields, the typed sections' own types and checks (each
+section's frozen dataclass, built once here; a training method's from its
+`ptx.methods` row), cross-field rules (the method's own `check` among them),
+batches against the data-parallel devices, and the paths a run reads
 (checkpoints, files). `python -m ptx.main` prints it as one line and exits 2.
 """
 import copy
@@ -13,11 +14,24 @@ import dataclasses
 import math
 import os
 import re
-from collections.abc import Callable
 
 import ml_collections
 
-from ptx import checkpoint, hf, lora, online, rewards, rollout, sharding, sources, steps
+from ptx import (
+    checkpoint,
+    data,
+    distributed,
+    fields,
+    hf,
+    lora,
+    methods,
+    optim,
+    rewards,
+    sampler,
+    sharding,
+    sources,
+    steps,
+)
 from ptx.model import ModelConfig
 from ptx.stages import common
 
@@ -30,122 +44,52 @@ class ConfigError(ValueError):
         self.field, self.problem = field, problem
 
 
-@dataclasses.dataclass(frozen=True)
-class Need:
-    """What one field's value must be: a test and its words ("a positive integer")."""
-
-    test: Callable
-    words: str
-
-
-def _int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def one_of(*choices) -> Need:
-    return Need(lambda v: v in choices, f"one of {choices}")
-
-
-INT = Need(_int, "an integer")
-POSITIVE = Need(lambda v: _int(v) and v > 0, "a positive integer")
-COUNT = Need(lambda v: _int(v) and v >= 0, "an integer >= 0")
-AXIS = Need(lambda v: _int(v) and (v > 0 or v == -1), "a positive integer, or -1 for the rest of the devices")
-POSITIVE_NUMBER = Need(lambda v: _num(v) and v > 0, "a finite number > 0")
-NON_NEGATIVE = Need(lambda v: _num(v) and v >= 0, "a finite number >= 0")
-PROBABILITY = Need(lambda v: _num(v) and 0 <= v <= 1, "a probability in [0, 1]")
-TOP_P = Need(lambda v: _num(v) and 0 < v <= 1, "a number in (0, 1]")
-DECAY = Need(lambda v: _num(v) and 0 <= v < 1, "a number in [0, 1)")
-BOOL = Need(lambda v: isinstance(v, bool), "True or False")
-TEXT = Need(lambda v: isinstance(v, str), "a string")
-STOPS = Need(lambda v: isinstance(v, (tuple, list)) and all(isinstance(s, str) and s for s in v),
-             "a tuple of non-empty strings, e.g. \"('\\n\\nHuman:', '###')\" or () for none")
-NS = Need(lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(_int(n) and n > 0 for n in v),
+Need, one_of = fields.Need, fields.one_of
+INT, POSITIVE, COUNT, BOOL, TEXT = fields.INT, fields.POSITIVE, fields.COUNT, fields.BOOL, fields.TEXT
+NON_NEGATIVE, PROBABILITY = fields.NON_NEGATIVE, fields.PROBABILITY
+NS = Need(lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(fields.is_int(n) and n > 0 for n in v),
           "a non-empty tuple of positive integers, e.g. '(1, 4, 16)'")
 
-# Fields every stage config has (configs/common.py). The typed sections (model, lora, rl,
-# dpo, reward) check the rest of themselves when they are built.
+# Fields every stage config has (configs/common.py) outside its typed sections (below), which
+# check themselves when they are built.
 COMMON = {
     "seed": INT, "world.seed": INT,
-    "model.vocab_size": POSITIVE, "model.d_model": POSITIVE, "model.n_layers": POSITIVE,
-    "model.n_heads": POSITIVE, "model.n_kv_heads": POSITIVE, "model.d_ff": POSITIVE, "model.head_dim": COUNT,
-    "model.scan_unroll": POSITIVE, "model.rope_theta": POSITIVE_NUMBER, "model.norm_eps": POSITIVE_NUMBER,
     "tokenizer.path": TEXT, "tokenizer.user_prefix": TEXT, "tokenizer.assistant_prefix": TEXT,
-    "data.train": TEXT, "data.eval": TEXT, "data.kind": one_of(*common.WORLD_FILES),
-    "data.max_len": POSITIVE, "data.max_prompt_len": POSITIVE, "data.pack": BOOL, "data.loss_on_prompt": BOOL,
-    "data.on_bad_row": one_of("error", "skip"),
-    "mesh.data": AXIS, "mesh.fsdp": AXIS, "mesh.tensor": AXIS,
-    "distributed.auto": BOOL, "distributed.num_processes": POSITIVE, "distributed.process_id": COUNT,
-    "init.checkpoint": TEXT, "init.hf_dir": TEXT,
+    "tokenizer.use_chat_template": BOOL, "init.checkpoint": TEXT, "init.hf_dir": TEXT,
 }
-TRAIN = {
-    "optim.lr": POSITIVE_NUMBER, "optim.schedule": one_of("cosine", "linear", "constant"),
-    "optim.warmup_steps": COUNT, "optim.end_lr_ratio": PROBABILITY, "optim.weight_decay": NON_NEGATIVE,
-    "optim.b1": DECAY, "optim.b2": DECAY, "optim.eps": POSITIVE_NUMBER, "optim.grad_clip": NON_NEGATIVE,
-    "train.steps": POSITIVE, "train.log_every": POSITIVE, "train.ckpt_every": COUNT, "train.keep_ckpts": POSITIVE,
-}
-SUPERVISED = TRAIN | {"train.batch_size": POSITIVE, "train.eval_every": COUNT, "train.eval_batches": POSITIVE,
-                      "optim.accum_steps": POSITIVE}
-SAMPLING = {
-    "batch_size": POSITIVE, "sampling.temperature": NON_NEGATIVE, "sampling.top_k": COUNT,
-    "sampling.top_p": TOP_P, "sampling.min_p": PROBABILITY, "sampling.max_new_tokens": POSITIVE,
-    "sampling.stop": STOPS, "sampling.keep_stop": BOOL,
-}
+# The stages that train nothing: their own fields (the training methods' are their sections, `ptx.methods`).
 FIELDS = {
-    "sft": COMMON | SUPERVISED,
-    "reward": COMMON | SUPERVISED | {"reward.center_coef": NON_NEGATIVE, "reward.shared_prefix": BOOL},
-    "dpo": COMMON | SUPERVISED,
-    "kto": COMMON | SUPERVISED,
-    "orpo": COMMON | SUPERVISED,
-    "ppo": COMMON | TRAIN,
-    "grpo": COMMON | TRAIN,
-    "gspo": COMMON | TRAIN,
-    "dapo": COMMON | TRAIN,
-    "online_dpo": COMMON | TRAIN,
-    "sample": COMMON | SAMPLING | {"sampling.num_samples": POSITIVE, "checkpoint": TEXT, "prompt": TEXT,
-                                   "prompts": TEXT, "output": TEXT},
-    "best_of_n": COMMON | SAMPLING | {"checkpoint": TEXT, "prompts": TEXT, "ns": NS},
-    "ai_feedback": COMMON | SAMPLING | {"policy_checkpoint": TEXT, "judge_checkpoint": TEXT, "num_prompts": COUNT,
-                                       "pairs_per_prompt": POSITIVE, "judge.batch_size": POSITIVE,
-                                       "judge.threshold": PROBABILITY},
-    "merge": COMMON | {"checkpoint": TEXT, "out": TEXT, "hf_out": TEXT, "hf_max_len": POSITIVE},
-    "export": COMMON | {"checkpoint": TEXT, "dtype": one_of("", "float32", "bfloat16", "float16"),
-                        "max_position_embeddings": COUNT},
-    "quickstart": COMMON | {"eval.batch_size": POSITIVE, "eval.max_new_tokens": POSITIVE,
-                            "eval.temperature": NON_NEGATIVE, "eval.best_of_n": NS, "eval.seed": INT},
+    "sample": {"sampling.num_samples": POSITIVE, "checkpoint": TEXT, "prompt": TEXT, "prompts": TEXT, "output": TEXT,
+               "batch_size": POSITIVE},
+    "best_of_n": {"checkpoint": TEXT, "prompts": TEXT, "ns": NS, "batch_size": POSITIVE},
+    "ai_feedback": {"policy_checkpoint": TEXT, "judge_checkpoint": TEXT, "num_prompts": COUNT,
+                    "pairs_per_prompt": POSITIVE, "batch_size": POSITIVE, "judge.batch_size": POSITIVE,
+                    "judge.threshold": PROBABILITY},
+    "merge": {"checkpoint": TEXT, "out": TEXT, "hf_out": TEXT, "hf_max_len": POSITIVE},
+    "export": {"checkpoint": TEXT, "dtype": one_of("", "float32", "bfloat16", "float16"),
+               "max_position_embeddings": COUNT},
+    "quickstart": {"eval.batch_size": POSITIVE, "eval.max_new_tokens": POSITIVE, "eval.temperature": NON_NEGATIVE,
+                   "eval.best_of_n": NS, "eval.seed": INT},
 }
-# The typed sections each stage builds, with their own checks.
-TRAINED = ("model", "lora")
-RL = TRAINED + ("rl", "reward")
-SECTIONS = {"sft": TRAINED, "reward": TRAINED, "dpo": TRAINED + ("dpo",), "kto": TRAINED + ("kto",),
-            "orpo": TRAINED + ("orpo",), "ppo": RL, "grpo": RL, "gspo": RL, "dapo": RL,
-            "online_dpo": TRAINED + ("dpo", "online", "reward"), "best_of_n": ("reward",)}
-BUILDERS = {"model": lambda c: ModelConfig(**dict(c.model)), "lora": common.lora_config,
-            "rl": common.rl_config, "dpo": common.dpo_config, "kto": common.kto_config, "orpo": common.orpo_config,
-            "online": common.online_config, "reward": common.reward_source}
-CLASSES = {"model": ModelConfig, "lora": lora.LoraConfig, "rl": rollout.RLConfig, "dpo": steps.DPOConfig,
-           "kto": steps.KTOConfig, "orpo": steps.ORPOConfig, "online": online.OnlineConfig,
-           "reward": rewards.SourceConfig}
+# Every config's typed sections, and those of the stages that sample or train.
+SECTIONS = {"data": data.DataConfig, "mesh": sharding.MeshConfig, "distributed": distributed.DistributedConfig}
+SAMPLING = {"sampling": sampler.SamplingConfig}
+TRAINED = {"model": ModelConfig, "optim": optim.OptimConfig, "train": steps.TrainConfig, "lora": lora.LoraConfig}
+STAGE_SECTIONS = {"sample": SAMPLING, "best_of_n": SAMPLING | {"reward": rewards.SourceConfig},
+                  "ai_feedback": SAMPLING}
 # A dataclass field's type -> what its value must be.
-TYPED = {int: INT, float: Need(lambda v: _num(v) or (isinstance(v, float) and not math.isfinite(v)), "a number"),
+TYPED = {int: INT, float: Need(lambda v: fields.is_number(v) or (isinstance(v, float) and not math.isfinite(v)),
+                               "a number"),
          bool: BOOL, str: TEXT, tuple: Need(lambda v: isinstance(v, (tuple, list)), "a tuple")}
-# Fields of which a stage needs one set ('a|b': either), in order.
+# Fields of which a stage needs one set ('a|b': either), in order; a method's from its row.
 REQUIRED = {"sample": ("checkpoint", "prompt|prompts"), "best_of_n": ("checkpoint",),
             "ai_feedback": ("policy_checkpoint", "judge_checkpoint"), "merge": ("checkpoint",),
-            "export": ("checkpoint",), "ppo": ("init.checkpoint|init.hf_dir",), "grpo": ("init.checkpoint|init.hf_dir",)}
-# What each supervised stage trains on.
-KINDS = {"sft": ("sft", "text"), "reward": ("preference",), "dpo": ("preference",),
-         "kto": ("unpaired", "preference"), "orpo": ("preference",)}
-# Batches split over the data-parallel devices: a field, or fields whose product is the batch.
-BATCHES = {"sft": ("train.batch_size",), "reward": ("train.batch_size",), "dpo": ("train.batch_size",),
-           "kto": ("train.batch_size",), "orpo": ("train.batch_size",),
-           **{s: ("rl.rollout_batch*rl.group_size", "rl.minibatch_size") for s in ("ppo", "grpo", "gspo", "dapo")},
-           "online_dpo": ("online.rollout_batch*online.group_size", "online.minibatch_size"),
-           "sample": ("batch_size",), "best_of_n": ("batch_size",),
-           "ai_feedback": ("batch_size", "judge.batch_size"), "quickstart": ("eval.batch_size",)}
+            "export": ("checkpoint",)}
+INIT = "init.checkpoint|init.hf_dir"
+# Batches split over the data-parallel devices: a field, or fields whose product is the batch;
+# a method's from its row.
+BATCHES = {"sample": ("batch_size",), "best_of_n": ("batch_size",), "ai_feedback": ("batch_size", "judge.batch_size"),
+           "quickstart": ("eval.batch_size",)}
 # Paths a run reads: ptx checkpoints (a workdir, its checkpoints dir or a step dir) and files.
 CHECKPOINTS = ("init.checkpoint", "checkpoint", "policy_checkpoint", "judge_checkpoint", "reward.checkpoint",
                "rl.critic_checkpoint")
@@ -155,6 +99,14 @@ FILLABLE = CHECKPOINTS + ("data.train", "data.eval")
 FILLED = "<set by the quickstart>"
 
 
+def sections_of(stage: str) -> dict:
+    """The typed sections a stage's config holds: {section: frozen dataclass}."""
+    method = methods.get(stage)
+    if method is None:
+        return SECTIONS | STAGE_SECTIONS.get(stage, {})
+    return SECTIONS | TRAINED | dict(method.sections)
+
+
 def check(config, *, filled: bool = False):
     """ConfigError for the first problem of `config` (its stage's rules); None when it is fine.
 
@@ -162,8 +114,9 @@ def check(config, *, filled: bool = False):
     an empty checkpoint or data field counts as set, and no path is read.
     """
     stage = config.get("stage")
-    if stage not in FIELDS:
-        raise ConfigError("stage", f"unknown stage {stage!r}; stages: {sorted(FIELDS)}")
+    if stage not in FIELDS and methods.get(stage) is None:
+        known = sorted(FIELDS) + [m.name for m in methods.METHODS]
+        raise ConfigError("stage", f"unknown stage {stage!r}; stages: {sorted(known)}")
     if filled:
         config = copy.deepcopy(config)
         for field in FILLABLE:
@@ -171,14 +124,13 @@ def check(config, *, filled: bool = False):
                 *path, leaf = field.split(".")
                 (_get(config, ".".join(path)) if path else config)[leaf] = FILLED
     _required(config)
-    for field, need in FIELDS[stage].items():
+    for field, need in (COMMON | FIELDS.get(stage, {})).items():
         value = _get(config, field)
         if not need.test(value):
             raise ConfigError(field, f"needs {need.words}, got {value!r}")
-    for section in SECTIONS.get(stage, ()):
-        _build(config, section)
-    _cross_field(config)
-    _batches(config)
+    built = {section: _build(config, section, cls) for section, cls in sections_of(stage).items()}
+    _cross_field(config, built)
+    _batches(config, built.get("mesh"))
     _paths(config)
     if stage == "quickstart":
         for name, sub in config.items():
@@ -199,22 +151,28 @@ def _get(config, field: str):
 
 
 def _required(config):
-    for need in REQUIRED.get(config.stage, ()):
+    method = methods.get(config.stage)
+    for need in REQUIRED.get(config.stage, (INIT,) if method is not None and method.needs_init else ()):
         options = need.split("|")
         if not any(_get(config, f) for f in options):
             what = " or ".join(f"--config.{f}" for f in options)
             raise ConfigError(options[0], f"stage {config.stage!r} needs {what}")
 
 
-def _build(config, section: str):
-    """The typed section's own checks, as a ConfigError naming the field where its message does,
-    after the types its dataclass declares."""
-    for f in dataclasses.fields(CLASSES[section]):
+def _build(config, section: str, cls):
+    """The typed section built from its config section: a ConfigError naming the field where the
+    dataclass's message does, after the types it declares."""
+    if section not in config:
+        raise ConfigError(section, f"missing from the {config.stage!r} config")
+    values = config[section].to_dict()
+    for f in dataclasses.fields(cls):
         need = TYPED.get(f.type)
-        if need is not None and f.name in config[section] and not need.test(config[section][f.name]):
-            raise ConfigError(f"{section}.{f.name}", f"needs {need.words}, got {config[section][f.name]!r}")
+        if need is not None and f.name in values and not need.test(values[f.name]):
+            raise ConfigError(f"{section}.{f.name}", f"needs {need.words}, got {values[f.name]!r}")
     try:
-        BUILDERS[section](config)
+        if section == "lora":
+            return common.lora_config(config)
+        return cls(**values)
     except TypeError as e:  # a field the dataclass lacks, or a value of the wrong type
         name = re.search(r"unexpected keyword argument '(\w+)'", str(e))
         raise (ConfigError(f"{section}.{name[1]}", "no such field") if name else ConfigError(section, str(e))) from None
@@ -225,62 +183,50 @@ def _build(config, section: str):
 def from_message(section: str, message: str) -> ConfigError:
     """'rl.top_k=-1 must be ...' -> ConfigError('rl.top_k', '-1 must be ...'); a message that names no
     dotted field is the section's."""
-    named = re.match(r"([a-z_]+(?:\.[a-z0-9_]+)+)(=?)(.*)", message, re.S)
+    named = re.match(r"([a-z_]+(?:\.[a-z0-9_]+)+)(=|: )?(.*)", message, re.S)
     if named is None:
         return ConfigError(section, message)
     return ConfigError(named[1], named[3].strip() if named[2] else message)
 
 
-def _cross_field(config):
-    stage = config.stage
+def _cross_field(config, built: dict):
+    method = methods.get(config.stage)
     if config.init.checkpoint and config.init.hf_dir:
         raise ConfigError("init", "set init.checkpoint or init.hf_dir, not both")
-    if SECTIONS.get(stage, ()) and config.lora.rank > 0 and not (config.init.checkpoint or config.init.hf_dir):
+    if method is None:
+        return
+    if built["lora"].enabled and not (config.init.checkpoint or config.init.hf_dir):
         raise ConfigError("lora.rank", "LoRA trains adapters on a base: set init.checkpoint or init.hf_dir")
-    if stage in KINDS:
-        d, t = config.data, config.train
-        if d.kind not in KINDS[stage]:
-            raise ConfigError("data.kind", f"stage {stage!r} trains on {' or '.join(KINDS[stage])} data, "
-                                           f"not {d.kind!r}")
+    d, t = built["data"], built["train"]
+    if d.kind not in method.data_kinds:
+        raise ConfigError("data.kind", f"stage {method.name!r} trains on {' or '.join(method.data_kinds)} data, "
+                                       f"not {d.kind!r}")
+    if method.loop == "supervised":
         if d.kind != "text" and d.max_prompt_len >= d.max_len:
             raise ConfigError("data.max_prompt_len", f"{d.max_prompt_len} leaves no room for the response in "
                                                      f"data.max_len={d.max_len}; needs < data.max_len")
-        if t.batch_size % config.optim.accum_steps:
-            raise ConfigError("optim.accum_steps", f"{config.optim.accum_steps} does not divide "
+        if t.batch_size % built["optim"].accum_steps:
+            raise ConfigError("optim.accum_steps", f"{built['optim'].accum_steps} does not divide "
                                                    f"train.batch_size={t.batch_size}")
-        if t.eval_every % t.log_every:
-            raise ConfigError("train.eval_every", f"{t.eval_every} is not a multiple of train.log_every="
-                                                  f"{t.log_every}; evaluation runs at logged steps")
-    if stage == "online_dpo" and (config.dpo.precompute_ref or config.dpo.soft_labels):
-        field = "dpo.precompute_ref" if config.dpo.precompute_ref else "dpo.soft_labels"
-        raise ConfigError(field, "online DPO labels fresh samples with its reward source: there is no data set "
-                                 "to precompute over or to read soft labels from")
-    if stage == "online_dpo" and config.dpo.shared_prefix:
-        raise ConfigError("dpo.shared_prefix", "online DPO scores sampled pairs in rollout rows; shared-prefix "
-                                               "rows are built from a preference data set (stage dpo)")
-    if stage == "online_dpo" and config.lora.rank:
-        raise ConfigError("lora.rank", "online DPO trains full weights; lora.rank must be 0")
-    if stage in ("ppo", "grpo", "gspo", "dapo") and common.rl_config(config).critic_kind == "reward" and not (
-            config.rl.critic_checkpoint or config.reward.checkpoint):
-        raise ConfigError("rl.critic", "'reward' starts the critic from a reward model: set reward.checkpoint "
-                                       "or rl.critic_checkpoint")
-    dist = config.distributed
-    if dist.process_id >= dist.num_processes:
-        raise ConfigError("distributed.process_id", f"{dist.process_id} is not below "
-                                                    f"distributed.num_processes={dist.num_processes}")
+    if method.check is not None:
+        try:
+            method.check({name: built[name] for name, _ in method.sections}, built["lora"].rank)
+        except ValueError as e:
+            raise from_message(config.stage, str(e)) from None
 
 
-def _batches(config):
+def _batches(config, mesh_cfg: sharding.MeshConfig):
     try:
-        mesh = sharding.make_mesh(config.mesh)
+        mesh = sharding.make_mesh(mesh_cfg)
     except ValueError as e:
         raise ConfigError("mesh", str(e).removeprefix("mesh ")) from None
     n = sharding.data_parallel_size(mesh)
-    for fields in BATCHES.get(config.stage, ()):
-        size = math.prod(_get(config, f) for f in fields.split("*"))
+    method = methods.get(config.stage)
+    for product in BATCHES.get(config.stage, method.batches if method is not None else ()):
+        size = math.prod(_get(config, f) for f in product.split("*"))
         if size % n:
-            name = fields.replace("*", " x ")
-            raise ConfigError(fields.split("*")[0], f"{name} = {size} must be a multiple of the {n} data-parallel "
+            name = product.replace("*", " x ")
+            raise ConfigError(product.split("*")[0], f"{name} = {size} must be a multiple of the {n} data-parallel "
                                                     f"devices of the mesh (mesh.data x mesh.fsdp)")
 
 
