@@ -79,10 +79,11 @@ class Simulated:
     def resize(self, perm):
         perm = np.asarray(perm)
         if self.fed is None:
-            self.fed, self.step, self.done = np.zeros(len(perm), int), np.zeros(len(perm), int), np.ones(len(perm), bool)
+            b = len(perm)
+            self.fed, self.step, self.done = np.zeros(b, int), np.zeros(b, int), np.ones(b, bool)
         else:
-            self.fed, self.step, self.done = self.fed[np.maximum(perm, 0)], self.step[np.maximum(perm, 0)], \
-                self.done[np.maximum(perm, 0)] | (perm < 0)
+            rows = np.maximum(perm, 0)
+            self.fed, self.step, self.done = self.fed[rows], self.step[rows], self.done[rows] | (perm < 0)
 
     def copy(self, pairs):
         pass
