@@ -135,7 +135,7 @@ def benchmark_names(args) -> list:
     if args.memory_only:
         return list(MEMORY)
     decode = [f"decode_b{int(b)}" for b in args.decode_batches.split(",") if b]
-    return [*TRAIN, "prefill", *decode, "grpo_iteration", "ppo_iteration"]
+    return [*TRAIN, "prefill", *decode, "grpo_iteration", "ppo_iteration", "rollout_skewed", "rollout_uniform"]
 
 
 def run_suite(suite: Suite, names, peak_probe) -> dict:
@@ -242,6 +242,7 @@ def memory_only(args, cfg: ModelConfig, names, dev) -> dict:
     for name in names:
         results[name] = getattr(suite, name)()
         print(f"  {name}: temps {results[name]['temp_mib']:.0f} MiB", flush=True)
+    results["rollout_memory"] = suite.rollout_memory()  # the engine's page pool: a simulated schedule
     print(bench_peer.memory_table(results))
     if args.out:
         write_json(args.out, results)

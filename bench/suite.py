@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench import engine as bench_engine
 from bench.peer import compile_timed, dpo_lengths, entry, mb, median_time, memory_entry
 from configs import common
 from configs import grpo as grpo_configs
@@ -89,6 +90,8 @@ def rl_rows(rng, b, width, n, vocab):
 # ---------------------------------------------------------------- the suite
 
 class Suite:
+    rollout_skewed, rollout_uniform, rollout_memory = (bench_engine.rollout_skewed, bench_engine.rollout_uniform,
+                                                       bench_engine.rollout_memory)
     def __init__(self, args, cfg: ModelConfig, peak: float):
         self.args, self.cfg, self.peak = args, cfg, peak
         self.memory_only = bool(getattr(args, "memory_only", False))
