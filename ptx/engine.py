@@ -41,7 +41,6 @@ tests see equal tokens).
 import collections
 import dataclasses
 import functools
-import math
 import time
 
 import jax

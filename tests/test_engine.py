@@ -2,13 +2,13 @@
 keys, same tokens), its log-probs are the training forward's, a request's tokens do not depend on its
 slot or batch-mates, preemption changes nothing, and a group prefills its prompt once."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
 
 from ptx import engine, sampler
 from ptx.model import ModelConfig, Transformer, init_params
+
 from test_sampler import MIXED, forward_logits, log_softmax, reference_distribution, row_settings
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
