@@ -8,8 +8,10 @@ copied to `<workdir>/tokenizer.model` (sentencepiece) or `<workdir>/tokenizer/`
 (a Hugging Face tokenizer's files, with its chat template).
 """
 import dataclasses
+import glob
 import json
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -23,10 +25,15 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 class Checkpointer:
-    """Save every `every` steps (and when forced), keep the newest `keep`."""
+    """Save every `every` steps (and when forced), keep the newest `keep`. The unfinished
+    `<step>.orbax-checkpoint-tmp*` folders of a killed run are removed on opening (the
+    workdir lock, `scaffold.lock_workdir`, guarantees that no other run is writing them)."""
 
     def __init__(self, workdir: str, *, every: int, keep: int):
         self.every = every
+        if jax.process_index() == 0:
+            for tmp in glob.glob(os.path.join(checkpoint_dir(workdir), "*.orbax-checkpoint-tmp*")):
+                shutil.rmtree(tmp, ignore_errors=True)
         self.manager = ocp.CheckpointManager(
             checkpoint_dir(workdir),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),

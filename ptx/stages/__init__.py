@@ -6,7 +6,8 @@ the library never imports `configs`. A new stage is a module here with its
 `run`, an entry in `RUNNERS` and a file in `configs/`; a new loss is a pure
 function in `ptx/losses.py` with its step in `ptx/steps.py` (see README, Design).
 """
-from ptx.stages import ai_feedback, best_of_n, export, online_dpo, quickstart, rl, sample, supervised, validate
+from ptx.stages import (ai_feedback, best_of_n, export, online_dpo, quickstart, rl, sample, scaffold, supervised,
+                        validate)
 
 # config.stage -> the function that runs it. Every stage runs in one process or in
 # several (`distributed.*`): each process holds every host row and places on the mesh
@@ -33,8 +34,10 @@ RUNNERS = {
 
 def run(config, workdir: str):
     """Run the stage `config.stage` into `workdir`, once its config passed `validate.check`
-    (a ConfigError names the field before anything is read or written)."""
+    (a ConfigError names the field before anything is read or written), holding the
+    workdir's lock (`scaffold.lock_workdir`: one run per workdir, a writable one)."""
     if config.get("stage") not in RUNNERS:
         raise validate.ConfigError("stage", f"unknown stage {config.get('stage')!r}; stages: {sorted(RUNNERS)}")
     validate.check(config)
-    return RUNNERS[config.stage](config, workdir)
+    with scaffold.lock_workdir(workdir):
+        return RUNNERS[config.stage](config, workdir)

@@ -10,13 +10,87 @@ opened and closed together, restore-or-init, and the meta every checkpoint carri
 
 Resume order: this workdir's newest checkpoint, else `init_fn` (which reads
 `init.checkpoint` / `init.hf_dir`, or initialises from scratch).
+
+One writer per workdir: `stages.run` holds `lock_workdir` for the whole stage, so a
+second run on the same workdir stops before it writes anything.
 """
+import contextlib
+import fcntl
 import json
+import os
+import socket
+import time
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from ptx import checkpoint, metrics
 from ptx.model import ModelConfig
+
+LOCK_FILE = ".ptx.lock"
+
+
+class RunError(RuntimeError):
+    """A fault of the run's surroundings the user can fix (a workdir in use or not writable,
+    a full disk), as one line."""
+
+
+def _acquire(workdir: str):
+    """The open, flock-ed lock file of `workdir` (this host and pid written in it)."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        f = open(os.path.join(workdir, LOCK_FILE), "a+")
+    except OSError as e:
+        raise RunError(f"{workdir}: cannot write there ({e.strerror or e}); "
+                       f"choose a writable --workdir") from e
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = ""
+        for _ in range(20):  # the holder writes its name just after it locks
+            f.seek(0)
+            holder = f.read().split()
+            if len(holder) == 2:
+                break
+            time.sleep(0.05)
+        f.close()
+        host, pid = holder if len(holder) == 2 else ("?", "?")
+        raise RunError(f"{workdir}: in use by another run (host {host}, pid {pid}); wait for it to end "
+                       f"or choose another --workdir") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{socket.gethostname()} {os.getpid()}\n")
+        f.flush()
+    except OSError as e:
+        f.close()
+        raise RunError(f"{workdir}: cannot write there ({e.strerror or e}); choose a writable --workdir") from e
+    return f
+
+
+@contextlib.contextmanager
+def lock_workdir(workdir: str):
+    """Hold an exclusive lock on `workdir` (process 0 holds it for all processes): an OS file
+    lock (flock on `<workdir>/.ptx.lock`), released when the process ends however it ends,
+    so it is never stale. RunError names the workdir and the holder's host and pid when
+    another run holds it, or the workdir when it cannot be written."""
+    handle, error = None, None
+    if jax.process_index() == 0:
+        try:
+            handle = _acquire(os.path.abspath(workdir))
+        except RunError as e:
+            error = e
+    if jax.process_count() > 1:  # every process learns whether process 0 holds it
+        if not int(multihost_utils.broadcast_one_to_all(np.int32(error is None))) and error is None:
+            error = RunError(f"{workdir}: process 0 could not lock it; see its error")
+    if error is not None:
+        raise error
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()
 
 
 class Run:
