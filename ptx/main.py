@@ -2,12 +2,16 @@
 
 An error the user can fix (flags, the config, data, a path) ends the run with exit
 code 2 and one line on stderr, `ptx: error: <field or file>: <problem>`; `--verbose`
-shows its traceback instead. A non-finite loss is one line and exit code 1. Anything
-else is a bug in ptx and keeps its traceback.
+shows its traceback instead. A non-finite loss is one line and exit code 1. SIGTERM or
+SIGINT (a scheduler's preemption notice, Ctrl-C) stops the run after its current step
+with a checkpoint, one line `ptx: stopped by SIGTERM at step N; ...` and exit code 3
+(`scaffold.Stopped.EXIT_CODE`); the same command resumes it. Anything else is a bug
+in ptx and keeps its traceback.
 """
 import re
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -85,6 +89,10 @@ def main(argv):
         if flags.FLAGS.verbose:
             raise
         fail(user_message(e))
+    except scaffold.Stopped as e:
+        if jax.process_index() == 0:
+            print(f"ptx: {e}", file=sys.stderr)
+        sys.exit(scaffold.Stopped.EXIT_CODE)
     except metrics.NonFiniteError as e:
         if flags.FLAGS.verbose:
             raise

@@ -242,3 +242,18 @@ def test_a_second_run_on_a_busy_workdir_is_refused_and_the_first_loses_nothing(s
     assert sorted(os.listdir(tmp_path / "checkpoints")) == sorted(os.listdir(straight / "checkpoints"))
     same_params(straight, tmp_path)
 
+
+def test_sigterm_mid_run_checkpoints_the_step_and_the_same_command_resumes_it(straight, tmp_path):
+    proc = start(tmp_path)
+    wait_for(proc, lambda: any(r["step"] >= 10 for r in logged(tmp_path)), "it could be stopped")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(TIMEOUT_S) == 3
+    step = checkpoint.resolve(str(tmp_path))[1]
+    assert proc.stderr.read().strip().splitlines()[-1] == (
+        f"ptx: stopped by SIGTERM at step {step}; checkpoint written; rerun the same command to resume")
+    assert 10 <= step < 60
+    assert logged(tmp_path)[-1]["step"] <= step
+    out = ptx(*LONG, f"--workdir={tmp_path}")
+    assert out.returncode == 0, out.stderr
+    assert logged(tmp_path) == logged(straight)
+    same_params(straight, tmp_path)
