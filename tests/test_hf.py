@@ -17,6 +17,7 @@ from safetensors.numpy import load_file, save_file
 from ptx import hf, sharding
 from ptx.model import ModelConfig, Transformer, init_params
 from ptx.sampler import make_generate_fn
+from ptx.sources import DataError
 from ptx.tokenizer import train_tokenizer
 
 torch = pytest.importorskip("torch")
@@ -429,3 +430,28 @@ def test_lora_reward_stage_on_an_hf_base_trains_and_its_checkpoint_loads_merged(
     assert np.abs(loaded["scalar_head"]["kernel"]).max() > 0  # the head trained in full
     np.testing.assert_array_equal(loaded["embed"]["embedding"], params["embed"]["embedding"])  # not adapted
     assert np.abs(loaded["layers"]["attn"]["q"]["kernel"] - params["layers"]["attn"]["q"]["kernel"]).max() > 0
+
+
+def test_rope_scaling_and_rope_parameters_are_read_as_transformers_reads_them():
+    # transformers 4.x writes rope_scaling, 5 rope_parameters; each alone, or both agreeing, is one model.
+    yarn_free = {"rope_type": "linear", "factor": 4.0}
+    alone = [hf.config_from_hf({**BASE, "rope_scaling": yarn_free}),
+             hf.config_from_hf({**BASE, "rope_parameters": {**yarn_free, "rope_theta": 1e4}}),
+             hf.config_from_hf({**BASE, "rope_scaling": {"type": "linear", "factor": 4.0},
+                                "rope_parameters": {**yarn_free, "rope_theta": 1e4}})]
+    assert all(c == alone[0] for c in alone) and alone[0].rope_factor == 4.0
+    assert hf.config_from_hf({**BASE, "rope_scaling": None, "rope_parameters": {"rope_type": "default",
+                                                                                "rope_theta": 5e5}}).rope_theta == 5e5
+
+
+@pytest.mark.parametrize("scaling, parameters", [
+    ({"rope_type": "yarn", "factor": 4.0}, {"rope_type": "default"}),  # the case
+    ({"rope_type": "linear", "factor": 4.0}, {"rope_type": "linear", "factor": 8.0}),
+    ({"rope_type": "linear", "factor": 4.0}, {"rope_type": "linear", "factor": 4.0, "rope_theta": 5e5}),
+])
+def test_rope_scaling_and_rope_parameters_that_disagree_are_one_error_naming_both(scaling, parameters):
+    with pytest.raises(DataError) as e:
+        hf.config_from_hf({**BASE, "rope_scaling": scaling, "rope_parameters": parameters}, where="m/config.json")
+    line = str(e.value)
+    assert "\n" not in line and line.startswith(f"m/config.json: rope_scaling={scaling!r} and rope_parameters="
+                                                f"{parameters!r} disagree")
