@@ -7,6 +7,7 @@ Layout: `<workdir>/checkpoints/<step>/{state,meta}`; the tokenizer is
 copied to `<workdir>/tokenizer.model` (sentencepiece) or `<workdir>/tokenizer/`
 (a Hugging Face tokenizer's files, with its chat template).
 """
+import contextlib
 import dataclasses
 import glob
 import json
@@ -18,6 +19,7 @@ import orbax.checkpoint as ocp
 
 from ptx import hf, lora, sharding
 from ptx.model import ModelConfig, abstract_params
+from ptx.sources import DataError
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -57,13 +59,28 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state):
         """abstract_state: pytree of jax.ShapeDtypeStruct with shardings (the target layout)."""
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        with reading(os.path.join(str(self.manager.directory), str(step))):
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
 
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+@contextlib.contextmanager
+def reading(path: str):
+    """Any error while reading the checkpoint at `path` (a step folder, or a file in it) as one
+    DataError naming it, with the reader's first line."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as e:  # orbax, tensorstore, JSON, OS errors: a damaged or partial checkpoint
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise DataError(f"{path}: cannot read this checkpoint ({type(e).__name__}: "
+                        f"{lines[0] if lines else 'no detail'})") from e
 
 
 def model_meta(cfg: ModelConfig) -> dict:
@@ -86,7 +103,8 @@ def resolve(path: str) -> tuple[str, int]:
 
 def read_meta(path: str) -> dict:
     directory, step = resolve(path)
-    with open(os.path.join(directory, str(step), "meta", "metadata")) as f:
+    file = os.path.join(directory, str(step), "meta", "metadata")
+    with reading(file), open(file) as f:
         return json.load(f)
 
 
@@ -122,7 +140,7 @@ def _restore_params(directory, step, meta, target, restore_args):
     key = meta.get("params_key")
     if key:
         target, restore_args = {key: target}, {key: restore_args}
-    with ocp.PyTreeCheckpointer() as reader:
+    with reading(os.path.join(directory, str(step), "state")), ocp.PyTreeCheckpointer() as reader:
         restored = reader.restore(os.path.join(directory, str(step), "state"), args=ocp.args.PyTreeRestore(
             item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
     params = restored["params"]

@@ -455,3 +455,13 @@ def test_rope_scaling_and_rope_parameters_that_disagree_are_one_error_naming_bot
     line = str(e.value)
     assert "\n" not in line and line.startswith(f"m/config.json: rope_scaling={scaling!r} and rope_parameters="
                                                 f"{parameters!r} disagree")
+
+
+@pytest.mark.parametrize("keep", [0.5, 40])  # the data cut short; the header cut short
+def test_a_truncated_safetensors_file_is_an_error_naming_the_file(llama, tmp_path, keep):
+    out = copy_checkpoint(llama[1], tmp_path)
+    file = out / hf.SINGLE
+    data = file.read_bytes()
+    file.write_bytes(data[:int(len(data) * keep) if keep < 1 else keep])
+    with pytest.raises(DataError, match=f"^{file}: cannot read it as safetensors: .+"):
+        hf.load_params(str(out))
