@@ -31,4 +31,5 @@ def get_config(arg=None):
     c.online.minibatch_size = 16 if not tiny else 8  # pairs per update
     c.online.missing_eos_penalty = 0.0  # subtracted from the score of a completion without EOS
     c.online.max_retries = 3  # extra prompt batches drawn to replace groups whose scores all tie
+    c.online.max_idle_iterations = 3  # iterations in a row without a pair that stop the run (0 = never)
     return c

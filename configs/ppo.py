@@ -63,6 +63,7 @@ def rl_config(arg=None, stage="ppo"):
     c.rl.ratio_level = "token"  # token (PPO, GRPO) | sequence (GSPO: length-normalised sequence ratio)
     c.rl.dynamic_sampling = False  # DAPO: replace groups of equal rewards with fresh prompts
     c.rl.dynamic_max_retries = 3  # extra prompt batches per iteration; then dropped groups fill the rest
+    c.rl.dynamic_max_idle_iterations = 3  # iterations in a row without a group with signal stop the run (0 = never)
     c.rl.overlong_buffer = 0  # DAPO: penalty over the last N tokens before max_new_tokens; 0 = off
     c.rl.overlong_penalty = 1.0  # the penalty at max_new_tokens (falls linearly from 0 over the buffer)
     # group_size > 1: each group's policy / reference forwards are one row that reads its prompt once

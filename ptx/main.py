@@ -2,7 +2,8 @@
 
 An error the user can fix (flags, the config, data, a path) ends the run with exit
 code 2 and one line on stderr, `ptx: error: <field or file>: <problem>`; `--verbose`
-shows its traceback instead. A non-finite loss is one line and exit code 1. SIGTERM or
+shows its traceback instead. A non-finite loss, or a run that keeps nothing to train on
+(`metrics.IdleGuard`), is one line and exit code 1. SIGTERM or
 SIGINT (a scheduler's preemption notice, Ctrl-C) stops the run after its current step
 with a checkpoint, one line `ptx: stopped by SIGTERM at step N; ...` and exit code 3
 (`scaffold.Stopped.EXIT_CODE`); the same command resumes it. Anything else is a bug
@@ -93,7 +94,7 @@ def main(argv):
         if jax.process_index() == 0:
             print(f"ptx: {e}", file=sys.stderr)
         sys.exit(scaffold.Stopped.EXIT_CODE)
-    except metrics.NonFiniteError as e:
+    except (metrics.NonFiniteError, metrics.StalledError) as e:
         if flags.FLAGS.verbose:
             raise
         fail(str(e), code=1)

@@ -67,6 +67,7 @@ class RLConfig:
     ratio_level: str = "token"  # token: PPO / GRPO ratios | sequence: GSPO's length-normalised sequence ratio
     dynamic_sampling: bool = False  # DAPO: groups whose rewards are all equal are replaced by fresh prompts
     dynamic_max_retries: int = 3  # extra prompt batches an iteration may draw; then dropped groups fill the rest
+    dynamic_max_idle_iterations: int = 3  # dynamic sampling: iterations in a row without a group with signal stop
     overlong_buffer: int = 0  # DAPO: penalty over the last N tokens before max_new_tokens; 0 = off
     overlong_penalty: float = 1.0  # the penalty at max_new_tokens, falling linearly from 0
     # Forwards of a group as one row, its prompt read once (`group_rows`): off | on | auto (where
@@ -91,6 +92,8 @@ class RLConfig:
         if self.advantage != "gae" and self.group_size < 2:
             raise ValueError(f"rl.advantage={self.advantage!r} compares samples of one prompt: "
                              f"rl.group_size={self.group_size} must be at least 2")
+        if self.dynamic_max_idle_iterations < 0:
+            raise ValueError(f"rl.dynamic_max_idle_iterations={self.dynamic_max_idle_iterations} must be >= 0")
         if self.dynamic_sampling and (self.group_size < 2 or self.dynamic_max_retries < 0):
             raise ValueError(f"rl.dynamic_sampling drops groups of equal rewards: it needs rl.group_size >= 2 "
                              f"(got {self.group_size}) and rl.dynamic_max_retries >= 0")

@@ -11,7 +11,7 @@ from configs import dapo as dapo_config
 from configs import grpo as grpo_config
 from configs import gspo as gspo_config
 from configs import ppo as ppo_config
-from ptx import losses, rollout, sampler, sharding, steps
+from ptx import losses, metrics, rollout, sampler, sharding, steps
 from ptx.model import ModelConfig, Transformer, init_params
 from ptx.stages import common, rl
 
@@ -293,3 +293,16 @@ def test_auto_shares_a_prefix_where_it_costs_less():
     assert rollout.shared_prefix_pays(cfg, 64, 64, 4) and not rollout.shared_prefix_pays(cfg, 64, 256, 4)
     assert rollout.shared_prefix_pays(cfg, 512, 64, 8)  # a long prompt: its copies dominate
     assert not rollout.shared_prefix_pays(cfg, 1, 64, 4)  # nothing to share
+
+
+def always_half(prompt: str, completion: str) -> float:
+    return 0.5
+
+
+def test_dynamic_sampling_without_a_group_with_signal_for_max_idle_iterations_stops_saying_why(sft_dir, tmp_path):
+    c = rl_cfg("dapo", sft_dir, steps=4)
+    c.reward.function = "test_rl:always_half"
+    c.rl.dynamic_max_retries, c.rl.dynamic_max_idle_iterations, c.rl.overlong_buffer = 0, 2, 0
+    with pytest.raises(metrics.StalledError, match=r"^no group with a reward spread kept for 2 iterations in a row "
+                                                   r"\(steps 1-2\): .*rl.dynamic_max_retries$"):
+        rl.run(c, str(tmp_path))

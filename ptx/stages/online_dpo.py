@@ -91,6 +91,8 @@ def _run(config, workdir: str, mesh, source: common.InitSource, dpo: steps.DPOCo
         # init_state's jit writes new buffers: the donated state never frees the reference.
         state, _ = run.restore_or_init(abstract_state, state_sh, lambda: jax.jit(
             lambda p: steps.init_state(p, tx), out_shardings=state_sh)(ref))
+        idle = metrics.IdleGuard(o.max_idle_iterations, what="pair", fix="check reward.function / reward.checkpoint, "
+                                 "or raise online.group_size, online.temperature or online.max_retries")
         for it in range(run.start, config.train.steps):
             sampled = []
             host, draws = rollout.fill_groups((sample(state.params, it, a, sampled) for a in range(1 + o.max_retries)),
@@ -98,6 +100,7 @@ def _run(config, workdir: str, mesh, source: common.InitSource, dpo: steps.DPOCo
             seq = {k[4:]: v for k, v in host.items() if k.startswith("seq.")}
             pairs, tied = online.preference_batch(seq, host["scores"], o.group_size)
             kept = int(np.sum(~tied))  # fill_groups puts the groups with a preference first
+            idle.update(kept, it + 1)
             history = []
             for epoch in range(o.num_epochs):
                 perm = np.random.default_rng([config.seed, it, epoch]).permutation(kept)

@@ -177,6 +177,9 @@ def _run(config, workdir: str, mesh, source: common.InitSource, rl: rollout.RLCo
             abstract_state, state_sh, lambda: jax.jit(lambda p: steps.init_state(p, tx), out_shardings=state_sh)(init))
         init = None  # the state holds the trainable copy now
         kl_coef = saved.get("kl_coef", float(rl.kl_coef))
+        idle = metrics.IdleGuard(rl.dynamic_max_idle_iterations if rl.dynamic_sampling else 0, what="group with "
+                                 "a reward spread", fix="check reward.function / reward.checkpoint, or raise "
+                                 "rl.group_size, rl.temperature or rl.dynamic_max_retries")
         for it in range(run.start, config.train.steps):
             policy = policy_of(state.params, frozen)
             sampled = []
@@ -185,6 +188,7 @@ def _run(config, workdir: str, mesh, source: common.InitSource, rl: rollout.RLCo
                 draws = ({**{f"seq.{k}": v for k, v in sharding.gather(seq).items()}, **host}
                          for seq, host in (sample(policy, it, a, sampled) for a in range(1 + rl.dynamic_max_retries)))
                 host, dynamic = rollout.fill_groups(draws, rl.rollout_batch, rl.group_size)
+                idle.update(rl.rollout_batch - dynamic["filled_groups"], it + 1)
                 seq = sharding.put_global({k[4:]: v for k, v in host.items() if k.startswith("seq.")}, mesh)
             else:
                 seq, host = sample(policy, it, 0, sampled)
