@@ -16,7 +16,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ptx import distributed, metrics, sources, stages
+from ptx import distributed, metrics, rewards, sources, stages
 from ptx.stages import scaffold, validate
 
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file, optionally with :arg.",
@@ -27,7 +27,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors a user causes and can fix: a config field, a data file, a path that is not there.
 USER_ERRORS = (validate.ConfigError, sources.DataError, FileNotFoundError, FileExistsError, IsADirectoryError,
-               NotADirectoryError, PermissionError, scaffold.RunError)
+               NotADirectoryError, PermissionError, scaffold.RunError, rewards.RewardError)
 
 
 def fail(message: str, code: int = 2):

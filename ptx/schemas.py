@@ -33,7 +33,7 @@ import dataclasses
 import json
 from collections.abc import Sequence
 
-from ptx.sources import BadRow, DataError, read
+from ptx.sources import BadRow, DataError, Record, read
 from ptx.tokenizer import PromptTemplate
 
 _MAX_REASONS = 10
@@ -292,7 +292,9 @@ def load_rows(source: str, kind: str, *, template: PromptTemplate = PromptTempla
             bad = entry
         else:
             try:
-                rows.append(normalise(entry, columns, template, chat))
+                # The row keeps where it came from (sources.Record), for errors found later.
+                rows.append(Record.at(normalise(entry, columns, template, chat),
+                                      getattr(entry, "where", "") or f"{source}: row {i}"))
                 continue
             except _BadField as e:
                 bad = BadRow(source, i, None, e.field, e.problem)

@@ -46,7 +46,7 @@ def _run(config, workdir: str, mesh, source: common.InitSource, dpo: steps.DPOCo
     ref = {k: v for k, v in source.load(mesh).items() if k != "scalar_head"}
     rules = sharding.param_rules(cfg)
     param_sh = sharding.named(mesh, sharding.tree_specs(abstract_params(cfg), rules, mesh, strict=True))
-    reward = rewards.make_source(reward_cfg, mesh)
+    reward = rewards.make_source(reward_cfg, mesh, rows)
     tx, lr_fn = optim.make_optimizer(config.optim,
                                      config.train.steps * o.num_epochs * (o.rollout_batch // o.minibatch_size))
     abstract_state = jax.eval_shape(lambda p: steps.init_state(p, tx), abstract_params(cfg))

@@ -107,10 +107,10 @@ def _run(config, workdir: str, mesh, source: common.InitSource, rl: rollout.RLCo
     common.write_config(config, workdir)
     rows, tok, arrays = common.load_prompts(config, workdir, source)
     width = arrays["prompt_tokens"].shape[1]
+    reward = rewards.make_source(reward_cfg, mesh, rows)
 
     policy_cfg, critic_cfg, init, ref = build_models(config, mesh, source)
     policy_model, critic_model = Transformer(policy_cfg), Transformer(critic_cfg) if critic_cfg else None
-    reward = rewards.make_source(reward_cfg, mesh)
     rules = _rules(policy_cfg, critic_cfg, lcfg, init)
     # With LoRA the update reads the reference as the base its adapters merge into.
     frozen = ref if lcfg.enabled else None
