@@ -177,10 +177,11 @@ def load_prompts(config, workdir: str, source: InitSource | None):
     return rows, tok, arrays
 
 
-def use_chat(config, tok) -> bool:
+def use_chat(config, tok):
     """Whether rows go through the tokenizer's chat template (it has one and
-    `tokenizer.use_chat_template`), else the configured prompt template."""
-    return bool(tok is not None and config.tokenizer.use_chat_template and tok.has_chat_template)
+    `tokenizer.use_chat_template`), else the configured prompt template: the tokenizer
+    (truthy; `data.load_rows` checks each row against its template) or False."""
+    return tok if tok is not None and config.tokenizer.use_chat_template and tok.has_chat_template else False
 
 
 def lora_config(config, *, targets=(), full=()) -> lora.LoraConfig:
