@@ -244,8 +244,10 @@ def _unpaired(row: dict, columns: set, template: PromptTemplate, chat: bool) -> 
     if "label" not in columns:
         return _preference(row, columns, template, chat)
     label = row.get("label")
+    if label is None:
+        raise _BadField("label", "missing; an unpaired (KTO) row needs label true (desirable) or false")
     if not isinstance(label, bool):
-        raise _BadField("label", f"expected a bool, got {type(label).__name__}")
+        raise _BadField("label", f"expected true or false, got {label!r}")
     out = _sft(row, columns - {"messages"}, template, chat)
     if "turns" in out:
         raise _BadField("completion", "one assistant reply (the completion a label judges)")

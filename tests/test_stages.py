@@ -131,3 +131,23 @@ def test_with_ckpt_every_0_metrics_reach_the_host_only_at_log_steps(tmp_path, mo
     with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows] == [0, 3, 6] and "tokens_per_s" in rows[-1]
+
+
+def test_a_model_without_a_chat_template_falls_back_to_the_prompt_template_with_one_warning(dirs, tmp_path,
+                                                                                           monkeypatch):
+    import shutil
+
+    from ptx import hf
+
+    plain = tmp_path / "no_template"
+    shutil.copytree(dirs["qwen3"], plain)
+    os.remove(plain / "chat_template.jinja")  # Qwen3's template lives in that file alone
+    warned = []
+    monkeypatch.setattr(common.logging, "warning", lambda msg, *args: warned.append(msg % args))
+    c = sft_config.get_config("tiny")
+    assert common.use_chat(c, hf.load_tokenizer(str(plain))) is False
+    assert warned == [f"{plain} has no chat template: rows are formatted with the prompt template "
+                      f"(tokenizer.user_prefix {c.tokenizer.user_prefix!r} / tokenizer.assistant_prefix "
+                      f"{c.tokenizer.assistant_prefix!r})"]
+    with_template = hf.load_tokenizer(dirs["qwen3"])
+    assert common.use_chat(c, with_template) is with_template and len(warned) == 1
