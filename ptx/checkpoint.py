@@ -9,8 +9,10 @@ copied to `<workdir>/tokenizer.model` (sentencepiece) or `<workdir>/tokenizer/`
 """
 import contextlib
 import dataclasses
+import errno
 import glob
 import json
+import logging as pylogging
 import os
 import shutil
 
@@ -20,6 +22,42 @@ import orbax.checkpoint as ocp
 from ptx import hf, lora, sharding
 from ptx.model import ModelConfig, abstract_params
 from ptx.sources import DataError
+
+
+class NoSpaceError(OSError):
+    """The disk filled while a checkpoint was written: the incomplete one is gone, the earlier
+    ones are intact, and the message says how much the next one needs."""
+
+
+_DISK_FULL = ("No space left on device", "os_error_code='28'", "Disk quota exceeded", "os_error_code='122'")
+
+
+def _disk_full(e: BaseException) -> bool:
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or any(s in str(e) for s in _DISK_FULL):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+class _QuietDiskFull(pylogging.Filter):
+    """Orbax logs a disk-full write failure from each of its threads, with tracebacks; the
+    Checkpointer reports it once, as one line."""
+
+    def filter(self, record):
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (_disk_full(Exception(record.getMessage())) or (exc is not None and _disk_full(exc)))
+
+
+_QUIET = _QuietDiskFull()
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -32,7 +70,8 @@ class Checkpointer:
     workdir lock, `scaffold.lock_workdir`, guarantees that no other run is writing them)."""
 
     def __init__(self, workdir: str, *, every: int, keep: int):
-        self.every = every
+        self.every, self.closed, self.nbytes = every, False, 0
+        pylogging.getLogger("absl").addFilter(_QUIET)
         if jax.process_index() == 0:
             for tmp in glob.glob(os.path.join(checkpoint_dir(workdir), "*.orbax-checkpoint-tmp*")):
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -53,9 +92,34 @@ class Checkpointer:
             return False
         if step in self.manager.all_steps():
             return False
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        self.nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))  # about what it takes on disk
+        try:  # orbax writes in the background: a full disk surfaces here, at the next save or at close
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        except Exception as e:
+            self._fail(e)
         return True
+
+    def _fail(self, e: Exception):
+        """A NoSpaceError, once the incomplete checkpoint is removed, when `e` is a full disk; else `e`."""
+        if not _disk_full(e):
+            raise e
+        directory = str(self.manager.directory)
+        self.closed = True
+        try:
+            self.manager.close()
+        except Exception:  # the same failure again, from orbax's other threads
+            pass
+        partial = sorted(glob.glob(os.path.join(directory, "*.orbax-checkpoint-tmp*")))
+        for tmp in partial:
+            shutil.rmtree(tmp, ignore_errors=True)
+        steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+        failed = ", ".join(os.path.basename(t).split(".")[0] for t in partial) or "?"
+        free = shutil.disk_usage(directory).free
+        raise NoSpaceError(f"{directory}: no space left on the device while writing checkpoint {failed}; removed "
+                           f"it, the earlier checkpoints ({', '.join(map(str, steps)) or 'none'}) are intact; a "
+                           f"checkpoint needs about {_size(self.nbytes)}, {_size(free)} is free: free space and "
+                           f"rerun the same command to resume") from e
 
     def restore(self, step: int, abstract_state):
         """abstract_state: pytree of jax.ShapeDtypeStruct with shardings (the target layout)."""
@@ -65,7 +129,13 @@ class Checkpointer:
         return out["state"], out["meta"]
 
     def close(self):
-        self.manager.wait_until_finished()
+        if self.closed:
+            return
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            self._fail(e)
+        self.closed = True
         self.manager.close()
 
 

@@ -9,6 +9,7 @@ with a checkpoint, one line `ptx: stopped by SIGTERM at step N; ...` and exit co
 (`scaffold.Stopped.EXIT_CODE`); the same command resumes it. Anything else is a bug
 in ptx and keeps its traceback.
 """
+import errno
 import re
 import sys
 
@@ -16,7 +17,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ptx import distributed, metrics, rewards, sources, stages
+from ptx import checkpoint, distributed, metrics, rewards, sources, stages
 from ptx.stages import scaffold, validate
 
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file, optionally with :arg.",
@@ -27,7 +28,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors a user causes and can fix: a config field, a data file, a path that is not there.
 USER_ERRORS = (validate.ConfigError, sources.DataError, FileNotFoundError, FileExistsError, IsADirectoryError,
-               NotADirectoryError, PermissionError, scaffold.RunError, rewards.RewardError)
+               NotADirectoryError, PermissionError, scaffold.RunError, rewards.RewardError, checkpoint.NoSpaceError)
 
 
 def fail(message: str, code: int = 2):
@@ -94,6 +95,11 @@ def main(argv):
         if jax.process_index() == 0:
             print(f"ptx: {e}", file=sys.stderr)
         sys.exit(scaffold.Stopped.EXIT_CODE)
+    except OSError as e:
+        # A full disk or a read-only file system, wherever it strikes: the user's to fix.
+        if flags.FLAGS.verbose or e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        fail(user_message(e))
     except (metrics.NonFiniteError, metrics.StalledError) as e:
         if flags.FLAGS.verbose:
             raise
