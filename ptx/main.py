@@ -10,6 +10,7 @@ with a checkpoint, one line `ptx: stopped by SIGTERM at step N; ...` and exit co
 in ptx and keeps its traceback.
 """
 import errno
+import os
 import re
 import sys
 
@@ -99,7 +100,7 @@ def main(argv):
         # A full disk or a read-only file system, wherever it strikes: the user's to fix.
         if flags.FLAGS.verbose or e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             raise
-        fail(user_message(e))
+        fail(user_message(e) if e.filename else f"{os.path.abspath(flags.FLAGS.workdir)}: {e.strerror}")
     except (metrics.NonFiniteError, metrics.StalledError) as e:
         if flags.FLAGS.verbose:
             raise
