@@ -7,15 +7,57 @@ Layout: `<workdir>/checkpoints/<step>/{state,meta}`; the tokenizer is
 copied to `<workdir>/tokenizer.model` (sentencepiece) or `<workdir>/tokenizer/`
 (a Hugging Face tokenizer's files, with its chat template).
 """
+import contextlib
 import dataclasses
+import errno
+import glob
 import json
+import logging as pylogging
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
 
 from ptx import hf, lora, sharding
 from ptx.model import ModelConfig, abstract_params
+from ptx.sources import DataError
+
+
+class NoSpaceError(OSError):
+    """The disk filled while a checkpoint was written: the incomplete one is gone, the earlier
+    ones are intact, and the message says how much the next one needs."""
+
+
+_DISK_FULL = ("No space left on device", "os_error_code='28'", "Disk quota exceeded", "os_error_code='122'")
+
+
+def _disk_full(e: BaseException) -> bool:
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) or any(s in str(e) for s in _DISK_FULL):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+class _QuietDiskFull(pylogging.Filter):
+    """Orbax logs a disk-full write failure from each of its threads, with tracebacks; the
+    Checkpointer reports it once, as one line."""
+
+    def filter(self, record):
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (_disk_full(Exception(record.getMessage())) or (exc is not None and _disk_full(exc)))
+
+
+_QUIET = _QuietDiskFull()
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -23,10 +65,16 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 class Checkpointer:
-    """Save every `every` steps (and when forced), keep the newest `keep`."""
+    """Save every `every` steps (and when forced), keep the newest `keep`. The unfinished
+    `<step>.orbax-checkpoint-tmp*` folders of a killed run are removed on opening (the
+    workdir lock, `scaffold.lock_workdir`, guarantees that no other run is writing them)."""
 
     def __init__(self, workdir: str, *, every: int, keep: int):
-        self.every = every
+        self.every, self.closed, self.nbytes = every, False, 0
+        pylogging.getLogger("absl").addFilter(_QUIET)
+        if jax.process_index() == 0:
+            for tmp in glob.glob(os.path.join(checkpoint_dir(workdir), "*.orbax-checkpoint-tmp*")):
+                shutil.rmtree(tmp, ignore_errors=True)
         self.manager = ocp.CheckpointManager(
             checkpoint_dir(workdir),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
@@ -44,19 +92,65 @@ class Checkpointer:
             return False
         if step in self.manager.all_steps():
             return False
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        self.nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))  # about what it takes on disk
+        try:  # orbax writes in the background: a full disk surfaces here, at the next save or at close
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        except Exception as e:
+            self._fail(e)
         return True
+
+    def _fail(self, e: Exception):
+        """A NoSpaceError, once the incomplete checkpoint is removed, when `e` is a full disk; else `e`."""
+        if not _disk_full(e):
+            raise e
+        directory = str(self.manager.directory)
+        self.closed = True
+        try:
+            self.manager.close()
+        except Exception:  # the same failure again, from orbax's other threads
+            pass
+        partial = sorted(glob.glob(os.path.join(directory, "*.orbax-checkpoint-tmp*")))
+        for tmp in partial:
+            shutil.rmtree(tmp, ignore_errors=True)
+        steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+        failed = ", ".join(os.path.basename(t).split(".")[0] for t in partial) or "?"
+        free = shutil.disk_usage(directory).free
+        raise NoSpaceError(f"{directory}: no space left on the device while writing checkpoint {failed}; removed "
+                           f"it, the earlier checkpoints ({', '.join(map(str, steps)) or 'none'}) are intact; a "
+                           f"checkpoint needs about {_size(self.nbytes)}, {_size(free)} is free: free space and "
+                           f"rerun the same command to resume") from e
 
     def restore(self, step: int, abstract_state):
         """abstract_state: pytree of jax.ShapeDtypeStruct with shardings (the target layout)."""
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        with reading(os.path.join(str(self.manager.directory), str(step))):
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
 
     def close(self):
-        self.manager.wait_until_finished()
+        if self.closed:
+            return
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            self._fail(e)
+        self.closed = True
         self.manager.close()
+
+
+@contextlib.contextmanager
+def reading(path: str):
+    """Any error while reading the checkpoint at `path` (a step folder, or a file in it) as one
+    DataError naming it, with the reader's first line."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as e:  # orbax, tensorstore, JSON, OS errors: a damaged or partial checkpoint
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise DataError(f"{path}: cannot read this checkpoint ({type(e).__name__}: "
+                        f"{lines[0] if lines else 'no detail'})") from e
 
 
 def model_meta(cfg: ModelConfig) -> dict:
@@ -79,7 +173,8 @@ def resolve(path: str) -> tuple[str, int]:
 
 def read_meta(path: str) -> dict:
     directory, step = resolve(path)
-    with open(os.path.join(directory, str(step), "meta", "metadata")) as f:
+    file = os.path.join(directory, str(step), "meta", "metadata")
+    with reading(file), open(file) as f:
         return json.load(f)
 
 
@@ -115,7 +210,7 @@ def _restore_params(directory, step, meta, target, restore_args):
     key = meta.get("params_key")
     if key:
         target, restore_args = {key: target}, {key: restore_args}
-    with ocp.PyTreeCheckpointer() as reader:
+    with reading(os.path.join(directory, str(step), "state")), ocp.PyTreeCheckpointer() as reader:
         restored = reader.restore(os.path.join(directory, str(step), "state"), args=ocp.args.PyTreeRestore(
             item={"params": target}, restore_args={"params": restore_args}, partial_restore=True))
     params = restored["params"]

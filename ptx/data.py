@@ -33,6 +33,7 @@ import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
+from absl import logging
 
 from ptx import fields
 from ptx.schemas import load_rows, write_skipped
@@ -335,6 +336,9 @@ def encode_prompts(rows: Sequence[dict], tok: Tokenizer | HFTokenizer, *, max_pr
         cut_prompts += cut
         lens[i] = len(ids)
         tokens[i, :lens[i]] = ids
+    if cut_prompts:
+        logging.warning("%d of %d prompts are longer than data.max_prompt_len=%d tokens: each is cut to its "
+                        "last %d tokens", cut_prompts, len(rows), max_prompt_len, max_prompt_len)
     return ({"prompt_tokens": tokens, "prompt_lens": lens},
             {"examples": len(rows), "truncated_prompts": cut_prompts})
 

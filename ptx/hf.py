@@ -30,7 +30,7 @@ from safetensors.numpy import save_file
 
 from ptx.hf_config import CONFIG, config_from_hf, family_of, read_config, to_hf_config
 from ptx.model import ModelConfig, Output, Transformer, init_params
-from ptx.sources import DataError
+from ptx.sources import DataError, read_json_object
 from ptx.tokenizer import SPM_MODEL, TOKENIZER_JSON, HFTokenizer, Tokenizer
 from ptx.tokenizer import load_tokenizer as _load_tokenizer
 
@@ -124,17 +124,36 @@ def _abstract(cfg: ModelConfig):
     return jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
 
 
+@contextlib.contextmanager
+def _reading(file: str):
+    """Any error while reading the safetensors `file` (a truncated or corrupt file, a
+    vanished shard) as a DataError naming it."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as e:  # SafetensorError, OSError, ...: the library's words, the file named
+        raise DataError(f"{file}: cannot read it as safetensors: {e}") from e
+
+
+def _open(file: str, stack: contextlib.ExitStack):
+    with _reading(file):
+        return stack.enter_context(safe_open(file, framework="np"))
+
+
 def _weight_files(path: str) -> dict:
     """HF tensor name -> safetensors file, from the index or the single file."""
-    if os.path.isfile(os.path.join(path, INDEX)):
-        with open(os.path.join(path, INDEX)) as f:
-            weight_map = json.load(f)["weight_map"]
+    index = os.path.join(path, INDEX)
+    if os.path.isfile(index):
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise DataError(f"{index}: no 'weight_map' object")
         return {name: os.path.join(path, file) for name, file in weight_map.items()}
     single = os.path.join(path, SINGLE)
     if not os.path.isfile(single):
         raise FileNotFoundError(f"neither {INDEX} nor {SINGLE} in {path}")
-    with safe_open(single, framework="np") as f:
-        return {name: single for name in f.keys()}
+    with contextlib.ExitStack() as stack:
+        return {name: single for name in _open(single, stack).keys()}
 
 
 def load_params(path: str, cfg: ModelConfig | None = None, shardings=None):
@@ -168,14 +187,15 @@ def load_params(path: str, cfg: ModelConfig | None = None, shardings=None):
     # Rotary inverse frequencies that old checkpoints store follow from rope_theta.
     extra = sorted(n for n in set(files) - expected if not n.endswith("rotary_emb.inv_freq"))
     with contextlib.ExitStack() as stack:
-        handles = {file: stack.enter_context(safe_open(file, framework="np")) for file in set(files.values())}
+        handles = {file: _open(file, stack) for file in set(files.values())}
 
         def read(name, shape):
             handle = handles[files[name]]
-            found = tuple(handle.get_slice(name).get_shape())
-            if found != tuple(shape):
-                raise DataError(f"tensor {name} has shape {found} in {path}, expected {tuple(shape)}")
-            return handle.get_tensor(name)
+            with _reading(files[name]):
+                found = tuple(handle.get_slice(name).get_shape())
+                if found != tuple(shape):
+                    raise DataError(f"tensor {name} has shape {found} in {path}, expected {tuple(shape)}")
+                return handle.get_tensor(name)
 
         if cfg.tie_embeddings and "lm_head.weight" in extra:
             # Some tied checkpoints store the head anyway; harmless only if it is the embedding.

@@ -108,7 +108,7 @@ def config_from_hf(hf_config: dict, *, where: str = CONFIG) -> ModelConfig:
     window = get("sliding_window", int) if sliding else 0
     if sliding and not window:
         refuse("sliding_window", f"layers {sliding} slide, so the window must be a positive integer")
-    rope, rope_field = _rope(hf_config, family, get, refuse)
+    rope, rope_field = _rope(hf_config, family, get, refuse, where)
     dtype = hf_config.get("dtype") or hf_config.get("torch_dtype")
     return ModelConfig(
         vocab_size=get("vocab_size"), d_model=d, n_layers=n_layers, n_heads=heads,
@@ -143,13 +143,20 @@ def _layer_types(hf_config, family, n_layers, get, refuse) -> list:
     return [_FULL] * n_layers
 
 
-def _rope(hf_config, family, get, refuse) -> tuple:
+def _rope(hf_config, family, get, refuse, where: str) -> tuple:
     """(the rope parameters of the global layers as one dict with rope_theta, the field they came from);
-    Gemma 3's also carry its sliding layers' base as "local_theta"."""
-    field = "rope_parameters" if hf_config.get("rope_parameters") is not None else "rope_scaling"
+    Gemma 3's also carry its sliding layers' base as "local_theta".
+
+    As transformers reads them: 4.x reads `rope_scaling`; 5 reads `rope_parameters`, unless
+    `rope_scaling` is set too, which then wins. Both set and saying different things is a
+    DataError naming both, since the two versions would build different models."""
+    for f in ("rope_parameters", "rope_scaling"):
+        if hf_config.get(f) is not None and not isinstance(hf_config[f], dict):
+            refuse(f, "expected an object")
+    field = "rope_scaling" if hf_config.get("rope_scaling") else "rope_parameters"
     params = hf_config.get(field) or {}
-    if not isinstance(params, dict):
-        refuse(field, "expected an object")
+    if hf_config.get("rope_scaling") and hf_config.get("rope_parameters"):
+        _check_rope_agree(hf_config, family, where)
     if family == "Gemma3":
         nested = {_FULL, _SLIDING} & set(params)
         full = dict(params.get(_FULL) or {}) if nested else dict(params)
@@ -162,6 +169,26 @@ def _rope(hf_config, family, get, refuse) -> tuple:
     params = dict(params)
     params.setdefault("rope_theta", get("rope_theta", (int, float)))
     return params, field
+
+
+def _check_rope_agree(hf_config: dict, family: str, where: str):
+    """`rope_scaling` (transformers 4.x) and `rope_parameters` (5) set together must say the same:
+    one rope type, equal values for the fields both name, and rope_parameters' rope_theta equal
+    to the plain rope_theta field (or its default) that goes with rope_scaling."""
+    scaling, parameters = hf_config["rope_scaling"], hf_config["rope_parameters"]
+    if family == "Gemma3" and _FULL in parameters:  # 4.x's rope_scaling is the global layers'
+        parameters = parameters[_FULL] or {}
+
+    def plain(p):
+        p = {("rope_type" if k == "type" else k): v for k, v in p.items() if k != "rope_theta"}
+        return dict(p, rope_type=p.get("rope_type", "default"))
+
+    a, b = plain(scaling), plain(parameters)
+    theta = hf_config.get("rope_theta", DEFAULTS[family]["rope_theta"])
+    if any(a[k] != b[k] for k in set(a) & set(b)) or parameters.get("rope_theta", theta) != theta:
+        raise DataError(f"{where}: rope_scaling={scaling!r} and rope_parameters={hf_config['rope_parameters']!r} "
+                        f"disagree (transformers 4 reads rope_scaling, transformers 5 reads rope_scaling when set, "
+                        f"else rope_parameters); keep one of them")
 
 
 def _rope_fields(rope: dict, field: str, hf_config: dict, refuse) -> dict:

@@ -2,17 +2,24 @@
 
 An error the user can fix (flags, the config, data, a path) ends the run with exit
 code 2 and one line on stderr, `ptx: error: <field or file>: <problem>`; `--verbose`
-shows its traceback instead. A non-finite loss is one line and exit code 1. Anything
-else is a bug in ptx and keeps its traceback.
+shows its traceback instead. A non-finite loss, or a run that keeps nothing to train on
+(`metrics.IdleGuard`), is one line and exit code 1. SIGTERM or
+SIGINT (a scheduler's preemption notice, Ctrl-C) stops the run after its current step
+with a checkpoint, one line `ptx: stopped by SIGTERM at step N; ...` and exit code 3
+(`scaffold.Stopped.EXIT_CODE`); the same command resumes it. Anything else is a bug
+in ptx and keeps its traceback.
 """
+import errno
+import os
 import re
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ptx import distributed, metrics, sources, stages
-from ptx.stages import validate
+from ptx import checkpoint, distributed, metrics, rewards, sources, stages
+from ptx.stages import scaffold, validate
 
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file, optionally with :arg.",
                                 lock_config=True)
@@ -22,7 +29,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors a user causes and can fix: a config field, a data file, a path that is not there.
 USER_ERRORS = (validate.ConfigError, sources.DataError, FileNotFoundError, FileExistsError, IsADirectoryError,
-               NotADirectoryError, PermissionError)
+               NotADirectoryError, PermissionError, scaffold.RunError, rewards.RewardError, checkpoint.NoSpaceError)
 
 
 def fail(message: str, code: int = 2):
@@ -85,7 +92,16 @@ def main(argv):
         if flags.FLAGS.verbose:
             raise
         fail(user_message(e))
-    except metrics.NonFiniteError as e:
+    except scaffold.Stopped as e:
+        if jax.process_index() == 0:
+            print(f"ptx: {e}", file=sys.stderr)
+        sys.exit(scaffold.Stopped.EXIT_CODE)
+    except OSError as e:
+        # A full disk or a read-only file system, wherever it strikes: the user's to fix.
+        if flags.FLAGS.verbose or e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        fail(user_message(e) if e.filename else f"{os.path.abspath(flags.FLAGS.workdir)}: {e.strerror}")
+    except (metrics.NonFiniteError, metrics.StalledError) as e:
         if flags.FLAGS.verbose:
             raise
         fail(str(e), code=1)

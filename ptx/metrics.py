@@ -18,6 +18,25 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+class StalledError(RuntimeError):
+    """A run that has trained on nothing for too long; the message says why and what to change."""
+
+
+class IdleGuard:
+    """Stops a run whose iterations keep nothing to train on (online DPO: no pair; dynamic
+    sampling: no group with a reward spread) `limit` times in a row; 0 = never."""
+
+    def __init__(self, limit: int, *, what: str, fix: str):
+        self.limit, self.what, self.fix, self.idle = limit, what, fix, 0
+
+    def update(self, kept: int, step: int):
+        """Count iteration `step`, which kept `kept` pairs or groups; StalledError at the limit."""
+        self.idle = 0 if kept else self.idle + 1
+        if self.limit and self.idle >= self.limit:
+            raise StalledError(f"no {self.what} kept for {self.idle} iterations in a row (steps {step - self.idle + 1}"
+                               f"-{step}): every group's rewards tie, so nothing trains; {self.fix}")
+
+
 class MetricWriter:
     """One JSON line per logged step; the same scalars to TensorBoard; tqdm with loss and tokens/s.
 

@@ -25,6 +25,7 @@ class OnlineConfig:
     minibatch_size: int = 16  # pairs per update
     missing_eos_penalty: float = 0.0  # subtracted from the score of a completion without EOS (TRL's name)
     max_retries: int = 3  # extra prompt batches drawn to replace groups whose scores all tie
+    max_idle_iterations: int = 3  # iterations in a row without a pair that stop the run (0 = never)
 
     def __post_init__(self):
         for name in ("rollout_batch", "max_new_tokens", "num_epochs", "minibatch_size"):
@@ -35,8 +36,9 @@ class OnlineConfig:
         if self.minibatch_size > self.rollout_batch:
             raise ValueError(f"online.minibatch_size={self.minibatch_size} pairs exceed the "
                              f"online.rollout_batch={self.rollout_batch} an iteration samples")
-        if self.max_retries < 0 or self.missing_eos_penalty < 0:
-            raise ValueError("online.max_retries and online.missing_eos_penalty must be >= 0")
+        if self.max_retries < 0 or self.missing_eos_penalty < 0 or self.max_idle_iterations < 0:
+            raise ValueError("online.max_retries, online.missing_eos_penalty and online.max_idle_iterations "
+                             "must be >= 0")
         if self.temperature < 0 or not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
             raise ValueError(f"online sampling: temperature={self.temperature} must be >= 0, top_p={self.top_p} "
                              f"in (0, 1], top_k={self.top_k} >= 0")

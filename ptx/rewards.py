@@ -16,6 +16,8 @@ expressions), `format_reward` (a regex the whole completion must match) and
 import dataclasses
 import importlib
 import inspect
+import math
+import numbers
 import re
 import threading
 from typing import Callable
@@ -50,8 +52,8 @@ class SourceConfig:
         if self.source in ("model", "judge") and not self.checkpoint:
             what = "a reward-stage workdir" if self.source == "model" else "a language-model workdir"
             raise ValueError(f"reward.source={self.source!r} needs reward.checkpoint ({what})")
-        if self.source == "function" and ":" not in self.function:
-            raise ValueError(f"reward.function={self.function!r}; expected 'module:function'")
+        if self.source == "function":
+            import_function(self.function)  # a module or function that is not there fails before anything runs
         if self.judge_batch_size <= 0:
             raise ValueError(f"reward.judge_batch_size={self.judge_batch_size} must be positive")
 
@@ -81,25 +83,66 @@ class ModelReward:
                                       seq["segment_ids"], seq["score_index"]), np.float32)
 
 
+class RewardError(ValueError):
+    """A reward function that cannot score: not importable, a row without the fields it reads,
+    or an exception / a value that is not a finite number while scoring; one line naming
+    `reward.function`, the row (file and line) and the value."""
+
+
 class FunctionReward:
     """A Python function `fn(prompt, completion, **fields) -> float`, e.g. a verifier or the world's
     oracle. The data row's fields that fn names as parameters after the first two (`answer`,
-    `solution`, ...), or every field when it takes **kwargs, are passed as keywords."""
+    `solution`, ...), or every field when it takes **kwargs, are passed as keywords.
 
-    def __init__(self, fn: Callable[..., float]):
-        self.fn = fn
+    name: its `reward.function` ('module:function'), named in every error. An exception inside fn,
+    or a value that is not a finite number (None, NaN, a string), ends the run with a RewardError
+    naming the function, the row (`sources.Record.where`) and the value; the exception is its cause.
+    """
+
+    def __init__(self, fn: Callable[..., float], name: str = ""):
+        self.fn, self.name = fn, name or getattr(fn, "__qualname__", repr(fn))
         params = list(inspect.signature(fn).parameters.values())[2:]
         self.every_field = any(p.kind == p.VAR_KEYWORD for p in params)
         self.fields = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        # Fields it cannot score without: parameters without a default, and one of each of the
+        # alternatives it lists in `reward_needs` (math_reward: an answer or a solution).
+        self.required = [(p.name,) for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                         and p.default is p.empty] + [tuple(a) for a in getattr(fn, "reward_needs", ())]
+
+    def check_rows(self, rows):
+        """RewardError naming the first row without a field the function needs."""
+        for i, row in enumerate(rows):
+            for options in self.required:
+                if all(row.get(f) is None or (isinstance(row.get(f), str) and not row[f].strip()) for f in options):
+                    what = " or ".join(repr(f) for f in options)
+                    raise RewardError(f"reward.function={self.name!r} reads field {what} of each row; "
+                                      f"{_where(row, i)} has none")
 
     def _fields(self, row: dict) -> dict:
         return {k: v for k, v in row.items()
                 if k not in ("prompt", "completion") and (self.every_field or k in self.fields)}
 
+    def _score(self, prompt: str, completion: str, row: dict, i: int) -> float:
+        try:
+            value = self.fn(prompt, completion, **self._fields(row))
+        except Exception as e:  # the user's function: named, with its row; the traceback under --verbose
+            detail = " ".join(str(e).split())
+            raise RewardError(f"reward.function={self.name!r} raised {type(e).__name__}"
+                              f"{': ' + detail if detail else ''} on {_where(row, i)}") from e
+        if not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise RewardError(f"reward.function={self.name!r} returned {value!r} on {_where(row, i)}; "
+                              f"a reward must be a finite number")
+        return float(value)
+
     def __call__(self, seq, prompts, completions, rows=None) -> np.ndarray:
         rows = [{}] * len(prompts) if rows is None else rows
-        return np.asarray([self.fn(p, c, **self._fields(r)) for p, c, r in zip(prompts, completions, rows)],
+        return np.asarray([self._score(p, c, r, i) for i, (p, c, r) in enumerate(zip(prompts, completions, rows))],
                           np.float32)
+
+
+def _where(row: dict, i: int) -> str:
+    """Where a row came from ('<file>: line <n>'), else its place in the batch scored."""
+    return getattr(row, "where", "") or f"row {i} of the batch"
 
 
 # Verifiable rewards: each reads the row's reference answer (`answer`, else `solution`).
@@ -145,6 +188,10 @@ def math_reward(prompt: str, completion: str, answer=None, solution=None) -> flo
     return float(bool(pred) and math_verify.verify(gold, pred, timeout_seconds=_timeout()))
 
 
+# The row fields a reward cannot score without, one of each tuple (`FunctionReward.check_rows`).
+math_reward.reward_needs = (("answer", "solution"),)
+
+
 # Reasoning in <think> ... </think>, then a non-empty answer, and no other think tag.
 THINK_ANSWER = r"\s*<think>(?:(?!</?think>).)*</think>(?=.*\S)(?:(?!</?think>).)*"
 
@@ -165,21 +212,34 @@ def length_penalty(prompt: str, completion: str, answer=None, solution=None, *, 
 
 
 def import_function(name: str) -> Callable:
-    """'package.module:function' -> the function."""
+    """'package.module:function' -> the function; RewardError (a ValueError) naming `reward.function`
+    and the module or attribute that is missing."""
     module, _, attr = name.partition(":")
-    if not attr:
-        raise ValueError(f"reward.function={name!r}; expected 'module:function'")
-    return getattr(importlib.import_module(module), attr)
+    if not module or not attr:
+        raise RewardError(f"reward.function={name!r}: expected 'module:function'")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise RewardError(f"reward.function={name!r}: cannot import module {module!r} ({e})") from e
+    fn = getattr(mod, attr, None)
+    if fn is None:
+        raise RewardError(f"reward.function={name!r}: module {module!r} has no attribute {attr!r}")
+    if not callable(fn):
+        raise RewardError(f"reward.function={name!r}: {attr!r} is a {type(fn).__name__}, not a function")
+    return fn
 
 
-def make_source(cfg: SourceConfig, mesh):
+def make_source(cfg: SourceConfig, mesh, rows=None):
     """The reward source `cfg` names; models are placed on `mesh`, the mesh of the samples they score.
+    rows: the prompt rows it will score, checked up front for the fields a function reads.
     model: a reward model's scalar head; function: a Python function of the texts (and the data
     row's fields it names); judge (d-RLAIF):
     the expected 1-10 rating of a language model."""
     if cfg.source == "model":
         return ModelReward(cfg.checkpoint, mesh)
     if cfg.source == "function":
-        return FunctionReward(import_function(cfg.function))
+        source = FunctionReward(import_function(cfg.function), cfg.function)
+        source.check_rows(rows or [])
+        return source
     return judge.JudgeReward(judge.Judge(inference.load_policy(cfg.checkpoint, mesh),
                                          principles=cfg.principles, batch_size=cfg.judge_batch_size))

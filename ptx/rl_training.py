@@ -70,6 +70,7 @@ class RLConfig:
     ratio_level: str = "token"  # token (PPO, GRPO) | sequence (GSPO: length-normalised sequence ratio)
     dynamic_sampling: bool = False  # DAPO: replace groups of equal rewards with fresh prompts
     dynamic_max_retries: int = 3  # extra prompt batches per iteration; then dropped groups fill the rest
+    dynamic_max_idle_iterations: int = 3  # iterations in a row without a group with signal stop the run (0 = never)
     overlong_buffer: int = 0  # DAPO: penalty over the last N tokens before max_new_tokens; 0 = off
     overlong_penalty: float = 1.0  # the penalty at max_new_tokens (falls linearly from 0 over the buffer)
     # group_size > 1: each group's policy / reference forwards are one row that reads its prompt once
@@ -95,6 +96,8 @@ class RLConfig:
         if self.advantage != "gae" and self.group_size < 2:
             raise ValueError(f"rl.advantage={self.advantage!r} compares samples of one prompt: "
                              f"rl.group_size={self.group_size} must be at least 2")
+        if self.dynamic_max_idle_iterations < 0:
+            raise ValueError(f"rl.dynamic_max_idle_iterations={self.dynamic_max_idle_iterations} must be >= 0")
         if self.dynamic_sampling and (self.group_size < 2 or self.dynamic_max_retries < 0):
             raise ValueError(f"rl.dynamic_sampling drops groups of equal rewards: it needs rl.group_size >= 2 "
                              f"(got {self.group_size}) and rl.dynamic_max_retries >= 0")

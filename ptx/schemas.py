@@ -33,7 +33,7 @@ import dataclasses
 import json
 from collections.abc import Sequence
 
-from ptx.sources import BadRow, DataError, read
+from ptx.sources import BadRow, DataError, Record, read
 from ptx.tokenizer import PromptTemplate
 
 _MAX_REASONS = 10
@@ -244,12 +244,36 @@ def _unpaired(row: dict, columns: set, template: PromptTemplate, chat: bool) -> 
     if "label" not in columns:
         return _preference(row, columns, template, chat)
     label = row.get("label")
+    if label is None:
+        raise _BadField("label", "missing; an unpaired (KTO) row needs label true (desirable) or false")
     if not isinstance(label, bool):
-        raise _BadField("label", f"expected a bool, got {type(label).__name__}")
+        raise _BadField("label", f"expected true or false, got {label!r}")
     out = _sft(row, columns - {"messages"}, template, chat)
     if "turns" in out:
         raise _BadField("completion", "one assistant reply (the completion a label judges)")
     return dict(out, label=label)
+
+
+def _check_chat(row: dict, entry: dict, tok) -> None:
+    """Render a chat row's conversations through `tok`'s chat template as the encoders will
+    (`data.encode_*`), so that one the template refuses or whose replies cannot be located is
+    this row's problem, with its field, not a failure of the whole run."""
+    convo = "messages" if "messages" in entry else "completion"
+    if "messages" in row:
+        checks = [(convo, lambda: tok.assistant_spans(row["messages"]))]
+    elif "chosen" in row:
+        checks = [(side, lambda side=side: tok.assistant_spans(list(row["prompt"]) + list(row[side])))
+                  for side in ("chosen", "rejected")]
+    elif "completion" in row:
+        checks = [(convo, lambda: tok.assistant_spans(list(row["prompt"]) + list(row["completion"])))]
+    else:
+        checks = [("prompt", lambda: tok.apply_chat_template(row["prompt"], add_generation_prompt=True))]
+    for field, render in checks:
+        try:
+            render()
+        except Exception as e:  # the template's own raise_exception, a jinja error, an unlocatable reply
+            problem = " ".join(str(e).split())
+            raise _BadField(field, f"the chat template cannot render it: {problem}") from e
 
 
 _NORMALISERS = {"sft": _sft, "preference": _preference, "prompt": _prompt, "text": _text_row,
@@ -266,7 +290,9 @@ def load_rows(source: str, kind: str, *, template: PromptTemplate = PromptTempla
       docstring). The schema variant is chosen from the file's columns and
       the row's values (strings or message lists).
     chat: keep conversations as message lists for a chat template; False
-      renders them in `template`.
+      renders them in `template`. A tokenizer (`HFTokenizer`, truthy) also renders
+      each conversation through its template once: a row the template cannot render
+      or locate is a bad row naming its field (an error, or skipped).
     on_bad_row: 'error' raises DataError at the first bad row or line; 'skip'
       drops it and records it. A problem with the whole file (missing,
       empty, another format) is a DataError either way, and so is a file
@@ -292,7 +318,11 @@ def load_rows(source: str, kind: str, *, template: PromptTemplate = PromptTempla
             bad = entry
         else:
             try:
-                rows.append(normalise(entry, columns, template, chat))
+                row = normalise(entry, columns, template, chat)
+                if hasattr(chat, "assistant_spans") and not isinstance(row.get("prompt", row.get("text")), str):
+                    _check_chat(row, entry, chat)
+                # The row keeps where it came from (sources.Record), for errors found later.
+                rows.append(Record.at(row, getattr(entry, "where", "") or f"{source}: row {i}"))
                 continue
             except _BadField as e:
                 bad = BadRow(source, i, None, e.field, e.problem)

@@ -69,6 +69,19 @@ class BadRow:
         return f"{self.file}: {self.location()}: {self.problem}"
 
 
+class Record(dict):
+    """A row as read, that knows where it came from: `where` is "<file>: line <n>" (JSON lines)
+    or "<file>: row <i>", for errors about its values found later (a reward function's)."""
+
+    where = ""
+
+    @classmethod
+    def at(cls, value: dict, where: str) -> "Record":
+        out = cls(value)
+        out.where = where
+        return out
+
+
 def read(source: str, split: str = "train") -> list[dict | BadRow]:
     """Entry i is row i of `source`: its dict, or a BadRow if it could not be parsed.
 
@@ -128,7 +141,7 @@ def _bad_utf8(e: UnicodeDecodeError) -> str:
 
 def _row(path: str, row: int, line: int | None, value) -> dict | BadRow:
     if isinstance(value, dict):
-        return value
+        return Record.at(value, f"{path}: line {line}" if line is not None else f"{path}: row {row}")
     kind = _JSON_TYPES.get(type(value), type(value).__name__)
     return BadRow(path, row, line, None, f"expected a JSON object, got {kind}")
 

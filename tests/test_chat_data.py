@@ -153,3 +153,24 @@ def test_unpaired_chat_rows_split_at_the_template_s_last_assistant_span(tmp_path
         assert arrays["prompt_tokens"][i, :p].tolist() == ids[:start]
         assert arrays["completion"][i, :c].tolist() == ids[start:end] and ids[end - 1] in tok.eos_ids
         assert tok.apply_chat_template(PROMPT, add_generation_prompt=True) == ids[:start]
+
+
+def test_a_conversation_the_template_cannot_render_is_a_row_error_naming_file_row_and_field(tmp_path, toks):
+    gemma = toks["gemma3"]  # its template insists on alternating user / assistant turns
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}, {"messages": CHAT},
+                                                  {"messages": [{"role": "assistant", "content": "Hi"}] * 2}])
+    with pytest.raises(DataError, match=f"^{path}: row 2: field 'messages': the chat template cannot render it: "
+                                        r".*chat template raised"):
+        load_rows(path, "sft", chat=gemma)
+    rows, stats = load_rows(path, "sft", chat=gemma, on_bad_row="skip")
+    assert len(rows) == 2 and stats["skipped"] == 1
+    assert [(r["row"], r["field"]) for r in stats["skipped_rows"]] == [(2, "messages")]
+    assert data.encode_sft(rows, gemma, max_len=64, max_prompt_len=32)[1]["examples"] == 2
+
+
+def test_a_preference_side_the_template_cannot_render_names_that_side(tmp_path, toks):
+    gemma = toks["gemma3"]
+    bad = [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]
+    path = write_jsonl(tmp_path / "pref.jsonl", [{"prompt": PROMPT, "chosen": REPLY, "rejected": bad}])
+    with pytest.raises(DataError, match=f"^{path}: row 0: field 'rejected': the chat template cannot render it"):
+        load_rows(path, "preference", chat=gemma)

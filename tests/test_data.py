@@ -293,3 +293,26 @@ def test_unpaired_rows_text_and_conversational_and_pairs_split_into_two(tmp_path
     n, m = arrays["prompt_lens"][3], arrays["completion_lens"][3]
     seq = list(arrays["prompt_tokens"][3, :n]) + list(arrays["completion"][3, :m])
     assert seq[-1] == tok.eos_id and seq == [sft["inputs"][0, 0]] + list(sft["targets"][0, :n + m - 1])
+
+
+@pytest.mark.parametrize("label, problem", [
+    (None, "missing; an unpaired (KTO) row needs label true (desirable) or false"),
+    ("yes", "expected true or false, got 'yes'"),
+])
+def test_a_kto_row_without_its_label_names_the_field(tmp_path, label, problem):
+    second = {"prompt": "b", "completion": "c"} if label is None else {"prompt": "b", "completion": "c", "label": label}
+    src = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": "a", "completion": "c", "label": True}, second])
+    with pytest.raises(DataError) as err:
+        load_rows(src, "unpaired")
+    assert str(err.value) == f"{src}: row 1: field 'label': {problem}"
+
+
+def test_a_prompt_longer_than_max_prompt_len_is_cut_with_one_warning(tok, monkeypatch):
+    warned = []
+    monkeypatch.setattr(data.logging, "warning", lambda msg, *args: warned.append(msg % args))
+    rows = [{"prompt": "one two three four five six seven eight"}, {"prompt": "one"}]
+    arrays, stats = encode_prompts(rows, tok, max_prompt_len=4)
+    assert stats["truncated_prompts"] == 1 and arrays["prompt_lens"].max() == 4
+    assert warned == ["1 of 2 prompts are longer than data.max_prompt_len=4 tokens: each is cut to its last 4 tokens"]
+    encode_prompts(rows[1:], tok, max_prompt_len=4)
+    assert len(warned) == 1

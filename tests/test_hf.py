@@ -17,6 +17,7 @@ from safetensors.numpy import load_file, save_file
 from ptx import hf, sharding
 from ptx.model import ModelConfig, Transformer, init_params
 from ptx.sampler import make_generate_fn
+from ptx.sources import DataError
 from ptx.tokenizer import train_tokenizer
 
 from conftest import assert_same_params
@@ -285,3 +286,13 @@ def test_a_config_no_transformers_family_computes_is_refused_before_writing(tmp_
     with pytest.raises(ValueError, match="q / k norms with qkv biases"):
         hf.save_params(init_params(cfg, jax.random.PRNGKey(0)), cfg, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("keep", [0.5, 40])  # the data cut short; the header cut short
+def test_a_truncated_safetensors_file_is_an_error_naming_the_file(llama, tmp_path, keep):
+    out = copy_checkpoint(llama[1], tmp_path)
+    file = out / hf.SINGLE
+    data = file.read_bytes()
+    file.write_bytes(data[:int(len(data) * keep) if keep < 1 else keep])
+    with pytest.raises(DataError, match=f"^{file}: cannot read it as safetensors: .+"):
+        hf.load_params(str(out))

@@ -5,6 +5,7 @@ import pytest
 
 from ptx import hf
 from ptx.model import ModelConfig
+from ptx.sources import DataError
 
 transformers = pytest.importorskip("transformers")
 
@@ -87,3 +88,28 @@ def test_a_broken_directory_is_an_error_naming_the_file_and_field(tmp_path):
     (tmp_path / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"config\.json: no such file"):
         hf.load_model(str(tmp_path))
+
+
+def test_rope_scaling_and_rope_parameters_are_read_as_transformers_reads_them():
+    # transformers 4.x writes rope_scaling, 5 rope_parameters; each alone, or both agreeing, is one model.
+    yarn_free = {"rope_type": "linear", "factor": 4.0}
+    alone = [hf.config_from_hf({**BASE, "rope_scaling": yarn_free}),
+             hf.config_from_hf({**BASE, "rope_parameters": {**yarn_free, "rope_theta": 1e4}}),
+             hf.config_from_hf({**BASE, "rope_scaling": {"type": "linear", "factor": 4.0},
+                                "rope_parameters": {**yarn_free, "rope_theta": 1e4}})]
+    assert all(c == alone[0] for c in alone) and alone[0].rope_factor == 4.0
+    assert hf.config_from_hf({**BASE, "rope_scaling": None, "rope_parameters": {"rope_type": "default",
+                                                                                "rope_theta": 5e5}}).rope_theta == 5e5
+
+
+@pytest.mark.parametrize("scaling, parameters", [
+    ({"rope_type": "yarn", "factor": 4.0}, {"rope_type": "default"}),  # the case
+    ({"rope_type": "linear", "factor": 4.0}, {"rope_type": "linear", "factor": 8.0}),
+    ({"rope_type": "linear", "factor": 4.0}, {"rope_type": "linear", "factor": 4.0, "rope_theta": 5e5}),
+])
+def test_rope_scaling_and_rope_parameters_that_disagree_are_one_error_naming_both(scaling, parameters):
+    with pytest.raises(DataError) as e:
+        hf.config_from_hf({**BASE, "rope_scaling": scaling, "rope_parameters": parameters}, where="m/config.json")
+    line = str(e.value)
+    assert "\n" not in line and line.startswith(f"m/config.json: rope_scaling={scaling!r} and rope_parameters="
+                                                f"{parameters!r} disagree")

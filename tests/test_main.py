@@ -193,3 +193,70 @@ def test_kill_9_mid_run_then_the_same_command_gives_the_same_parameters_and_metr
     assert logged(killed) == logged(tmp_path / "straight")
     jax.tree_util.tree_map(np.testing.assert_array_equal, *(jax.device_get(checkpoint.load_params(str(d))[0])
                                                             for d in (tmp_path / "straight", killed)))
+
+
+# The run a preempted or doubly started one must equal: 60 steps, checkpoints every 3.
+LONG = [SFT, "--config.train.steps=60", "--config.train.log_every=2", "--config.train.ckpt_every=3",
+        "--config.train.eval_every=0"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    out = ptx(*LONG, f"--workdir={workdir}")
+    assert out.returncode == 0, out.stderr
+    return workdir
+
+
+def start(workdir) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ptx.main", *LONG, f"--workdir={workdir}"], cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=ROOT), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(proc, ready, what: str):
+    deadline = time.time() + TIMEOUT_S
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if ready():
+                return
+        except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or a line half written
+            pass
+        time.sleep(0.02)
+    raise AssertionError(f"the run ended before {what}")
+
+
+def same_params(a, b):
+    jax.tree_util.tree_map(np.testing.assert_array_equal, *(jax.device_get(checkpoint.load_params(str(d))[0])
+                                                            for d in (a, b)))
+
+
+def test_a_second_run_on_a_busy_workdir_is_refused_and_the_first_loses_nothing(straight, tmp_path):
+    first = start(tmp_path)
+    lock = tmp_path / ".ptx.lock"
+    wait_for(first, lambda: len(lock.read_text().split()) == 2, "it took the workdir's lock")
+    second = ptx(*LONG, f"--workdir={tmp_path}")
+    assert first.poll() is None, "the first run ended before the second one started"
+    host = lock.read_text().split()[0]
+    assert_user_error(second, f"ptx: error: {tmp_path}: in use by another run (host {host}, pid {first.pid}); "
+                              f"wait for it to end or choose another --workdir")
+    assert first.wait() == 0, first.stderr.read()
+    assert logged(tmp_path) == logged(straight)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == sorted(os.listdir(straight / "checkpoints"))
+    same_params(straight, tmp_path)
+
+
+def test_sigterm_mid_run_checkpoints_the_step_and_the_same_command_resumes_it(straight, tmp_path):
+    proc = start(tmp_path)
+    wait_for(proc, lambda: any(r["step"] >= 10 for r in logged(tmp_path)), "it could be stopped")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(TIMEOUT_S) == 3
+    step = checkpoint.resolve(str(tmp_path))[1]
+    assert proc.stderr.read().strip().splitlines()[-1] == (
+        f"ptx: stopped by SIGTERM at step {step}; checkpoint written; rerun the same command to resume")
+    assert 10 <= step < 60
+    assert logged(tmp_path)[-1]["step"] <= step
+    out = ptx(*LONG, f"--workdir={tmp_path}")
+    assert out.returncode == 0, out.stderr
+    assert logged(tmp_path) == logged(straight)
+    same_params(straight, tmp_path)

@@ -51,3 +51,16 @@ def test_the_nan_guard_names_the_last_good_checkpoint_or_none():
         metrics.check_finite({"loss": float("nan")}, 7, last_checkpoint=6)
     with pytest.raises(metrics.NonFiniteError, match="no checkpoint of this run was written yet"):
         metrics.check_finite({"loss": 1.0, "nonfinite": 1.0}, 2)
+
+
+def test_the_idle_guard_stops_after_limit_empty_iterations_in_a_row_and_says_why():
+    guard = metrics.IdleGuard(3, what="pair", fix="raise online.group_size")
+    for step, kept in enumerate([0, 0, 4, 0, 0], start=1):  # a kept pair resets the count
+        guard.update(kept, step)
+    with pytest.raises(metrics.StalledError) as e:
+        guard.update(0, 6)
+    assert str(e.value) == ("no pair kept for 3 iterations in a row (steps 4-6): every group's rewards tie, "
+                            "so nothing trains; raise online.group_size")
+    never = metrics.IdleGuard(0, what="pair", fix="")
+    for step in range(1, 10):
+        never.update(0, step)

@@ -1,6 +1,7 @@
 """Reward sources: the function interface (a data row's fields reach the verifiers that name them)
 and the verifiable rewards (math answer equivalence, format, length)."""
 import functools
+import json
 import os
 
 import numpy as np
@@ -76,3 +77,54 @@ def test_the_gsm8k_style_example_grades_its_own_solutions_right_and_a_wrong_numb
     assert source(None, [r["prompt"] for r in rows], solutions, rows=rows).tolist() == [1.0] * len(rows)
     wrong = [s.rsplit("####", 1)[0] + "#### 1" for s in solutions]
     np.testing.assert_array_equal(source(None, [r["prompt"] for r in rows], wrong, rows=rows), 0.0)
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("no_such_module:f", "cannot import module 'no_such_module' (No module named 'no_such_module')"),
+    ("ptx.rewards:no_such_reward", "module 'ptx.rewards' has no attribute 'no_such_reward'"),
+    ("ptx.rewards:SOURCES", "'SOURCES' is a tuple, not a function"),
+    ("math_reward", "expected 'module:function'"),
+])
+def test_a_reward_function_that_is_not_there_is_named_when_the_config_is_built(name, problem):
+    with pytest.raises(rewards.RewardError) as e:
+        rewards.SourceConfig(source="function", function=name)
+    assert str(e.value) == f"reward.function={name!r}: {problem}"
+
+
+def prompts_file(tmp_path, rows) -> str:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_a_reward_functions_fields_are_checked_against_the_data_before_anything_runs(tmp_path):
+    path = prompts_file(tmp_path, [{"prompt": "1+1?", "answer": "2"}, {"prompt": "2+2?"}])
+    rows, _ = data.load_rows(path, "prompt")
+    cfg = rewards.SourceConfig(source="function", function="ptx.rewards:math_reward")
+    with pytest.raises(rewards.RewardError) as e:
+        rewards.make_source(cfg, None, rows)
+    assert str(e.value) == (f"reward.function='ptx.rewards:math_reward' reads field 'answer' or 'solution' of each "
+                            f"row; {path}: line 2 has none")
+    needs_kind = rewards.FunctionReward(lambda prompt, completion, kind: 1.0, "m:needs_kind")
+    with pytest.raises(rewards.RewardError, match=f"reads field 'kind' of each row; {path}: line 1 has none"):
+        needs_kind.check_rows(rows)
+
+
+def raises(prompt, completion, answer):
+    return 1.0 / 0
+
+
+@pytest.mark.parametrize("fn, problem", [
+    (raises, "raised ZeroDivisionError: float division by zero on {where}"),
+    (lambda p, c, answer: float("nan"), "returned nan on {where}; a reward must be a finite number"),
+    (lambda p, c, answer: None, "returned None on {where}; a reward must be a finite number"),
+    (lambda p, c, answer: "1.0", "returned '1.0' on {where}; a reward must be a finite number"),
+])
+def test_a_reward_that_fails_while_scoring_names_the_function_the_row_and_the_value(tmp_path, fn, problem):
+    path = prompts_file(tmp_path, [{"prompt": "a", "answer": "1"}, {}, {"prompt": "b", "answer": "2"}])
+    rows, _ = data.load_rows(path, "prompt", on_bad_row="skip")  # line 2 skipped: rows keep their lines
+    source = rewards.FunctionReward(fn, "my_rewards:score")
+    with pytest.raises(rewards.RewardError) as e:
+        source(None, ["a", "b"], ["x", "y"], rows=rows)
+    assert str(e.value) == "reward.function='my_rewards:score' " + problem.format(where=f"{path}: line 1")
+    assert (e.value.__cause__ is not None) == (fn is raises)  # the user's traceback, for --verbose

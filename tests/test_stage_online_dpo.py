@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import online_dpo as online_dpo_config
-from ptx import checkpoint, rollout, stages
+from ptx import checkpoint, metrics, rollout, stages
 from ptx.stages import online_dpo
 
 
@@ -69,3 +69,14 @@ def test_online_dpo_samples_each_iteration_from_the_current_policy(sft_dir, tmp_
     resample = lambda p: original(second["collector"], p, second["it"], second["attempt"])[1]["completion"]
     np.testing.assert_array_equal(resample(after_one), second["out"])
     assert not np.array_equal(resample(sft_params), second["out"])
+
+
+def test_online_dpo_that_keeps_no_pair_for_max_idle_iterations_stops_saying_why(sft_dir, tmp_path):
+    c = online_dpo_config.get_config("tiny")
+    c.init.checkpoint = sft_dir
+    c.reward.source, c.reward.function = "function", "test_stage_rl:constant_reward"
+    c.online.max_retries, c.online.max_idle_iterations = 0, 2
+    c.train.steps, c.train.ckpt_every = 4, 0
+    with pytest.raises(metrics.StalledError, match=r"^no pair kept for 2 iterations in a row \(steps 1-2\): every "
+                                                   r"group's rewards tie, so nothing trains; check reward.function"):
+        online_dpo.run(c, str(tmp_path / "odpo"))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import ppo as ppo_config
-from ptx import losses, rl_training, rollout, sampler, sharding
+from ptx import losses, metrics, rl_training, rollout, sampler, sharding
 from ptx.model import Transformer
 from ptx.stages import common, rl
 
@@ -202,3 +202,12 @@ def test_ppo_gives_the_same_samples_metrics_and_parameters_on_every_mesh_as_on_o
         rl.run(ppo(rl_models, mesh, old_logprobs), str(workdir))
         assert_rl_metrics_close(read_metrics(workdir), ref, rtol=1e-4, atol=1e-5, label=mesh)
         assert_trees_close(host_params(workdir), ref_params, atol=param_atol)
+
+
+def test_dynamic_sampling_without_a_group_with_signal_for_max_idle_iterations_stops_saying_why(sft_dir, tmp_path):
+    c = rl_cfg("dapo", sft_dir, steps=4)
+    c.reward.function = "test_stage_rl:constant_reward"
+    c.rl.dynamic_max_retries, c.rl.dynamic_max_idle_iterations, c.rl.overlong_buffer = 0, 2, 0
+    with pytest.raises(metrics.StalledError, match=r"^no group with a reward spread kept for 2 iterations in a row "
+                                                   r"\(steps 1-2\): .*rl.dynamic_max_retries$"):
+        rl.run(c, str(tmp_path))

@@ -1,5 +1,7 @@
 """The stage layer: dispatch, typed configs validated before anything is written, one world
 recipe."""
+import os
+
 import pytest
 
 from configs import ai_feedback as ai_feedback_config
@@ -107,3 +109,23 @@ def test_every_stage_reads_the_world_of_its_config_section(tmp_path):
         assert sum(1 for _ in f) == 37
     q = quickstart_config.get_config("tiny")
     assert common.make_world(q).config.n_sft == q.world.sizes.n_sft == 300
+
+
+def test_a_model_without_a_chat_template_falls_back_to_the_prompt_template_with_one_warning(dirs, tmp_path,
+                                                                                           monkeypatch):
+    import shutil
+
+    from ptx import hf
+
+    plain = tmp_path / "no_template"
+    shutil.copytree(dirs["qwen3"], plain)
+    os.remove(plain / "chat_template.jinja")  # Qwen3's template lives in that file alone
+    warned = []
+    monkeypatch.setattr(common.logging, "warning", lambda msg, *args: warned.append(msg % args))
+    c = sft_config.get_config("tiny")
+    assert common.use_chat(c, hf.load_tokenizer(str(plain))) is False
+    assert warned == [f"{plain} has no chat template: rows are formatted with the prompt template "
+                      f"(tokenizer.user_prefix {c.tokenizer.user_prefix!r} / tokenizer.assistant_prefix "
+                      f"{c.tokenizer.assistant_prefix!r})"]
+    with_template = hf.load_tokenizer(dirs["qwen3"])
+    assert common.use_chat(c, with_template) is with_template and len(warned) == 1

@@ -7,7 +7,7 @@ the library never imports `configs`. A training method is a row of `ptx.methods`
 here with its `run`, an entry in `RUNNERS` and a file in `configs/` (see README, Design).
 """
 from ptx import methods
-from ptx.stages import ai_feedback, best_of_n, export, loops, quickstart, sample, validate
+from ptx.stages import ai_feedback, best_of_n, export, loops, quickstart, sample, scaffold, validate
 
 # config.stage -> the function that runs it: every training method's loop, then the other
 # stages. Every stage runs in one process or in several (`distributed.*`): each process
@@ -25,8 +25,10 @@ RUNNERS = {m.name: loops.LOOPS[m.loop] for m in methods.METHODS} | {
 
 def run(config, workdir: str):
     """Run the stage `config.stage` into `workdir`, once its config passed `validate.check`
-    (a ConfigError names the field before anything is read or written)."""
+    (a ConfigError names the field before anything is read or written), holding the
+    workdir's lock (`scaffold.lock_workdir`: one run per workdir, a writable one)."""
     if config.get("stage") not in RUNNERS:
         raise validate.ConfigError("stage", f"unknown stage {config.get('stage')!r}; stages: {sorted(RUNNERS)}")
     validate.check(config)
-    return RUNNERS[config.stage](config, workdir)
+    with scaffold.lock_workdir(workdir):
+        return RUNNERS[config.stage](config, workdir)

@@ -196,10 +196,15 @@ def load_prompts(config, workdir: str, source: InitSource | None):
     return rows, tok, arrays
 
 
-def use_chat(config, tok) -> bool:
+def use_chat(config, tok):
     """Whether rows go through the tokenizer's chat template (it has one and
-    `tokenizer.use_chat_template`), else the configured prompt template."""
-    return bool(tok is not None and config.tokenizer.use_chat_template and tok.has_chat_template)
+    `tokenizer.use_chat_template`), else the configured prompt template: the tokenizer
+    (truthy; `data.load_rows` checks each row against its template) or False."""
+    if isinstance(tok, HFTokenizer) and config.tokenizer.use_chat_template and not tok.has_chat_template:
+        logging.warning("%s has no chat template: rows are formatted with the prompt template (tokenizer.user_prefix "
+                        "%r / tokenizer.assistant_prefix %r)", tok.path, config.tokenizer.user_prefix,
+                        config.tokenizer.assistant_prefix)
+    return tok if tok is not None and config.tokenizer.use_chat_template and tok.has_chat_template else False
 
 
 def lora_config(config, *, targets=(), full=()) -> lora.LoraConfig:

@@ -39,6 +39,7 @@ def _run(config, workdir: str, mesh, source: common.InitSource, t: common.Traini
     dpo, o, reward_cfg = t.sections["dpo"], t.sections["online"], t.sections["reward"]
     common.write_config(config, workdir)
     rows, tok, arrays = common.load_prompts(config, workdir, source)
+    reward = rewards.make_source(reward_cfg, mesh, rows)  # its function and row fields checked before compiling
 
     cfg = source.cfg.replace(scalar_head=False)
     model = Transformer(cfg)
@@ -51,8 +52,8 @@ def _run(config, workdir: str, mesh, source: common.InitSource, t: common.Traini
     spec = rollout.Sampling(prompts=o.rollout_batch, group_size=o.group_size, max_new_tokens=o.max_new_tokens,
                             temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, max_retries=o.max_retries,
                             no_eos_penalty=-o.missing_eos_penalty)
-    collect = rollout.Collector(cfg, tok, mesh, rewards.make_source(reward_cfg, mesh), rows, arrays, spec,
-                                seed=config.seed, steps=t.train.steps)
+    collect = rollout.Collector(cfg, tok, mesh, reward, rows, arrays, spec, seed=config.seed,
+                                steps=t.train.steps)
     ref_logps = jax.jit(lambda p, seq: logprobs.completion_logps(model, p, seq),
                         out_shardings=sharding.replicated(mesh))
 
@@ -60,12 +61,15 @@ def _run(config, workdir: str, mesh, source: common.InitSource, t: common.Traini
     with scaffold.Run(config, workdir, cfg, total_steps=t.train.steps) as run:
         # The trainer's init writes new buffers: the donated state never frees the reference.
         state, _ = run.restore_or_init(trainer.abstract_state, trainer.state_shardings, lambda: trainer.init(ref))
+        idle = metrics.IdleGuard(o.max_idle_iterations, what="pair", fix="check reward.function / reward.checkpoint, "
+                                 "or raise online.group_size, online.temperature or online.max_retries")
         for it in range(run.start, t.train.steps):
             sampled = []
             host, draws = rollout.fill_groups(collect.draws(state.params, it, sampled), o.rollout_batch, o.group_size)
             seq = rollout.sequences(host)
             pairs, tied = online.preference_batch(seq, host["scores"], o.group_size)
             kept = int(np.sum(~tied))  # fill_groups puts the groups with a preference first
+            idle.update(kept, it + 1)
             # KL to the reference on the policy's own samples: the sampler's log-probs minus the reference's.
             kl = (np.sum(seq["logprobs"] * seq["mask"], axis=1)
                   - np.asarray(ref_logps(ref, sharding.put_global(seq, mesh))))

@@ -103,6 +103,7 @@ def _run(config, workdir: str, mesh, source: common.InitSource, t: common.Traini
     common.write_config(config, workdir)
     rows, tok, arrays = common.load_prompts(config, workdir, source)
     width = arrays["prompt_tokens"].shape[1]
+    reward = rewards.make_source(reward_cfg, mesh, rows)
 
     policy_cfg, critic_cfg, init, ref = build_models(config, mesh, t, source)
     policy_model, critic_model = Transformer(policy_cfg), Transformer(critic_cfg) if critic_cfg else None
@@ -125,8 +126,7 @@ def _run(config, workdir: str, mesh, source: common.InitSource, t: common.Traini
         temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
         max_retries=rl.dynamic_max_retries if rl.dynamic_sampling else 0, no_eos_penalty=rl.no_eos_penalty,
         overlong_buffer=rl.overlong_buffer, overlong_penalty=rl.overlong_penalty)
-    collect = rollout.Collector(policy_cfg, tok, mesh, rewards.make_source(reward_cfg, mesh), rows, arrays, spec,
-                                seed=config.seed, steps=steps_total)
+    collect = rollout.Collector(policy_cfg, tok, mesh, reward, rows, arrays, spec, seed=config.seed, steps=steps_total)
 
     meta = {"params_key": "policy", **({"origin": source.origin} if source.origin else {})}
     if lcfg.enabled:
@@ -137,6 +137,9 @@ def _run(config, workdir: str, mesh, source: common.InitSource, t: common.Traini
                                            lambda: trainer.init(init))
         init = None  # the state holds the trainable copy now
         kl_coef = saved.get("kl_coef", float(rl.kl_coef))
+        idle = metrics.IdleGuard(rl.dynamic_max_idle_iterations if rl.dynamic_sampling else 0, what="group with "
+                                 "a reward spread", fix="check reward.function / reward.checkpoint, or raise "
+                                 "rl.group_size, rl.temperature or rl.dynamic_max_retries")
         for it in range(run.start, steps_total):
             policy = policy_of(state.params, frozen)
             if rl.dynamic_sampling:
@@ -144,6 +147,7 @@ def _run(config, workdir: str, mesh, source: common.InitSource, t: common.Traini
                 sampled = []
                 host, dynamic = rollout.fill_groups(collect.draws(policy, it, sampled), rl.rollout_batch,
                                                     rl.group_size)
+                idle.update(rl.rollout_batch - dynamic["filled_groups"], it + 1)
                 seq = sharding.put_global(rollout.sequences(host), mesh)
             else:
                 seq, host = collect(policy, it)
