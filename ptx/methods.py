@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from ptx import logprobs, losses
-from ptx.losses import DPOConfig, KTOConfig, ORPOConfig, RewardConfig
+from ptx.losses import CPOConfig, DPOConfig, KTOConfig, ORPOConfig, RewardConfig
 from ptx.model import Transformer
 from ptx.online import OnlineConfig
 from ptx.rewards import SourceConfig
@@ -78,6 +78,15 @@ def orpo_loss_fn(model: Transformer, params, batch, frozen=None, *, orpo_cfg: OR
     (pc, pr), (lc, lr) = logprobs.pair_logps(model, params, batch)
     per_example, nll, log_odds = losses.orpo_loss(pc, pr, lc, lr, lam=orpo_cfg.lam)
     return per_example.mean(), losses.orpo_metrics(per_example, nll, log_odds, pc, pr, lc, lr, lam=orpo_cfg.lam)
+
+
+def cpo_loss_fn(model: Transformer, params, batch, frozen=None, *, cpo_cfg: CPOConfig):
+    """CPO on one pair batch: its preference term plus `cpo.alpha` times the NLL of the chosen
+    responses, a token mean over the batch (TRL's cross-entropy on the chosen half); no reference."""
+    (pc, pr), (lc, _) = logprobs.pair_logps(model, params, batch)
+    per_example = losses.cpo_loss(pc, pr, beta=cpo_cfg.beta)
+    nll = -jnp.sum(pc) / jnp.sum(lc)
+    return per_example.mean() + cpo_cfg.alpha * nll, losses.cpo_metrics(per_example, nll, pc, pr, beta=cpo_cfg.beta)
 
 
 def unpaired_logps(model: Transformer, params, ref, batch):
@@ -198,6 +207,8 @@ METHODS = (
            quickstart="comparisons"),
     Method("orpo", "supervised", ("preference",), (("orpo", ORPOConfig),),
            loss=lambda m, c: functools.partial(orpo_loss_fn, m, orpo_cfg=c), quickstart="comparisons"),
+    Method("cpo", "supervised", ("preference",), (("cpo", CPOConfig),),
+           loss=lambda m, c: functools.partial(cpo_loss_fn, m, cpo_cfg=c), quickstart="comparisons"),
     Method("ppo", **_RL),
     Method("grpo", **_RL),
     Method("gspo", **_RL, quickstart="prompts"),

@@ -1,6 +1,7 @@
 """ptx.losses against independent float64 numpy / plain-Python references."""
 import functools
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -864,3 +865,48 @@ def test_overlong_penalty_is_dapos_soft_punishment():
 def test_bad_dpo_configs_are_errors(overrides, match):
     with pytest.raises(ValueError, match=match):
         losses.DPOConfig(**overrides)
+
+
+# --------------------------------------------------------------------------
+# CPO (Xu et al. 2024).
+
+
+def np_cpo(pc, pr, beta):
+    """CPO's preference term in float64: -log σ(β (c - r)) on summed log-probs, no reference."""
+    return -np_log_sigmoid(beta * (np.asarray(pc, np.float64) - pr))
+
+
+def test_cpo_loss_matches_numpy_and_its_gradients_the_closed_form(x64):
+    pc, pr = dpo_inputs(seed=21, n=6)[:2]
+    got = jitted(losses.cpo_loss, beta=0.2)(pc, pr)
+    assert got.shape == (6,) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, np_cpo(pc, pr, 0.2), **TOL)
+    pc64, pr64 = pc.astype(np.float64), pr.astype(np.float64)
+    fn = lambda c, r: jnp.sum(losses.cpo_loss(c, r, beta=0.2) * jnp.arange(1.0, 7.0))
+    check_grads(jax.jit(fn), (pc64, pr64), order=1, modes=["rev"])
+    # d/dc of -w log σ(β (c - r)) = -w β σ(-β (c - r)); the rejected side the opposite sign.
+    want = -np.arange(1, 7) * 0.2 / (1 + np.exp(0.2 * (pc64 - pr64)))
+    gc, gr = jax.grad(fn, argnums=(0, 1))(pc64, pr64)
+    np.testing.assert_allclose(gc, want, rtol=1e-10)
+    np.testing.assert_allclose(gr, -want, rtol=1e-10)
+
+
+def test_cpo_loss_equals_trls_cpo_trainer_on_the_same_inputs():
+    torch = pytest.importorskip("torch")
+    cpo = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
+    pc, pr = dpo_inputs(seed=22, n=5)[:2]
+    # TRL's loss reads these attributes of its trainer: sigmoid loss, no smoothing, no AlphaPO.
+    trainer = types.SimpleNamespace(alpha=0.0, beta=0.3, loss_type="sigmoid", label_smoothing=0.0,
+                                    accelerator=types.SimpleNamespace(device="cpu"))
+    trl_losses, trl_chosen, trl_rejected = cpo.CPOTrainer.cpo_loss(
+        trainer, torch.tensor(pc, dtype=torch.float64), torch.tensor(pr, dtype=torch.float64))
+    np.testing.assert_allclose(jitted(losses.cpo_loss, beta=0.3)(pc, pr), trl_losses.numpy(), **TOL)
+    m = jitted(losses.cpo_metrics, beta=0.3)(jnp.zeros(5), jnp.float32(0.0), pc, pr)
+    np.testing.assert_allclose(m["rewards/chosen"], trl_chosen.numpy().mean(), **TOL)
+    np.testing.assert_allclose(m["rewards/margins"], (trl_chosen - trl_rejected).numpy().mean(), **TOL)
+
+
+@pytest.mark.parametrize("overrides,match", [({"beta": 0.0}, "cpo.beta"), ({"alpha": -1.0}, "cpo.alpha")])
+def test_bad_cpo_configs_are_errors(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        losses.CPOConfig(**overrides)

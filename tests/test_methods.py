@@ -140,3 +140,21 @@ def test_a_methods_own_checks_name_the_field():
     with pytest.raises(ValueError, match="^rl.critic: 'reward' starts the critic"):
         methods.get("ppo").check({"rl": rl_training.RLConfig(**p.rl),
                                   "reward": rewards.SourceConfig(source="function")}, 0)
+
+
+def test_cpo_is_its_preference_term_plus_alpha_times_the_chosen_token_nll_on_both_pair_layouts():
+    cfg = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
+    m, params = Transformer(cfg), init_params(cfg, jax.random.PRNGKey(0))
+    two, shared = two_row_and_shared_pairs()
+    cpo = losses.CPOConfig(beta=0.2, alpha=0.7)
+    fn = jax.jit(jax.value_and_grad(methods.get("cpo").make_loss(m, cpo), has_aux=True))
+    (loss, metrics), grads = fn(params, two)
+    (pc, pr), (lc, _) = jax.jit(functools.partial(logprobs.pair_logps, m))(params, two)
+    nll = -np.asarray(pc, np.float64).sum() / np.asarray(lc).sum()  # TRL: cross-entropy over every chosen token
+    pref = -np.log(1 / (1 + np.exp(-0.2 * (np.asarray(pc, np.float64) - pr))))
+    np.testing.assert_allclose(loss, pref.mean() + 0.7 * nll, rtol=1e-5)
+    np.testing.assert_allclose(metrics["nll_loss"], nll, rtol=1e-5)
+    assert methods.get("cpo").uses_reference(cpo) is False  # no reference model is read
+    (loss_shared, _), grads_shared = fn(params, shared)
+    np.testing.assert_allclose(loss_shared, loss, rtol=1e-5)
+    assert_trees_close(grads_shared, grads, rtol=2e-4, atol=2e-6)

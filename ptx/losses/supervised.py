@@ -1,4 +1,4 @@
-"""Supervised losses: SFT cross-entropy, the pairwise reward-model loss, the DPO family, KTO, ORPO,
+"""Supervised losses: SFT cross-entropy, the pairwise reward-model loss, the DPO family, KTO, ORPO, CPO,
 and beside each method its config section (a frozen dataclass: hashable, so a loss closes over it
 inside a jit; its defaults and comments are the only declaration of the section's fields)."""
 import dataclasses
@@ -11,9 +11,9 @@ from ptx.losses.tokens import _check, _float, argmax, masked_mean, token_logprob
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo")
 
-__all__ = ["DPO_LOSS_TYPES", "DPOConfig", "KTOConfig", "ORPOConfig", "RewardConfig", "dpo_loss", "dpo_metrics",
-           "kto_loss", "kto_metrics", "orpo_loss", "orpo_metrics", "pairwise_reward_loss", "sft_loss",
-           "sft_loss_of_logprobs"]
+__all__ = ["DPO_LOSS_TYPES", "CPOConfig", "DPOConfig", "KTOConfig", "ORPOConfig", "RewardConfig", "cpo_loss",
+           "cpo_metrics", "dpo_loss", "dpo_metrics", "kto_loss", "kto_metrics", "orpo_loss", "orpo_metrics",
+           "pairwise_reward_loss", "sft_loss", "sft_loss_of_logprobs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,4 +351,54 @@ def orpo_metrics(losses, nll, log_odds, chosen_logps, rejected_logps, chosen_len
         "rewards/margins": jnp.mean(lam * (chosen - rejected)),
         "logps/chosen": jnp.mean(chosen),
         "logps/rejected": jnp.mean(rejected),
+    }
+
+
+# Reference-free preference with a likelihood term (CPO).
+
+
+@dataclasses.dataclass(frozen=True)
+class CPOConfig:
+    """The `cpo` section (Xu et al. 2024, contrastive preference optimisation; TRL's CPOConfig names)."""
+
+    beta: float = 0.1  # temperature of the preference term on summed log-probs (no reference)
+    alpha: float = 1.0  # weight of the NLL on the chosen responses (TRL's cpo_alpha)
+    shared_prefix: bool = False  # one row per pair, [prompt | chosen | rejected], as dpo.shared_prefix
+
+    def __post_init__(self):
+        if not self.beta > 0:
+            raise ValueError(f"cpo.beta={self.beta} must be positive")
+        if not self.alpha >= 0:
+            raise ValueError(f"cpo.alpha={self.alpha} must be >= 0")
+
+
+def cpo_loss(chosen_logps, rejected_logps, *, beta):
+    """CPO's preference term (Xu et al. 2024, eq. 3; TRL's CPOTrainer with loss_type 'sigmoid'):
+        -log σ(β (chosen_logps - rejected_logps))
+    on summed response log-probs, with no reference model. The method adds the NLL of the
+    chosen responses (`cpo.alpha`).
+
+    Args:
+        chosen_logps, rejected_logps: [batch] float32 summed response log-probs.
+        beta: Python float.
+
+    Returns:
+        losses [batch] float32.
+    """
+    return -jax.nn.log_sigmoid(beta * (_float(chosen_logps) - rejected_logps))
+
+
+def cpo_metrics(losses, nll, chosen_logps, rejected_logps, *, beta):
+    """Batch metrics of cpo_loss under TRL's names; rewards are β times the summed log-probs."""
+    chosen = jax.lax.stop_gradient(beta * _float(chosen_logps))
+    rejected = jax.lax.stop_gradient(beta * _float(rejected_logps))
+    return {
+        "loss": jnp.mean(losses),
+        "nll_loss": nll,
+        "rewards/chosen": jnp.mean(chosen),
+        "rewards/rejected": jnp.mean(rejected),
+        "rewards/accuracies": jnp.mean((chosen > rejected).astype(jnp.float32)),
+        "rewards/margins": jnp.mean(chosen - rejected),
+        "logps/chosen": jnp.mean(chosen_logps),
+        "logps/rejected": jnp.mean(rejected_logps),
     }
