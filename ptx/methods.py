@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from ptx import logprobs, losses
-from ptx.losses import CPOConfig, DPOConfig, KTOConfig, ORPOConfig, RewardConfig
+from ptx.losses import BCOConfig, CPOConfig, DPOConfig, KTOConfig, ORPOConfig, RewardConfig
 from ptx.model import Transformer
 from ptx.online import OnlineConfig
 from ptx.rewards import SourceConfig
@@ -113,6 +113,18 @@ def kto_loss_fn(model: Transformer, params, batch, frozen, *, kto_cfg: KTOConfig
                                       undesirable_weight=kto_cfg.undesirable_weight)
     return per_example.mean(), losses.kto_metrics(per_example, policy_logps, ref_logps, batch["label"], z0,
                                                   beta=kto_cfg.beta)
+
+
+def bco_loss_fn(model: Transformer, params, batch, frozen, *, bco_cfg: BCOConfig, carry: dict):
+    """BCO on one unpaired batch (prompt_tokens, prompt_lens, completion, completion_lens, label):
+    the implicit rewards β (log π - log π_ref) of its rows join the running mean (the carry, as
+    TRL's BCOTrainer updates its RunningMoments before the loss) and shift the classifier."""
+    policy_logps, ref_logps = unpaired_logps(model, params, frozen, batch)
+    shift = losses.bco_running_mean(carry, bco_cfg.beta * (policy_logps - ref_logps))
+    per_example = losses.bco_loss(policy_logps, ref_logps, batch["label"], shift["mean"], beta=bco_cfg.beta)
+    metrics = losses.bco_metrics(per_example, policy_logps, ref_logps, batch["label"], shift["mean"],
+                                 beta=bco_cfg.beta)
+    return per_example.mean(), dict(metrics, carry=shift)
 
 
 def _never(_) -> bool:
@@ -209,6 +221,9 @@ METHODS = (
            loss=lambda m, c: functools.partial(orpo_loss_fn, m, orpo_cfg=c), quickstart="comparisons"),
     Method("cpo", "supervised", ("preference",), (("cpo", CPOConfig),),
            loss=lambda m, c: functools.partial(cpo_loss_fn, m, cpo_cfg=c), quickstart="comparisons"),
+    Method("bco", "supervised", ("unpaired",), (("bco", BCOConfig),),
+           loss=lambda m, c: functools.partial(bco_loss_fn, m, bco_cfg=c), reference=_always,
+           carry=lambda c: {"mean": 0.0, "count": 0.0}, quickstart="comparisons"),
     Method("ppo", **_RL),
     Method("grpo", **_RL),
     Method("gspo", **_RL, quickstart="prompts"),

@@ -910,3 +910,72 @@ def test_cpo_loss_equals_trls_cpo_trainer_on_the_same_inputs():
 def test_bad_cpo_configs_are_errors(overrides, match):
     with pytest.raises(ValueError, match=match):
         losses.CPOConfig(**overrides)
+
+
+# --------------------------------------------------------------------------
+# BCO (Jung et al. 2024).
+
+
+def np_bco(pol, ref, labels, delta, beta):
+    """BCO's classifier loss in float64: -log σ(±(β (p - r) - δ)), + for desirable rows."""
+    z = beta * (np.asarray(pol, np.float64) - ref) - delta
+    return -np_log_sigmoid(np.where(labels, z, -z))
+
+
+class NpRunningMoments:
+    """TRL's RunningMoments (trl/trainer/utils.py, as BCOTrainer used it) in float64: the mean part."""
+
+    def __init__(self):
+        self.mean, self.count = 0.0, 1e-24
+
+    def update(self, xs):
+        xs = np.atleast_1d(np.asarray(xs, np.float64))
+        delta, tot = xs.mean() - self.mean, self.count + xs.size
+        self.mean += delta * xs.size / tot
+        self.count = tot
+
+
+def test_bco_loss_matches_numpy_and_the_shift_carries_no_gradient(x64):
+    pol, ref, _, _, labels = kto_inputs(seed=31)
+    got = jitted(losses.bco_loss, beta=0.3)(pol, ref, labels, jnp.float32(-0.7))
+    assert got.shape == (6,) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, np_bco(pol, ref, labels, -0.7, 0.3), **TOL)
+    pol64, ref64 = pol.astype(np.float64), ref.astype(np.float64)
+    fn = lambda p, d: jnp.sum(losses.bco_loss(p, ref64, labels, d, beta=0.3) * jnp.arange(1.0, 7.0))
+    check_grads(jax.jit(lambda p: fn(p, 0.4)), (pol64,), order=1, modes=["rev"])
+    # d/dp of -w log σ(s z), s = ±1: -w s β σ(-s z).
+    z = 0.3 * (pol64 - ref64) - 0.4
+    s = np.where(labels, 1.0, -1.0)
+    np.testing.assert_allclose(jax.grad(fn)(pol64, 0.4), -np.arange(1, 7) * s * 0.3 / (1 + np.exp(s * z)),
+                               rtol=1e-10)
+    assert float(jax.grad(fn, argnums=1)(pol64, 0.4)) == 0.0
+
+
+def test_bco_running_shift_is_trls_running_moments_mean_of_batch_means():
+    rng = np.random.default_rng(32)
+    trl = NpRunningMoments()
+    carry = {"mean": jnp.float32(0.0), "count": jnp.float32(0.0)}
+    step = jax.jit(losses.bco_running_mean)
+    for n in (4, 6, 4, 8):
+        rewards = rng.normal(0.5, 2.0, n).astype(np.float32)
+        trl.update(rewards.astype(np.float64).mean())  # BCOTrainer: running.update(rewards.mean())
+        carry = step(carry, rewards)
+        np.testing.assert_allclose(carry["mean"], trl.mean, rtol=1e-6)
+    assert float(carry["count"]) == 4.0
+    assert float(jax.grad(lambda r: step(carry, r)["mean"])(jnp.ones(3))[0]) == 0.0
+
+
+def test_bco_metrics_average_desirable_and_undesirable_rows_under_trl_names():
+    pol, ref = jnp.array([-1.0, -2.0, -3.0]), jnp.array([-2.0, -2.0, -1.0])
+    labels = jnp.array([True, True, False])
+    out = jitted(losses.bco_metrics, beta=0.5)(jnp.array([0.1, 0.2, 0.3]), pol, ref, labels, jnp.float32(0.25))
+    want = {"loss": 0.2, "rewards/chosen": 0.25, "rewards/rejected": -1.0, "rewards/margins": 1.25,
+            "logps/chosen": -1.5, "logps/rejected": -3.0, "delta": 0.25, "count/chosen": 2, "count/rejected": 1}
+    assert set(out) == set(want)
+    for k, v in want.items():
+        np.testing.assert_allclose(out[k], v, rtol=1e-6, err_msg=k)
+
+
+def test_bad_bco_configs_are_errors():
+    with pytest.raises(ValueError, match="bco.beta"):
+        losses.BCOConfig(beta=-0.1)

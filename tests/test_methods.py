@@ -4,6 +4,7 @@ import functools
 import importlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -158,3 +159,31 @@ def test_cpo_is_its_preference_term_plus_alpha_times_the_chosen_token_nll_on_bot
     (loss_shared, _), grads_shared = fn(params, shared)
     np.testing.assert_allclose(loss_shared, loss, rtol=1e-5)
     assert_trees_close(grads_shared, grads, rtol=2e-4, atol=2e-6)
+
+
+def test_bco_shifts_by_the_running_mean_reward_including_this_batch_and_carries_it():
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
+    m = Transformer(cfg)
+    params, ref = init_params(cfg, jax.random.PRNGKey(0)), init_params(cfg, jax.random.PRNGKey(1))
+    rng = np.random.default_rng(0)
+    batch = {"prompt_tokens": rng.integers(2, 64, (4, 6)).astype(np.int32),
+             "prompt_lens": np.array([6, 3, 5, 1], np.int32),
+             "completion": rng.integers(2, 64, (4, 5)).astype(np.int32),
+             "completion_lens": np.array([5, 2, 4, 3], np.int32), "label": np.array([True, False, True, False])}
+    bco = methods.get("bco")
+    cfg_bco = losses.BCOConfig(beta=0.5)
+    carry = jax.tree_util.tree_map(jnp.float32, bco.initial_carry(cfg_bco))
+    assert carry == {"mean": 0.0, "count": 0.0} and bco.uses_reference(cfg_bco)
+    fn = jax.jit(bco.make_loss(m, cfg_bco))
+    policy_logps, ref_logps = jax.jit(functools.partial(methods.unpaired_logps, m))(params, ref, batch)
+    rewards = 0.5 * (np.asarray(policy_logps, np.float64) - ref_logps)
+    shift = 0.0
+    for count in (1, 2):
+        loss, metrics = fn(params, batch, ref, carry=carry)
+        shift += (rewards.mean() - shift) / count  # TRL's RunningMoments over batch means
+        z = rewards - shift
+        want = -np.log(1 / (1 + np.exp(-np.where(batch["label"], z, -z))))
+        np.testing.assert_allclose(loss, want.mean(), rtol=1e-5)
+        np.testing.assert_allclose(metrics["delta"], shift, rtol=1e-5)
+        carry = metrics.pop("carry")
+        np.testing.assert_allclose([carry["mean"], carry["count"]], [shift, count], rtol=1e-5)

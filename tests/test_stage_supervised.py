@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from configs import bco as bco_config
 from configs import dpo as dpo_config
 from configs import kto as kto_config
 from configs import orpo as orpo_config
@@ -66,13 +67,14 @@ def read_and_run(c, workdir):
 
 
 @pytest.mark.stage
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", "dpo", "bco"])
 def test_a_killed_run_resumes_to_the_same_parameters_and_logs(files, tmp_path, resumes_like_straight, stage):
-    # Checkpoints every 3 steps, logs every 2: a checkpoint in mid-window carries the window.
+    # Checkpoints every 3 steps, logs every 2: a checkpoint in mid-window carries the window
+    # (and BCO's running reward shift rides in the train state).
     c = sft(files, **{"train.steps": 12, "train.ckpt_every": 3})
-    if stage == "dpo":
+    if stage in ("dpo", "bco"):
         supervised.run(sft(files, **{"train.steps": 2}), str(tmp_path / "sft"))
-        c = dpo_config.get_config("tiny")
+        c = (dpo_config if stage == "dpo" else bco_config).get_config("tiny")
         c.data.train, c.init.checkpoint = files["pref"], str(tmp_path / "sft")
         c.train.steps, c.train.log_every, c.train.ckpt_every, c.train.eval_every = 12, 2, 3, 0
     # Killed after logging step 10 (newest checkpoint 9, window [9]); killed while writing the

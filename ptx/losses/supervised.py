@@ -1,4 +1,4 @@
-"""Supervised losses: SFT cross-entropy, the pairwise reward-model loss, the DPO family, KTO, ORPO, CPO,
+"""Supervised losses: SFT cross-entropy, the pairwise reward-model loss, the DPO family, KTO, ORPO, CPO, BCO,
 and beside each method its config section (a frozen dataclass: hashable, so a loss closes over it
 inside a jit; its defaults and comments are the only declaration of the section's fields)."""
 import dataclasses
@@ -11,9 +11,10 @@ from ptx.losses.tokens import _check, _float, argmax, masked_mean, token_logprob
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo")
 
-__all__ = ["DPO_LOSS_TYPES", "CPOConfig", "DPOConfig", "KTOConfig", "ORPOConfig", "RewardConfig", "cpo_loss",
-           "cpo_metrics", "dpo_loss", "dpo_metrics", "kto_loss", "kto_metrics", "orpo_loss", "orpo_metrics",
-           "pairwise_reward_loss", "sft_loss", "sft_loss_of_logprobs"]
+__all__ = ["DPO_LOSS_TYPES", "BCOConfig", "CPOConfig", "DPOConfig", "KTOConfig", "ORPOConfig", "RewardConfig",
+           "bco_loss", "bco_metrics", "bco_running_mean", "cpo_loss", "cpo_metrics", "dpo_loss", "dpo_metrics",
+           "kto_loss", "kto_metrics", "orpo_loss", "orpo_metrics", "pairwise_reward_loss", "sft_loss",
+           "sft_loss_of_logprobs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -401,4 +402,66 @@ def cpo_metrics(losses, nll, chosen_logps, rejected_logps, *, beta):
         "rewards/margins": jnp.mean(chosen - rejected),
         "logps/chosen": jnp.mean(chosen_logps),
         "logps/rejected": jnp.mean(rejected_logps),
+    }
+
+
+# Unpaired rows as a binary classifier with a running reward shift (BCO).
+
+
+@dataclasses.dataclass(frozen=True)
+class BCOConfig:
+    """The `bco` section (Jung et al. 2024, binary classifier optimisation; TRL's BCOConfig names)."""
+
+    beta: float = 0.1  # scale of the implicit reward β log(π / π_ref), the classifier's logit
+
+    def __post_init__(self):
+        if not self.beta > 0:
+            raise ValueError(f"bco.beta={self.beta} must be positive")
+
+
+def bco_loss(policy_logps, ref_logps, labels, delta, *, beta):
+    """BCO (Jung et al. 2024; TRL's BCOTrainer without its density-ratio matching) on unpaired rows:
+    a binary classifier whose logit is the implicit reward r = β (policy_logps - ref_logps) less
+    the reward shift δ (the running mean reward, `bco_running_mean`; no gradient flows into it):
+        desirable:   -log σ(r - δ)
+        undesirable: -log σ(-(r - δ))
+
+    Args:
+        policy_logps, ref_logps: [batch] float32 summed completion log-probs.
+        labels: [batch] bool or {0, 1}: 1 = desirable.
+        delta: scalar float32.
+        beta: Python float.
+
+    Returns:
+        losses [batch] float32.
+    """
+    z = beta * (_float(policy_logps) - ref_logps) - jax.lax.stop_gradient(delta)
+    return -jax.nn.log_sigmoid(jnp.where(jnp.asarray(labels).astype(bool), z, -z))
+
+
+def bco_running_mean(carry, rewards):
+    """BCO's reward shift after a batch: TRL's RunningMoments.update with one observation, the
+    batch's mean implicit reward (no gradient). carry: {'mean', 'count'} float32 scalars (count 0
+    before the first batch); rewards: [batch]. Returns the next carry; its 'mean' is δ."""
+    x = jax.lax.stop_gradient(jnp.mean(_float(rewards)))
+    count = carry["count"] + 1.0
+    return {"mean": carry["mean"] + (x - carry["mean"]) / count, "count": count}
+
+
+def bco_metrics(losses, policy_logps, ref_logps, labels, delta, *, beta):
+    """Batch metrics of bco_loss under TRL's names (as kto_metrics), 'delta' the shift used."""
+    good = jnp.asarray(labels).astype(jnp.float32)
+    bad = 1.0 - good
+    rewards = jax.lax.stop_gradient(beta * (_float(policy_logps) - ref_logps))
+    chosen, rejected = masked_mean(rewards, good), masked_mean(rewards, bad)
+    return {
+        "loss": jnp.mean(losses),
+        "rewards/chosen": chosen,
+        "rewards/rejected": rejected,
+        "rewards/margins": chosen - rejected,
+        "logps/chosen": masked_mean(policy_logps, good),
+        "logps/rejected": masked_mean(policy_logps, bad),
+        "delta": delta,
+        "count/chosen": jnp.sum(good),
+        "count/rejected": jnp.sum(bad),
     }
