@@ -7,7 +7,18 @@ import os
 import numpy as np
 import pytest
 
-from experiments import best_of_n, common, dpo_sweep, grpo_rewards, judge_size, pass_at_k, ppo_kl, sampling, seeds
+from experiments import (
+    best_of_n,
+    common,
+    dpo_sweep,
+    grpo_rewards,
+    judge_size,
+    online_dpo,
+    pass_at_k,
+    ppo_kl,
+    sampling,
+    seeds,
+)
 from ptx import checkpoint, world
 from ptx.oracle import KINDS
 
@@ -233,3 +244,15 @@ def test_a_variant_names_only_quickstart_stages(quickstart, tmp_path):
     qs = common.load_quickstart(quickstart[0], tiny=True)
     with pytest.raises(ValueError, match="no quickstart stage"):
         common.train_variant(qs, str(tmp_path), {"dpo2": {}})
+
+
+@pytest.mark.stage
+def test_online_dpo_reuses_the_quickstart_row_for_seed_0_and_retrains_other_seeds(quickstart, tmp_path):
+    results, runs = run(online_dpo, "online_dpo", quickstart, tmp_path, "--seeds", "0", "1")
+    row = results["variants"]["quickstart"]
+    assert os.path.realpath(runs / "quickstart_seed0" / "online_dpo") == os.path.join(quickstart[0], "online_dpo")
+    same_evaluation(row["runs"][0], quickstart[1]["methods"]["online_dpo"])
+    again = runs / "quickstart_seed1"
+    assert not os.path.islink(again / "online_dpo") and stage_config(again, "online_dpo")["seed"] == 1
+    assert row["oracle_reward"]["values"] == [r["oracle_reward"] for r in row["runs"]]
+    assert row["oracle_reward"]["mean"] == np.mean(row["oracle_reward"]["values"])
