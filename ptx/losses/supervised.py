@@ -278,9 +278,9 @@ def kto_loss(policy_logps, ref_logps, kl_policy_logps, kl_ref_logps, labels, *, 
     return losses, z0
 
 
-def kto_metrics(losses, policy_logps, ref_logps, labels, z0, *, beta):
-    """Batch metrics of kto_loss under TRL's names: rewards (β r) and log-probs averaged over
-    the desirable ('chosen') and undesirable ('rejected') rows, 'kl' the z0 used; [batch] inputs."""
+def unpaired_metrics(losses, policy_logps, ref_logps, labels, *, beta):
+    """Batch metrics of an unpaired loss (KTO, BCO) under TRL's names: rewards (β r) and log-probs
+    averaged over the desirable ('chosen') and undesirable ('rejected') rows; [batch] inputs."""
     good = jnp.asarray(labels).astype(jnp.float32)
     bad = 1.0 - good
     rewards = jax.lax.stop_gradient(beta * (_float(policy_logps) - ref_logps))
@@ -292,10 +292,14 @@ def kto_metrics(losses, policy_logps, ref_logps, labels, z0, *, beta):
         "rewards/margins": chosen - rejected,
         "logps/chosen": masked_mean(policy_logps, good),
         "logps/rejected": masked_mean(policy_logps, bad),
-        "kl": z0,
         "count/chosen": jnp.sum(good),
         "count/rejected": jnp.sum(bad),
     }
+
+
+def kto_metrics(losses, policy_logps, ref_logps, labels, z0, *, beta):
+    """`unpaired_metrics` of kto_loss, 'kl' the z0 used."""
+    return dict(unpaired_metrics(losses, policy_logps, ref_logps, labels, beta=beta), kl=z0)
 
 
 def _log1mexp(x):
@@ -449,19 +453,5 @@ def bco_running_mean(carry, rewards):
 
 
 def bco_metrics(losses, policy_logps, ref_logps, labels, delta, *, beta):
-    """Batch metrics of bco_loss under TRL's names (as kto_metrics), 'delta' the shift used."""
-    good = jnp.asarray(labels).astype(jnp.float32)
-    bad = 1.0 - good
-    rewards = jax.lax.stop_gradient(beta * (_float(policy_logps) - ref_logps))
-    chosen, rejected = masked_mean(rewards, good), masked_mean(rewards, bad)
-    return {
-        "loss": jnp.mean(losses),
-        "rewards/chosen": chosen,
-        "rewards/rejected": rejected,
-        "rewards/margins": chosen - rejected,
-        "logps/chosen": masked_mean(policy_logps, good),
-        "logps/rejected": masked_mean(policy_logps, bad),
-        "delta": delta,
-        "count/chosen": jnp.sum(good),
-        "count/rejected": jnp.sum(bad),
-    }
+    """`unpaired_metrics` of bco_loss, 'delta' the shift used."""
+    return dict(unpaired_metrics(losses, policy_logps, ref_logps, labels, beta=beta), delta=delta)
