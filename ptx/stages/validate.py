@@ -69,7 +69,7 @@ FIELDS = {
     "export": {"checkpoint": TEXT, "dtype": one_of("", "float32", "bfloat16", "float16"),
                "max_position_embeddings": COUNT},
     "quickstart": {"eval.batch_size": POSITIVE, "eval.max_new_tokens": POSITIVE, "eval.temperature": NON_NEGATIVE,
-                   "eval.best_of_n": NS, "eval.seed": INT},
+                   "eval.best_of_n": NS, "eval.seed": INT, "eval.engine": one_of(*sampler.ENGINES)},
 }
 # Every config's typed sections, and those of the stages that sample or train.
 SECTIONS = {"data": data.DataConfig, "mesh": sharding.MeshConfig, "distributed": distributed.DistributedConfig}
