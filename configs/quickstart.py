@@ -89,4 +89,5 @@ def get_config(arg=None):
     c.eval.temperature = 1.0  # policies are compared on their own sampling distribution
     c.eval.best_of_n = (4, 16) if not tiny else (2, 4)
     c.eval.seed = c.seed + 1234  # evaluation samples differ across seeds too
+    c.eval.engine = "static"  # the evaluation's decoder: static | paged (ptx/engine.py, one device for now)
     return c

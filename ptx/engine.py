@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptx import sampler
+from ptx import sampler, sharding
 from ptx.model import _DTYPES, ModelConfig, Transformer, unstack_layers
 from ptx.sampler import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleOutput
 
@@ -689,4 +689,38 @@ def make_generate_fn(cfg: ModelConfig, *, max_new_tokens: int, eos_id, pad_id: i
                             logprobs=jnp.asarray(logprobs), entropy=jnp.asarray(entropy))
 
     fn.engine, fn.stats = engine, {}
+    return fn
+
+
+def check_mesh(kind: str, mesh, field: str = "engine"):
+    """ValueError naming `field` unless `kind` (`sampler.ENGINES`) can run on `mesh`: paged runs on
+    one device of one process (its slots are not sharded over a mesh yet)."""
+    if kind not in sampler.ENGINES:
+        raise ValueError(f"{field}={kind!r}; expected one of {sampler.ENGINES}")
+    if kind == "paged" and (mesh.size > 1 or jax.process_count() > 1):
+        raise ValueError(f"{field}='paged' runs on one device of one process (the engine does not shard its "
+                         f"slots yet); this mesh has {mesh.size} devices over {jax.process_count()} processes: "
+                         f"set {field}='static', or run on one device")
+
+
+def generate_fn(kind: str, cfg: ModelConfig, mesh, *, field: str = "engine", **kw):
+    """The generate function of `kind`: static = `sampler.make_generate_fn`, paged =
+    `make_generate_fn` (this engine), whose SampleOutput is placed on `mesh` batch-sharded as
+    the static one's inputs are, so jitted consumers (`rollout.build_sequences`) get device arrays.
+
+    kw: the two makers' keywords (max_new_tokens, eos_id, pad_id, stop_sequences, keep_stop,
+    n_tokens, group_size). field: the config field named in errors (`check_mesh`).
+    """
+    check_mesh(kind, mesh, field)
+    if kind == "static":
+        return sampler.make_generate_fn(cfg, **kw)
+    paged = make_generate_fn(cfg, **kw)
+
+    def fn(*args, **kwargs):
+        out = paged(*args, **kwargs)
+        fn.stats = paged.stats
+        host = {f.name: np.asarray(getattr(out, f.name)) for f in dataclasses.fields(out)}
+        return SampleOutput(**sharding.put_global(host, mesh))
+
+    fn.engine, fn.stats = paged.engine, {}
     return fn

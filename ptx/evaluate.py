@@ -98,13 +98,15 @@ class Evaluation:
     once; `policy` and `best_of_n` then grade like every row of the quickstart's table."""
 
     def __init__(self, sft_path: str, prompt_file: str, oracle: Oracle, mesh, *, template: PromptTemplate,
-                 max_prompt_len: int, batch_size: int, max_new_tokens: int, temperature: float, seed: int):
+                 max_prompt_len: int, batch_size: int, max_new_tokens: int, temperature: float, seed: int,
+                 engine: str = "static"):
         self.oracle, self.mesh, self.seed = oracle, mesh, seed
         self.sft = inference.load_policy(sft_path, mesh)
         rows, _ = data.load_rows(prompt_file, "prompt", template=template)
         self.arrays, _ = data.encode_prompts(rows, self.sft.tok, max_prompt_len=max_prompt_len)
         self.prompts = [r["prompt"] for r in rows]
-        self.sampler = inference.Sampler(self.sft, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        self.sampler = inference.Sampler(self.sft, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                         engine=engine, field="eval.engine")
         self.settings = dict(temperature=temperature, top_k=0, top_p=1.0, min_p=0.0)
         self.kl_fn = make_kl_fn(self.sft.cfg, self.arrays["prompt_tokens"].shape[1], mesh)
 

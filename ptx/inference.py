@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptx import checkpoint, rollout, sampler, sharding
+from ptx import checkpoint, rollout, sharding
+from ptx import engine as engine_lib
 from ptx.model import ModelConfig
 from ptx.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
@@ -37,18 +38,19 @@ class Sampler:
     group_size: the rows come in groups of that many consecutive copies of one
     prompt (n samples per prompt), each group's prompt prefilled once; the
     samples are those of prefilling every copy. 1 if it does not divide
-    batch_size.
+    batch_size. engine: the decoder, `sampler.ENGINES` (`engine.generate_fn`), set by the config
+    field `field`.
     """
 
     def __init__(self, policy: Policy, *, batch_size: int, max_new_tokens: int, stops=(), keep_stop=False,
-                 group_size: int = 1):
+                 group_size: int = 1, engine: str = "static", field: str = "sampling.engine"):
         sharding.check_batch(policy.mesh, batch_size, "sampling batch_size")
         self.policy, self.batch_size = policy, batch_size
         self.group_size = group_size if group_size > 0 and batch_size % group_size == 0 else 1
-        self.fn = sampler.make_generate_fn(policy.cfg, max_new_tokens=max_new_tokens,
-                                           eos_id=policy.tok.eos_ids, pad_id=policy.tok.pad_id,
-                                           stop_sequences=stop_ids(policy.tok, stops), keep_stop=keep_stop,
-                                           n_tokens=policy.tok.vocab_size, group_size=self.group_size)
+        self.fn = engine_lib.generate_fn(engine, policy.cfg, policy.mesh, field=field, max_new_tokens=max_new_tokens,
+                                         eos_id=policy.tok.eos_ids, pad_id=policy.tok.pad_id,
+                                         stop_sequences=stop_ids(policy.tok, stops), keep_stop=keep_stop,
+                                         n_tokens=policy.tok.vocab_size, group_size=self.group_size)
         self.build = jax.jit(lambda t, n, out: rollout.build_sequences(t, n, out, pad_id=policy.tok.pad_id))
 
     def __call__(self, prompt_tokens, prompt_lens, seed: int, *, params=None, temperature=1.0, top_k=0,

@@ -10,6 +10,8 @@ import dataclasses
 
 import numpy as np
 
+from ptx import fields, sampler
+
 
 @dataclasses.dataclass(frozen=True)
 class OnlineConfig:
@@ -21,6 +23,8 @@ class OnlineConfig:
     temperature: float = 1.0  # sampling settings
     top_k: int = 0
     top_p: float = 1.0
+    # rollout decoder: static | paged (ptx/engine.py: one device of one process for now, so static by default)
+    engine: str = "static"
     num_epochs: int = 1  # passes over each iteration's pairs
     minibatch_size: int = 16  # pairs per update
     missing_eos_penalty: float = 0.0  # subtracted from the score of a completion without EOS (TRL's name)
@@ -42,6 +46,7 @@ class OnlineConfig:
         if self.temperature < 0 or not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
             raise ValueError(f"online sampling: temperature={self.temperature} must be >= 0, top_p={self.top_p} "
                              f"in (0, 1], top_k={self.top_k} >= 0")
+        fields.check(self, "online", engine=fields.one_of(*sampler.ENGINES))
 
 
 def sequence_batch(seq: dict, rows) -> dict:

@@ -42,6 +42,8 @@ class RLConfig:
     temperature: float = 1.0  # rollout sampling settings
     top_k: int = 0
     top_p: float = 1.0
+    # rollout decoder: static | paged (ptx/engine.py: one device of one process for now, so static by default)
+    engine: str = "static"
     num_epochs: int = 4  # passes over each rollout
     # The update's old log-probs: sampler (the rollout's own, on-policy: no policy forward) | forward
     # (a teacher-forced policy forward, the update's own program: its first ratio is exactly 1)
@@ -87,7 +89,8 @@ class RLConfig:
                              f"is not a multiple of rl.minibatch_size={self.minibatch_size}")
         for name, allowed in (("advantage", ADVANTAGES), ("critic", CRITICS),
                               ("kl_estimator", losses.KL_KINDS), ("aggregation", losses.AGGREGATIONS),
-                              ("ratio_level", losses.RATIO_LEVELS), ("old_logprobs", OLD_LOGPROBS)):
+                              ("ratio_level", losses.RATIO_LEVELS), ("old_logprobs", OLD_LOGPROBS),
+                              ("engine", sampler.ENGINES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"rl.{name}={getattr(self, name)!r}; expected one of {allowed}")
         if self.advantage == "gae" and self.critic == "none":

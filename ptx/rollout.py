@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptx import data, losses, sampler, sharding
+from ptx import data, engine, losses, sampler, sharding
 from ptx.model import ModelConfig
 
 
@@ -30,6 +30,7 @@ class Sampling:
     no_eos_penalty: float = 0.0  # added to the score of a completion without EOS
     overlong_buffer: int = 0  # DAPO: penalty over the last N tokens before max_new_tokens; 0 = off
     overlong_penalty: float = 1.0  # the penalty at max_new_tokens
+    engine: str = "static"  # the decoder, `sampler.ENGINES` (`engine.generate_fn`)
 
 
 class Collector:
@@ -50,9 +51,9 @@ class Collector:
         self.tok, self.mesh, self.reward, self.rows, self.prompts, self.spec = tok, mesh, reward, rows, prompts, spec
         self.seed, self.steps = seed, steps
         self.batches = data.BatchIterator(prompts, spec.prompts, seed=seed)
-        self.generate = sampler.make_generate_fn(cfg, max_new_tokens=spec.max_new_tokens, eos_id=tok.eos_ids,
-                                                 pad_id=tok.pad_id, n_tokens=tok.vocab_size,
-                                                 group_size=spec.group_size)
+        self.generate = engine.generate_fn(spec.engine, cfg, mesh, max_new_tokens=spec.max_new_tokens,
+                                           eos_id=tok.eos_ids, pad_id=tok.pad_id, n_tokens=tok.vocab_size,
+                                           group_size=spec.group_size)
         self.build = jax.jit(lambda p, n, out: build_sequences(p, n, out, pad_id=tok.pad_id))
 
     def __call__(self, params, it: int, attempt: int = 0) -> tuple[dict, dict]:

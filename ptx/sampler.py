@@ -21,6 +21,9 @@ from ptx.model import ModelConfig, Transformer, init_cache, unstack_cache, unsta
 FINISH_EOS = 0
 FINISH_STOP = 1
 FINISH_LENGTH = 2
+# Who decodes: static (this module's `generate`, the reference) | paged (`ptx.engine`: continuous
+# batching over a paged KV cache); `engine.generate_fn` picks the maker.
+ENGINES = ("static", "paged")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +38,13 @@ class SamplingConfig:
     stop: tuple = ("\n\nHuman:",)  # stop strings (each one or more tokens); a tuple, so flags can set it
     keep_stop: bool = False  # keep the matched stop sequence in the output
     num_samples: int = 1  # completions per prompt
+    # decoder: static | paged (ptx/engine.py: one device of one process for now, so static by default)
+    engine: str = "static"
 
     def __post_init__(self):
         fields.check(self, "sampling", temperature=fields.NON_NEGATIVE, top_k=fields.COUNT, top_p=fields.TOP_P,
                      min_p=fields.PROBABILITY, max_new_tokens=fields.POSITIVE, stop=fields.STOPS,
-                     keep_stop=fields.BOOL, num_samples=fields.POSITIVE)
+                     keep_stop=fields.BOOL, num_samples=fields.POSITIVE, engine=fields.one_of(*ENGINES))
 
 
 @flax.struct.dataclass

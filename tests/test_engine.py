@@ -1,14 +1,20 @@
 """ptx.engine: the paged, continuously batched decoder samples what the static sampler samples (same
 keys, same tokens), its log-probs are the training forward's, a request's tokens do not depend on its
-slot or batch-mates, preemption changes nothing, and a group prefills its prompt once."""
+slot or batch-mates, preemption changes nothing, and a group prefills its prompt once; the sample
+stage on one device writes with it what it writes with the static sampler."""
+import json
+
 import jax
 import numpy as np
 import pytest
 from scipy import stats
 
+from configs import sample as sample_config
 from ptx import engine, sampler
 from ptx.model import ModelConfig, Transformer, init_params
+from ptx.stages import sample as sample_stage
 
+from conftest import write_jsonl
 from test_sampler import MIXED, forward_logits, log_softmax, reference_distribution, row_settings
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
@@ -219,3 +225,24 @@ def test_slot_buckets_are_within_one_and_a_half_of_the_need():
     assert sizes[:8] == [1, 2, 3, 4, 6, 6, 8, 8] and sizes[-1] == 64
     assert all(n <= s <= max(2, 1.5 * n) for n, s in zip(range(1, 65), sizes))
     assert [engine._size_down(n) for n in (1, 2, 8, 64)] == [0, 1, 6, 48]
+
+
+@pytest.mark.stage
+def test_the_sample_stage_with_engine_paged_on_one_device_writes_the_static_samplers_samples(sft_dir, tmp_path):
+    """configs/sample.py:tiny with sampling.engine=paged and mesh.data=1 on one device: samples.jsonl
+    as the static sampler writes it (sampled, 2 per prompt); on all 8 devices paged is refused."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl",
+                          [{"prompt": f"What is {a} + {b}?"} for a, b in ((1, 2), (3, 4), (5, 0))])
+    out = {}
+    for kind in ("static", "paged"):
+        c = sample_config.get_config("tiny")
+        c.checkpoint, c.prompts, c.mesh.data = sft_dir, prompts, 1
+        c.sampling.num_samples, c.sampling.engine = 2, kind
+        with open(sample_stage.run(c, str(tmp_path / kind), devices=jax.devices()[:1])) as f:
+            out[kind] = f.read()
+    assert out["paged"] == out["static"] and len(out["static"].splitlines()) == 6
+    rows = [json.loads(line) for line in out["static"].splitlines()]
+    assert {r["finish_reason"] for r in rows} == {"eos", "length"}  # sampled: both kinds of end
+    c.mesh.data = -1
+    with pytest.raises(ValueError, match=r"sampling\.engine='paged' runs on one device"):
+        sample_stage.run(c, str(tmp_path / "eight"))

@@ -3,8 +3,9 @@ DAPO's group refill."""
 
 import jax
 import numpy as np
+import pytest
 
-from ptx import data, losses, rollout, sampler, sharding
+from ptx import data, engine, losses, rollout, sampler, sharding
 from ptx.model import ModelConfig, init_params
 
 
@@ -77,3 +78,48 @@ def test_the_collector_draws_each_attempts_prompt_batch_and_keys_and_adds_the_pe
     seq, host = collect(params, 1)
     np.testing.assert_array_equal(host["completion"], draws[0]["completion"])
     np.testing.assert_array_equal(np.asarray(seq["tokens"]), draws[0]["seq.tokens"])
+
+
+# Greedy rows repeat their first token: EOS 27 ends some at once; sampled, EOS 7 ends some early.
+@pytest.mark.parametrize("temperature,eos", [(0.0, 27), (1.0, 7)])
+def test_the_collector_draws_the_same_rows_with_the_paged_engine_as_with_the_static_sampler(temperature, eos):
+    """One-device mesh, greedy and sampled (the same keys): tokens, lengths, finish reasons and scores
+    equal, the sampler's log-probs within 1e-5; the sequence batch lives on the mesh either way."""
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(1)
+    prompts = {"prompt_tokens": rng.integers(2, 64, (6, 5)).astype(np.int32),
+               "prompt_lens": rng.integers(1, 6, 6).astype(np.int32)}
+    rows = [{"i": i} for i in range(6)]
+    mesh = sharding.make_mesh(sharding.MeshConfig(), jax.devices()[:1])
+    reward = lambda seq, texts, completions, rows: np.asarray(seq["mask"]).sum(1)  # reads the device batch
+    draws = {}
+    for kind in ("static", "paged"):
+        spec = rollout.Sampling(prompts=3, group_size=2, max_new_tokens=8, temperature=temperature, max_retries=1,
+                                no_eos_penalty=-1.0, engine=kind)
+        tok = type("EosTok", (Tok,), {"eos_ids": (eos,)})()
+        collect = rollout.Collector(cfg, tok, mesh, reward, rows, prompts, spec, seed=5, steps=2)
+        assert hasattr(collect.generate, "engine") == (kind == "paged")
+        draws[kind] = list(collect.draws(params, 1, []))
+        seq, _ = collect(params, 0)
+        assert seq["tokens"].sharding.mesh == mesh and seq["logprobs"].sharding.mesh == mesh
+    for a, b in zip(draws["static"], draws["paged"], strict=True):
+        for k in ("completion", "lengths", "finish_reason", "scores", "seq.tokens", "seq.mask"):
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        np.testing.assert_allclose(a["seq.logprobs"], b["seq.logprobs"], atol=1e-5)
+        np.testing.assert_allclose(a["seq.entropy"], b["seq.entropy"], atol=1e-5)
+        assert a["completions"] == b["completions"]
+    ends = np.concatenate([d["finish_reason"] for d in draws["static"]])
+    assert set(ends.tolist()) == {sampler.FINISH_EOS, sampler.FINISH_LENGTH}
+
+
+def test_the_paged_engine_on_a_mesh_of_several_devices_is_a_clear_error():
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
+    prompts = {"prompt_tokens": np.ones((4, 3), np.int32), "prompt_lens": np.full(4, 3, np.int32)}
+    spec = rollout.Sampling(prompts=4, group_size=2, max_new_tokens=4, engine="paged")
+    mesh = sharding.make_mesh(sharding.MeshConfig())
+    with pytest.raises(ValueError, match=r"engine='paged' runs on one device .* 8 devices"):
+        rollout.Collector(cfg, Tok(), mesh, None, [{}] * 4, prompts, spec, seed=0, steps=1)
+    with pytest.raises(ValueError, match=r"rl\.engine='paged'"):
+        engine.check_mesh("paged", mesh, "rl.engine")
+    engine.check_mesh("paged", sharding.make_mesh(sharding.MeshConfig(), jax.devices()[:1]), "rl.engine")

@@ -19,6 +19,7 @@ from ptx.stages import online_dpo
     ({"dpo.shared_prefix": True}, "shared-prefix rows"),
     ({"lora.rank": 4}, "lora.rank must be 0"),
     ({"online.minibatch_size": 16}, "exceed"),
+    ({"online.engine": "paged"}, r"online\.engine: 'paged' runs on one device .* 8 devices"),
 ])
 def test_bad_online_dpo_configs_are_errors_before_the_workdir_is_written(tmp_path, overrides, match):
     c = online_dpo_config.get_config("tiny")

@@ -99,6 +99,13 @@ def test_every_shipped_config_passes_once_its_paths_are_set(name, arg, monkeypat
     ("sample", {"sampling.temperature": -0.5}, "sampling.temperature"),
     ("sample", {"sampling.min_p": 1.5}, "sampling.min_p"),
     ("sample", {"sampling.num_samples": 0}, "sampling.num_samples"),
+    ("sample", {"sampling.engine": "vllm"}, "sampling.engine"),
+    ("grpo", {"rl.engine": "vllm"}, "rl.engine"),
+    ("online_dpo", {"online.engine": "vllm"}, "online.engine"),
+    ("quickstart", {"eval.engine": "vllm"}, "eval.engine"),
+    ("sample", {"sampling.engine": "paged"}, "sampling.engine"),  # on the 8 devices: one device for now
+    ("grpo", {"rl.engine": "paged"}, "rl.engine"),
+    ("quickstart", {"eval.engine": "paged"}, "eval.engine"),
     ("sample", {"batch_size": 4}, "batch_size"),
     ("best_of_n", {"ns": ()}, "ns"),
     ("best_of_n", {"ns": (1, 0)}, "ns"),

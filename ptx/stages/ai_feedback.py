@@ -43,7 +43,8 @@ def run(config, workdir: str) -> dict:
                                     max_prompt_len=config.data.max_prompt_len)
     s = common.typed(config, "sampling", sampler.SamplingConfig)
     smp = inference.Sampler(policy, batch_size=config.batch_size, max_new_tokens=s.max_new_tokens,
-                            stops=list(s.stop), keep_stop=s.keep_stop, group_size=2)
+                            stops=list(s.stop), keep_stop=s.keep_stop, group_size=2,
+                            engine=s.engine)
     chunks = smp(np.repeat(arrays["prompt_tokens"], 2, axis=0), np.repeat(arrays["prompt_lens"], 2, axis=0),
                  config.seed, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p)
     texts = [t.strip() for t in smp.texts(chunks)]

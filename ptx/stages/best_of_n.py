@@ -30,7 +30,8 @@ def run(config, workdir: str) -> dict:
     s = common.typed(config, "sampling", sampler.SamplingConfig)
     n_max = max(config.ns)
     smp = inference.Sampler(policy, batch_size=config.batch_size, max_new_tokens=s.max_new_tokens,
-                            stops=list(s.stop), keep_stop=s.keep_stop, group_size=n_max)
+                            stops=list(s.stop), keep_stop=s.keep_stop, group_size=n_max,
+                            engine=s.engine)
     settings = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p)
     prompts = [data.prompt_text(r, policy.tok) for r in rows]
     texts, scores = best_of_n.sample_and_score(smp, source, arrays["prompt_tokens"], arrays["prompt_lens"], n_max,

@@ -17,7 +17,7 @@ import os
 import jax
 import numpy as np
 
-from ptx import logprobs, methods, metrics, online, optim, rewards, rollout, sampler, sharding, steps
+from ptx import engine, logprobs, methods, metrics, online, optim, rewards, rollout, sampler, sharding, steps
 from ptx.model import Transformer, abstract_params
 from ptx.stages import common, scaffold
 
@@ -31,6 +31,7 @@ def run(config, workdir: str, devices=None) -> dict:
     mesh = sharding.make_mesh(t.mesh, devices)
     sharding.check_batch(mesh, o.rollout_batch * o.group_size, "online.rollout_batch x online.group_size")
     sharding.check_batch(mesh, o.minibatch_size, "online.minibatch_size")
+    engine.check_mesh(o.engine, mesh, "online.engine")
     with jax.set_mesh(mesh):
         return _run(config, os.path.abspath(workdir), mesh, source, t)
 
@@ -51,7 +52,7 @@ def _run(config, workdir: str, mesh, source: common.InitSource, t: common.Traini
     trainer = steps.setup(loss_fn, tx, lr_fn, abstract_params(cfg), sharding.param_rules(cfg), mesh, frozen_sh)
     spec = rollout.Sampling(prompts=o.rollout_batch, group_size=o.group_size, max_new_tokens=o.max_new_tokens,
                             temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, max_retries=o.max_retries,
-                            no_eos_penalty=-o.missing_eos_penalty)
+                            no_eos_penalty=-o.missing_eos_penalty, engine=o.engine)
     collect = rollout.Collector(cfg, tok, mesh, reward, rows, arrays, spec, seed=config.seed,
                                 steps=t.train.steps)
     ref_logps = jax.jit(lambda p, seq: logprobs.completion_logps(model, p, seq),

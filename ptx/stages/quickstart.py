@@ -115,7 +115,8 @@ def evaluation_args(config, files: dict, sft_dir: str, mesh) -> dict:
     e = config.eval
     return dict(sft_path=sft_dir, prompt_file=files["heldout"], oracle=common.make_world(config), mesh=mesh,
                 template=common.template(config.sft), max_prompt_len=config.sft.data.max_prompt_len,
-                batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, temperature=e.temperature, seed=e.seed)
+                batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, temperature=e.temperature, seed=e.seed,
+                engine=e.engine)
 
 
 def evaluate_all(config, workdir: str, files: dict, dirs: dict) -> dict:

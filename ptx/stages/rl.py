@@ -18,7 +18,7 @@ import os
 import jax
 import numpy as np
 
-from ptx import checkpoint, lora, losses, metrics, optim, rewards, rl_training, rollout, sharding, steps
+from ptx import checkpoint, engine, lora, losses, metrics, optim, rewards, rl_training, rollout, sharding, steps
 from ptx.model import ModelConfig, Transformer, abstract_params, init_params
 from ptx.stages import common, scaffold
 
@@ -90,6 +90,7 @@ def run(config, workdir: str, devices=None) -> dict:
     mesh = sharding.make_mesh(t.mesh, devices)
     sharding.check_batch(mesh, rl_cfg.rollout_batch * rl_cfg.group_size, "rl.rollout_batch x rl.group_size")
     sharding.check_batch(mesh, rl_cfg.minibatch_size, "rl.minibatch_size")
+    engine.check_mesh(rl_cfg.engine, mesh, "rl.engine")
     # Set as the context, so that the model constrains its activations to it (sharding.constrain).
     with jax.set_mesh(mesh):
         return _run(config, os.path.abspath(workdir), mesh, source, t)
@@ -125,7 +126,7 @@ def _run(config, workdir: str, mesh, source: common.InitSource, t: common.Traini
         prompts=rl.rollout_batch, group_size=rl.group_size, max_new_tokens=rl.max_new_tokens,
         temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
         max_retries=rl.dynamic_max_retries if rl.dynamic_sampling else 0, no_eos_penalty=rl.no_eos_penalty,
-        overlong_buffer=rl.overlong_buffer, overlong_penalty=rl.overlong_penalty)
+        overlong_buffer=rl.overlong_buffer, overlong_penalty=rl.overlong_penalty, engine=rl.engine)
     collect = rollout.Collector(policy_cfg, tok, mesh, reward, rows, arrays, spec, seed=config.seed, steps=steps_total)
 
     meta = {"params_key": "policy", **({"origin": source.origin} if source.origin else {})}

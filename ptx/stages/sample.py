@@ -19,9 +19,10 @@ from ptx.stages import common
 FINISH_NAMES = {sampler.FINISH_EOS: "eos", sampler.FINISH_STOP: "stop", sampler.FINISH_LENGTH: "length"}
 
 
-def run(config, workdir: str) -> str:
-    """Samples every prompt `sampling.num_samples` times; returns the path of samples.jsonl."""
-    mesh = sharding.make_mesh(common.typed(config, "mesh", sharding.MeshConfig))
+def run(config, workdir: str, devices=None) -> str:
+    """Samples every prompt `sampling.num_samples` times; returns the path of samples.jsonl.
+    devices: the mesh's (None = all)."""
+    mesh = sharding.make_mesh(common.typed(config, "mesh", sharding.MeshConfig), devices)
     sharding.check_batch(mesh, config.batch_size, "batch_size")
     workdir = os.path.abspath(workdir)
     common.write_config(config, workdir)
@@ -39,7 +40,8 @@ def run(config, workdir: str) -> str:
     tokens = np.repeat(arrays["prompt_tokens"], s.num_samples, axis=0)
     lens = np.repeat(arrays["prompt_lens"], s.num_samples, axis=0)
     smp = inference.Sampler(policy, batch_size=config.batch_size, max_new_tokens=s.max_new_tokens,
-                            stops=list(s.stop), keep_stop=s.keep_stop, group_size=s.num_samples)
+                            stops=list(s.stop), keep_stop=s.keep_stop, group_size=s.num_samples,
+                            engine=s.engine)
     chunks = smp(tokens, lens, config.seed, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                  min_p=s.min_p)
     texts = smp.texts(chunks)

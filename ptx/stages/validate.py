@@ -21,6 +21,7 @@ from ptx import (
     checkpoint,
     data,
     distributed,
+    engine,
     fields,
     hf,
     lora,
@@ -69,7 +70,7 @@ FIELDS = {
     "export": {"checkpoint": TEXT, "dtype": one_of("", "float32", "bfloat16", "float16"),
                "max_position_embeddings": COUNT},
     "quickstart": {"eval.batch_size": POSITIVE, "eval.max_new_tokens": POSITIVE, "eval.temperature": NON_NEGATIVE,
-                   "eval.best_of_n": NS, "eval.seed": INT},
+                   "eval.best_of_n": NS, "eval.seed": INT, "eval.engine": one_of(*sampler.ENGINES)},
 }
 # Every config's typed sections, and those of the stages that sample or train.
 SECTIONS = {"data": data.DataConfig, "mesh": sharding.MeshConfig, "distributed": distributed.DistributedConfig}
@@ -94,6 +95,8 @@ BATCHES = {"sample": ("batch_size",), "best_of_n": ("batch_size",), "ai_feedback
 CHECKPOINTS = ("init.checkpoint", "checkpoint", "policy_checkpoint", "judge_checkpoint", "reward.checkpoint",
                "rl.critic_checkpoint")
 FILES = ("tokenizer.path", "prompts", "data.train", "data.eval")
+# The decoder switches (`sampler.ENGINES`): paged needs a mesh of one device (`engine.check_mesh`).
+ENGINES = ("sampling.engine", "rl.engine", "online.engine", "eval.engine")
 # The paths a caller may set later (see `check`), and what stands for them until then.
 FILLABLE = CHECKPOINTS + ("data.train", "data.eval")
 FILLED = "<set by the quickstart>"
@@ -228,6 +231,12 @@ def _batches(config, mesh_cfg: sharding.MeshConfig):
             name = product.replace("*", " x ")
             raise ConfigError(product.split("*")[0], f"{name} = {size} must be a multiple of the {n} data-parallel "
                                                     f"devices of the mesh (mesh.data x mesh.fsdp)")
+    for field in ENGINES:
+        if _has(config, field):
+            try:
+                engine.check_mesh(_get(config, field), mesh, field)
+            except ValueError as e:
+                raise from_message(field, str(e)) from None
 
 
 def _paths(config):
