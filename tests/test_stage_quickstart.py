@@ -78,6 +78,8 @@ def test_quickstart_seed_arg_reseeds_every_stage_and_the_evaluation_but_not_the_
 def test_each_extra_method_runs_after_the_recipe_behind_its_flag():
     c = quickstart_config.get_config("tiny")
     assert quickstart_stage.stages_of(c) == quickstart_stage.STAGES
-    assert quickstart_stage.STAGES[-4:] == quickstart_stage.EXTRA_METHODS
+    extra = quickstart_stage.EXTRA_METHODS
+    assert quickstart_stage.STAGES[-len(extra):] == extra  # after the whole recipe
+    assert set(extra) == {"kto", "orpo", "cpo", "bco", "gspo", "online_dpo"}  # every row with a quickstart kind
     c.methods.kto = c.methods.gspo = False
     assert quickstart_stage.stages_of(c) == tuple(s for s in quickstart_stage.STAGES if s not in ("kto", "gspo"))
