@@ -144,10 +144,11 @@ case "$cmd" in
     fi
     # Style first (pyproject.toml's [tool.ruff]); a finding fails the run before any test.
     "$PY" -m ruff check ptx configs tests bench experiments
-    # --fast: the unit tests only, without the whole-stage runs (pytest.mark.stage).
+    # --fast: the unit tests only, without the whole-stage runs (pytest.mark.stage), in two
+    # worker processes (pytest-xdist): compiles are mostly single-threaded, so two use both cores.
     args=()
     for a in "$@"; do
-      if [ "$a" = --fast ]; then args+=(-m "not stage"); else args+=("$a"); fi
+      if [ "$a" = --fast ]; then args+=(-m "not stage" -n 2); else args+=("$a"); fi
     done
     exec "$PY" -m pytest -q tests ${args[@]+"${args[@]}"} ;;
   bench)

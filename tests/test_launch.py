@@ -104,7 +104,7 @@ def test_test_runs_ruff_then_pytest_and_fast_leaves_out_the_stage_runs(tmp_path)
     launch("test", "--fast", "-k", "sampler", root=str(root))
     launch("test", "-x", root=str(root))
     assert (tmp_path / "calls").read_text().splitlines() == [
-        "-m ruff check ptx configs tests bench experiments", "-m pytest -q tests -m not stage -k sampler",
+        "-m ruff check ptx configs tests bench experiments", "-m pytest -q tests -m not stage -n 2 -k sampler",
         "-m ruff check ptx configs tests bench experiments", "-m pytest -q tests -x"]
 
 

@@ -72,6 +72,7 @@ def test_online_dpo_samples_each_iteration_from_the_current_policy(sft_dir, tmp_
     assert not np.array_equal(resample(sft_params), second["out"])
 
 
+@pytest.mark.stage
 def test_online_dpo_that_keeps_no_pair_for_max_idle_iterations_stops_saying_why(sft_dir, tmp_path):
     c = online_dpo_config.get_config("tiny")
     c.init.checkpoint = sft_dir
